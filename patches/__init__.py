@@ -1,0 +1,40 @@
+"""Model-family adapters (installed as `tokprune.patches`). One module per family."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tokprune.errors import UnsupportedModelError
+
+from .base import Adapter, ImageLayout, VisionSignalStore
+from .llava import LlavaAdapter
+from .qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
+
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter)
+
+
+def supported_model_classes() -> list[str]:
+    """Class names of every supported model."""
+    return [name for adapter in ADAPTERS for name in adapter.model_classes]
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter for this model instance (matched on the exact class name, never on a base class)."""
+    name = type(model).__name__
+    for adapter in ADAPTERS:
+        if name in adapter.model_classes:
+            return adapter(model)
+    raise UnsupportedModelError(
+        f"tokprune has no adapter for {name}. Supported model classes: {', '.join(supported_model_classes())}. "
+        "Load the model with its *ForConditionalGeneration class (e.g. LlavaForConditionalGeneration)."
+    )
+
+
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "ImageLayout",
+    "VisionSignalStore",
+    "adapter_for",
+    "supported_model_classes",
+]

@@ -1,0 +1,94 @@
+"""LLaVA-1.5 (LlavaForConditionalGeneration): CLIP-style ViT with a [CLS] token, Llama-style LLM."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tokprune.core.timing import timed
+from tokprune.signals import cls_attention
+
+from .base import Adapter, ImageLayout, VisionSignalStore
+
+
+def clip_encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
+    """encoder.layers of a CLIP/SigLIP vision model (flat in transformers 5, nested in older wrappers)."""
+    for owner in (vision_tower, getattr(vision_tower, "vision_model", None)):
+        encoder = getattr(owner, "encoder", None) if owner is not None else None
+        if encoder is not None and hasattr(encoder, "layers"):
+            return encoder.layers
+    raise TypeError(f"cannot find encoder.layers in vision tower {type(vision_tower).__name__}")
+
+
+def feature_layer_index(vision_feature_layer: int | list[int], num_layers: int) -> int:
+    """Index into encoder.layers of the layer whose *output* is hidden_states[vision_feature_layer].
+
+    hidden_states[0] is the embedding output, hidden_states[i] the output of layers[i - 1]; with several
+    feature layers the deepest one is used.
+    """
+    fl = (
+        max(vision_feature_layer, key=lambda i: i % (num_layers + 1))
+        if isinstance(vision_feature_layer, (list, tuple))
+        else vision_feature_layer
+    )
+    index = fl % (num_layers + 1) - 1
+    if index < 0:
+        raise ValueError(
+            "vision_feature_layer selects the patch embeddings; there is no attention to score with"
+        )
+    return index
+
+
+class LlavaAdapter(Adapter):
+    """Images are square crops of a CLIP ViT; each yields h*w patch tokens (+ [CLS] with strategy 'full')."""
+
+    model_classes = ("LlavaForConditionalGeneration",)
+    family = "llava"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        cfg = model.config
+        self.vision_layers = clip_encoder_layers(self.inner.vision_tower)
+        self.score_layer = feature_layer_index(cfg.vision_feature_layer, len(self.vision_layers))
+        self.keeps_cls = cfg.vision_feature_select_strategy == "full"
+        self.patch_size = cfg.vision_config.patch_size
+
+    def image_layout(self, inner_kwargs: dict) -> ImageLayout | None:
+        pixel_values = inner_kwargs.get("pixel_values")
+        if inner_kwargs.get("image_sizes") is not None:
+            raise NotImplementedError(
+                "LLaVA with image_sizes (Pixtral-style variable sizes) is not supported yet"
+            )
+        if pixel_values is not None:
+            n_images, _, height, width = pixel_values.shape
+            h, w = height // self.patch_size, width // self.patch_size
+            return ImageLayout(
+                counts=[h * w + int(self.keeps_cls)] * n_images, grids=[self._grid(h * w)] * n_images
+            )
+        counts = self.precomputed_counts(inner_kwargs)
+        if counts is None:
+            return None
+        return ImageLayout(counts=counts, grids=[self._grid(n - int(self.keeps_cls)) for n in counts])
+
+    def _grid(self, n_patches: int) -> tuple[int, int] | None:
+        """Square patch grid of a CLIP crop; None when [CLS] is among the features."""
+        side = round(n_patches**0.5)
+        return None if self.keeps_cls or side * side != n_patches else (side, side)
+
+    def install_vision_hooks(self, names: set[str], store: VisionSignalStore) -> list:
+        if not names:
+            return []
+        first = 0 if self.keeps_cls else 1
+
+        def hook(module, args, kwargs, output):
+            with timed(store.seconds, output[0].device):
+                hidden = kwargs.get("hidden_states", args[0] if args else None)  # (n_img, 1 + P, C), normed
+                n_img, length, _ = hidden.shape
+                keys = module.k_proj(hidden).view(n_img, length, -1, module.head_dim).transpose(1, 2)
+                if "cls_attention" in names:
+                    query = module.q_proj(hidden[:, :1]).view(n_img, 1, -1, module.head_dim).transpose(1, 2)
+                    row = cls_attention(query, keys, module.scale)  # (n_img, 1 + P)
+                    store.values["cls_attention"] = row[:, first:].reshape(-1)
+                if "vit_keys" in names:
+                    store.values["vit_keys"] = keys.float().mean(1)[:, first:].reshape(-1, module.head_dim)
+
+        return [self.vision_layers[self.score_layer].self_attn.register_forward_hook(hook, with_kwargs=True)]

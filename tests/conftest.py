@@ -1,0 +1,25 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(2)
+
+from tiny_models import BUILDERS  # noqa: E402
+
+_CACHE: dict = {}
+
+
+@pytest.fixture
+def tiny():
+    """tiny(family, attn) -> (model, processor), built once per (family, attn) per session."""
+
+    def get(family: str, attn: str = "sdpa"):
+        key = (family, attn)
+        if key not in _CACHE:
+            _CACHE[key] = BUILDERS[family](attn)
+        return _CACHE[key]
+
+    return get

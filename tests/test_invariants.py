@@ -1,0 +1,189 @@
+"""DESIGN §8 invariants for every registered method x model x attention backend.
+
+A new method or model joins this matrix automatically (methods from the registry, models from
+tiny_models.BUILDERS).
+"""
+
+import pytest
+import torch
+from reference import LMInputRecorder, original_positions, reference_logits
+from tiny_models import BUILDERS, batch_inputs
+
+import tokprune
+
+METHODS = tokprune.available_methods()
+FAMILIES = list(BUILDERS)
+BACKENDS = ["sdpa", "eager"]
+NEW_TOKENS = 3
+TOL = 1e-5  # relative to the largest |logit| of the compared tensors (float32 summation-order noise)
+
+
+def _generate(model, inputs):
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+            suppress_tokens=_special_ids(
+                model
+            ),  # a generated image token would change the reference's layout
+        )
+    return out.sequences[:, inputs["input_ids"].shape[1] :], out.logits
+
+
+def _prefill(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("attn", BACKENDS)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_keep_all_is_bit_identical(tiny, family, attn, method):
+    model, proc = tiny(family, attn)
+    inputs = batch_inputs(family, proc, (1, 2))
+    ref_logits = _prefill(model, inputs)
+    ref_tokens, ref_steps = _generate(model, inputs)
+    with tokprune.apply(model, method, keep_ratio=1.0):
+        assert torch.equal(_prefill(model, inputs), ref_logits)
+        tokens, steps = _generate(model, inputs)
+    assert torch.equal(tokens, ref_tokens)
+    for a, b in zip(steps, ref_steps):
+        assert torch.equal(a, b)
+
+
+def _expected_layer_tokens(pruner, inputs, model, ratio):
+    """Per row and layer: text tokens + per image the count its stage says (independent of the engine)."""
+    import math
+
+    visual = inputs["input_ids"] == model.config.image_token_id
+    valid = inputs["attention_mask"].bool()
+    stats = pruner.stats
+    n_layers = len(model.model.language_model.layers)
+    method = pruner.methods[-1]
+    counts = _image_counts(model, inputs)
+    rows = _rows_of(visual, counts)
+    expected = []
+    for row in range(visual.shape[0]):
+        text = int((valid[row] & ~visual[row]).sum())
+        mine = [n for n, r in zip(counts, rows) if r == row]
+        full = text + sum(mine)
+        if isinstance(method, tokprune.methods.LLMMethod):
+            bounds = method.boundaries(n_layers)
+            per_stage = [
+                text + sum(method.stage_counts(n, tokprune.core.budget.Budget(ratio=ratio))[s] for n in mine)
+                for s in range(len(bounds))
+            ]
+            layer = []
+            for i in range(n_layers):
+                passed = [s for s, b in enumerate(bounds) if i >= b]
+                layer.append(per_stage[passed[-1]] if passed else full)
+        else:
+            layer = [text + sum(math.ceil(ratio * n - 1e-9) for n in mine)] * n_layers
+        expected.append(layer)
+    assert stats.layer_tokens == expected
+    return expected
+
+
+def _image_counts(model, inputs):
+    if "image_grid_thw" in inputs:
+        return [int(t * h * w) // 4 for t, h, w in inputs["image_grid_thw"].tolist()]
+    n = (inputs["input_ids"] == model.config.image_token_id).sum().item() // inputs["pixel_values"].shape[0]
+    return [n] * inputs["pixel_values"].shape[0]
+
+
+def _rows_of(visual, counts):
+    per_row = visual.sum(1).tolist()
+    rows, row, filled = [], 0, 0
+    for n in counts:
+        while per_row[row] - filled <= 0:
+            row, filled = row + 1, 0
+        rows.append(row)
+        filled += n
+    return rows
+
+
+class LayerLengthProbe:
+    """Records the sequence length every decoder layer processes (register after apply)."""
+
+    def __init__(self, model):
+        self.lengths = []
+        self.handles = [
+            layer.register_forward_pre_hook(self._hook(i), with_kwargs=True)
+            for i, layer in enumerate(model.model.language_model.layers)
+        ]
+
+    def _hook(self, i):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.lengths.append((i, hidden.shape[1]))
+
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("attn", BACKENDS)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_pruned_equals_masked_reference(tiny, family, attn, method):
+    """Prefill and every decode step equal the masked reference; token counts exact; remove() restores."""
+    model, proc = tiny(family, attn)
+    inputs = batch_inputs(family, proc, (1, 2))
+    ref_logits = _prefill(model, inputs)
+    ratio = 0.25
+    pruner = tokprune.apply(model, method, keep_ratio=ratio)
+    recorder, probe = LMInputRecorder(model), LayerLengthProbe(model)
+    try:
+        with torch.no_grad():  # the positions generate() would use, so that absolute RoPE angles match
+            pruned_prefill = model(**inputs, position_ids=original_positions(model, inputs)).logits
+        prefill_stats, prefill_embeds = pruner.stats, recorder.embeds
+        expected = _expected_layer_tokens(pruner, inputs, model, ratio)
+        padded = [max(r[i] for r in expected) for i in range(len(expected[0]))]
+        assert [length for _, length in probe.lengths] == padded
+        probe.remove()
+        assert prefill_stats.visual_kept == [int(k.numel()) for k in prefill_stats.kept]
+        assert all(torch.equal(k, k.sort().values) for k in prefill_stats.kept)
+        recorder.embeds = None
+        tokens, steps = _generate(model, inputs)  # a new prefill: its stats describe it
+        generate_stats, generate_embeds = pruner.stats, recorder.embeds
+    finally:
+        recorder.remove()
+        probe.remove()
+        pruner.remove()
+    reference = reference_logits(
+        model, inputs, prefill_stats, _pre(prefill_stats, prefill_embeds), tokens[:, :0]
+    )
+    # the text tail (after the images) is aligned from the right in the pruned and the full sequence
+    tail = 4
+    torch.testing.assert_close(
+        pruned_prefill[:, -tail:], reference[0][:, -tail:], atol=TOL * _scale(reference), rtol=0
+    )
+    reference = reference_logits(model, inputs, generate_stats, _pre(generate_stats, generate_embeds), tokens)
+    # generate's first logits come from the prefill; step t >= 1 follows t generated tokens
+    torch.testing.assert_close(steps[0], reference[0][:, -1], atol=TOL * _scale(reference), rtol=0)
+    for step in range(1, len(steps)):
+        torch.testing.assert_close(steps[step], reference[step], atol=TOL * _scale(reference), rtol=0)
+    assert not inputs["attention_mask"].bool().all(1).all()  # the batch really has a left-padded row
+    # remove() restores bit-identical outputs
+    assert torch.equal(_prefill(model, inputs), ref_logits)
+
+
+def _pre(stats, embeds):
+    """The LLM input of a pruned run, if a pre-LLM stage changed it."""
+    return embeds if stats.stages and stats.stages[0].where == "pre" else None
+
+
+def _scale(reference) -> float:
+    return max(1.0, float(reference[0].abs().max()))
+
+
+def _special_ids(model) -> list[int]:
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return [i for i in (getattr(model.config, n, None) for n in names) if i is not None]

@@ -1,0 +1,12 @@
+"""tokprune: training-free visual-token pruning and merging for Hugging Face vision-language models.
+
+with tokprune.apply(model, "visionzip", budget=64):
+    model.generate(**inputs)
+"""
+
+from tokprune import errors
+from tokprune.api import Pruner, apply, available_methods, available_models
+from tokprune.core.stats import PruneStats
+
+__all__ = ["Pruner", "PruneStats", "apply", "available_methods", "available_models", "errors"]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The engine: budgets, sequence compaction, masks, positions and statistics."""

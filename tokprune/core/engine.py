@@ -1,0 +1,481 @@
+"""The engine: hooks on module instances that prune visual tokens before and inside the language model.
+
+Hook points (DESIGN §4):
+  * inner model pre-hook: remembers input_ids and the image layout; in decode loops that pass no
+    position ids, supplies the original numbering (cache length + dropped tokens);
+  * vision hooks (adapter): ViT-side signals;
+  * language-model pre-hook: pre-LLM selection and compaction of inputs_embeds, mask and position ids
+    (prefill); rebuild of the 2-D mask against the pruned cache (decode);
+  * decoder-layer hooks from the first in-LLM boundary on: stage selection and compaction of the
+    residual stream, then the stage's mask / RoPE tables / position ids for every later layer.
+Kept tokens always keep their original positions; rows are re-packed with left padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tokprune.core.budget import Budget
+from tokprune.core.compaction import Compaction
+from tokprune.core.masks import build_layer_mask, layer_type
+from tokprune.core.selection import checked_select, slice_signals
+from tokprune.core.state import PrefillState, TokenMap
+from tokprune.core.stats import PruneStats, StageStats
+from tokprune.core.timing import timed
+from tokprune.errors import UnsupportedInputError
+from tokprune.methods.base import ImageTokens, LLMMethod, Method
+from tokprune.patches import Adapter, ImageLayout, VisionSignalStore
+from tokprune.signals import last_query_scores, rotated_keys
+
+
+@dataclass
+class _Forward:
+    """A prefill in flight."""
+
+    input_ids: torch.Tensor | None
+    layout: ImageLayout | None
+    tokens: TokenMap | None = None
+    image_rows: list[int] = field(default_factory=list)
+    entry_counts: list[int] = field(default_factory=list)  # per image, visual tokens entering the LLM
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    position_ids: torch.Tensor | None = None
+    mask_2d: torch.Tensor | None = None
+    layer_masks: dict[str, object] = field(default_factory=dict)
+    llm_signals: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    segments: list[tuple[int, list[int], int]] = field(
+        default_factory=list
+    )  # (first layer, real/row, padded)
+    stats: PruneStats = field(default_factory=PruneStats)
+    seconds: list[float] = field(default_factory=lambda: [0.0])
+
+
+class Engine:
+    """Installs and removes every hook of one pruning configuration on one model instance."""
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        pre: Method | None,
+        llm: LLMMethod | None,
+        budgets: dict[str, Budget],
+        seed_device: torch.device | None = None,
+    ) -> None:
+        self.adapter = adapter
+        self.pre, self.llm, self.budgets = pre, llm, budgets
+        self.store = VisionSignalStore()
+        self.state: PrefillState | None = None
+        self.fwd: _Forward | None = None
+        self.last_stats: PruneStats | None = None
+        self._decode_tail: torch.Tensor | None = None
+        self._decode_masks: dict[tuple[int, str], object] = {}
+        num_layers = len(adapter.decoder_layers)
+        self.boundaries = llm.boundaries(num_layers) if llm is not None else []
+        self.handles: list = []
+        self._install()
+
+    # ------------------------------------------------------------------ install / remove
+    def _install(self) -> None:
+        a = self.adapter
+        self.handles.append(a.inner.register_forward_pre_hook(self._on_inner, with_kwargs=True))
+        vit_names = set(self.pre.signals) & set(a.vision_signals) if self.pre is not None else set()
+        self.handles += a.install_vision_hooks(vit_names, self.store)
+        self.handles.append(a.language_model.register_forward_pre_hook(self._on_lm, with_kwargs=True))
+        self.handles.append(a.language_model.register_forward_hook(self._on_lm_done))
+        if not self.boundaries:
+            return
+        layers = a.decoder_layers
+        if self.llm.score_at == "previous":
+            for b in self.boundaries:
+                hook = self._make_score_hook(b)
+                self.handles.append(layers[b - 1].self_attn.register_forward_hook(hook, with_kwargs=True))
+        for j in range(self.boundaries[0], len(layers)):
+            self.handles.append(
+                layers[j].register_forward_pre_hook(self._make_layer_hook(j), with_kwargs=True)
+            )
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.state = self.fwd = None
+
+    # ------------------------------------------------------------------ inner model
+    def _on_inner(self, module, args, kwargs):
+        past_key_values = kwargs.get("past_key_values")
+        _reject_static_cache(past_key_values)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past == 0:
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            layout = self.adapter.image_layout(kwargs)
+            if layout is not None and input_ids is None:
+                raise UnsupportedInputError(
+                    "tokprune needs input_ids (not only inputs_embeds) to find the image tokens"
+                )
+            self.fwd = _Forward(input_ids=input_ids, layout=layout)
+            if kwargs.get("pixel_values") is not None:
+                self.store.clear()  # the vision tower runs inside this forward (else generate() ran it)
+            return None
+        self.fwd = None
+        if self.state is None or not self.state.pruned:
+            return None
+        return self._continue_positions(args, kwargs)
+
+    def _continue_positions(self, args, kwargs):
+        """Decode step: track the original numbering; supply it if the caller passed no position ids."""
+        state = self.state
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        length = (input_ids if input_ids is not None else embeds).shape[1]
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            steps = torch.arange(length, device=state.next_position.device)
+            positions = state.next_position[:, None] + steps  # (B, n)
+            rows = self.adapter.position_rows()
+            kwargs["position_ids"] = positions if rows == 1 else positions[None].expand(rows, -1, -1)
+            state.next_position = state.next_position + length
+            return args, kwargs
+        state.next_position = _max_position(position_ids) + 1
+        return None
+
+    # ------------------------------------------------------------------ language model
+    def _on_lm(self, module, args, kwargs):
+        past_key_values = kwargs.get("past_key_values")
+        past = past_key_values.get_seq_length(0) if past_key_values is not None else 0
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, dict):
+            raise UnsupportedInputError(
+                "pre-built attention-mask dicts are not supported; pass a 2-D attention_mask"
+            )
+        if past > 0:
+            return self._on_lm_decode(args, kwargs, past)
+        self.state, self._decode_tail = None, None
+        fwd = self.fwd
+        embeds = kwargs["inputs_embeds"]
+        if (
+            fwd is None
+            or fwd.layout is None
+            or fwd.input_ids is None
+            or fwd.input_ids.shape != embeds.shape[:2]
+        ):
+            self.fwd = None
+            return None
+        return self._on_lm_prefill(fwd, args, kwargs)
+
+    def _on_lm_prefill(self, fwd: _Forward, args, kwargs):
+        embeds, mask = kwargs["inputs_embeds"], kwargs.get("attention_mask")
+        batch, length, _ = embeds.shape
+        visual = fwd.input_ids == self.adapter.image_token_id
+        counts = fwd.layout.counts
+        if int(visual.sum()) != sum(counts):
+            raise UnsupportedInputError(
+                f"the prompt holds {int(visual.sum())} image tokens but the images give {sum(counts)} features"
+            )
+        valid = mask.bool() if mask is not None else torch.ones_like(visual)
+        fwd.tokens = TokenMap.initial(visual, counts, valid)
+        fwd.image_rows = _image_rows(visual, counts)
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            position_ids = self._default_positions(batch, length, embeds.device)
+        stats = fwd.stats
+        stats.visual_in = visual.sum(1).tolist()
+        stats.text_tokens = (valid & ~visual).sum(1).tolist()
+        state = PrefillState(orig_len=length, next_position=_max_position(position_ids) + 1)
+        changed = False
+        if self.pre is not None:
+            with timed(fwd.seconds, embeds.device):
+                keep, embeds = self._select_pre(fwd, embeds, visual)
+            if keep is not None:
+                compaction = Compaction.from_keep(keep & valid)
+                fwd.tokens = fwd.tokens.take(compaction)
+                kwargs["inputs_embeds"] = compaction.take(embeds)
+                mask = compaction.take_mask(mask)
+                position_ids = compaction.take_positions(position_ids)
+                kwargs["attention_mask"], kwargs["position_ids"] = mask, position_ids
+                state.lm_mask = mask
+                changed = True
+            stats.stages.append(_stage_stats(self.pre.name, "pre", fwd.tokens))
+        fwd.position_ids, fwd.mask_2d = position_ids, mask
+        image_id = fwd.tokens.image_id
+        fwd.entry_counts = torch.bincount(image_id[image_id >= 0], minlength=len(counts)).tolist()
+        fwd.segments.append((0, fwd.tokens.real_tokens(), fwd.tokens.valid.shape[1]))
+        self.state = state
+        return (args, kwargs) if changed else None
+
+    def _default_positions(self, batch: int, length: int, device) -> torch.Tensor:
+        positions = torch.arange(length, device=device)[None].expand(batch, -1)
+        rows = self.adapter.position_rows()
+        return positions if rows == 1 else positions[None].expand(rows, -1, -1)
+
+    def _select_pre(self, fwd: _Forward, embeds: torch.Tensor, visual: torch.Tensor):
+        """Run the pre-LLM method image by image. Returns (keep (B, L) bool or None, embeds)."""
+        flat = embeds[visual]  # (N, D) in masked_scatter order
+        signals = {name: self.store.values[name] for name in self.pre.signals if name in self.store.values}
+        budget = self.budgets["pre"]
+        keep_flat = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
+        merged_flat = None
+        start = 0
+        for n, grid in zip(fwd.layout.counts, fwd.layout.grids):
+            span = slice(start, start + n)
+            image = ImageTokens(embeds=flat[span], grid=grid, signals=slice_signals(signals, span))
+            selection = checked_select(self.pre, image, budget.kept(n))
+            if selection is not None:
+                keep_flat[span] = False
+                keep_flat[start + selection.keep] = True
+                if selection.merged is not None:
+                    merged_flat = flat.clone() if merged_flat is None else merged_flat
+                    merged_flat[start + selection.keep] = selection.merged.to(flat.dtype)
+            start += n
+        fwd.seconds[0] += self.store.seconds[0]
+        self.store.clear()
+        if bool(keep_flat.all()):
+            return None, embeds
+        if merged_flat is not None:
+            embeds = embeds.masked_scatter(visual[..., None], merged_flat)
+        keep = ~visual
+        keep[visual] = keep_flat
+        return keep, embeds
+
+    def _on_lm_decode(self, args, kwargs, past: int):
+        state = self.state
+        self._decode_masks.clear()
+        if state is None or not state.pruned:
+            return None
+        embeds = kwargs["inputs_embeds"]
+        batch, length, _ = embeds.shape
+        n_after = past + length - state.cache_len_layer0()  # tokens after the prompt, this step included
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            tail = torch.ones(batch, n_after, dtype=torch.long, device=embeds.device)
+        elif mask.shape[1] == state.orig_len + n_after:
+            tail = mask[:, state.orig_len :]
+        else:
+            raise UnsupportedInputError(
+                f"attention_mask has {mask.shape[1]} columns but the unpruned sequence so far has "
+                f"{state.orig_len + n_after}: pass the mask of the full (unpruned) conversation"
+            )
+        self._decode_tail = tail
+        if state.lm_mask is None:
+            return None
+        kwargs["attention_mask"] = torch.cat([state.lm_mask, tail.to(state.lm_mask.dtype)], dim=1)
+        return args, kwargs
+
+    def _on_lm_done(self, module, args, output):
+        fwd = self.fwd
+        if fwd is None or fwd.tokens is None:
+            return None
+        self._finish(fwd)
+        return None
+
+    # ------------------------------------------------------------------ in-LLM stages
+    def _make_score_hook(self, boundary: int):
+        """Forward hook on layers[boundary - 1].self_attn: the boundary's signals from that layer."""
+
+        def hook(module, args, kwargs, output):
+            fwd = self.fwd
+            if fwd is None or fwd.tokens is None:
+                return None
+            normed = kwargs.get("hidden_states", args[0] if args else None)
+            with timed(fwd.seconds, normed.device):
+                fwd.llm_signals[boundary] = self._attention_signals(module, normed, kwargs, fwd)
+            return None
+
+        return hook
+
+    def _attention_signals(self, attn: nn.Module, normed: torch.Tensor, kwargs, fwd: _Forward) -> dict:
+        """The LLM signals the method asked for, from one attention module's input (B, L_cur, D)."""
+        wanted = set(self.llm.signals)
+        position_embeddings = fwd.position_embeddings or kwargs["position_embeddings"]
+        keys = _cached_keys(kwargs.get("past_key_values"), attn.layer_idx, normed.shape[1])
+        if keys is None and ("keys" in wanted or "last_query_attention" in wanted):
+            keys = rotated_keys(attn, normed, position_embeddings)
+        out = {}
+        if "last_query_attention" in wanted:
+            out["last_query_attention"] = last_query_scores(
+                attn, normed, position_embeddings, fwd.tokens.valid, keys=keys
+            )
+        if "keys" in wanted:
+            out["keys"] = keys.transpose(1, 2).flatten(2)  # (B, L_cur, H_kv * d), heads concatenated
+        return out
+
+    def _make_layer_hook(self, j: int):
+        def hook(module, args, kwargs):
+            if self.fwd is not None and self.fwd.tokens is not None:
+                return self._prefill_layer(j, module, args, kwargs)
+            if self.state is not None and self.state.stage_masks and self._decode_tail is not None:
+                return self._decode_layer(j, args, kwargs)
+            return None
+
+        return hook
+
+    def _prefill_layer(self, j: int, layer: nn.Module, args, kwargs):
+        fwd = self.fwd
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if fwd.position_embeddings is None:
+            fwd.position_embeddings = kwargs["position_embeddings"]
+            fwd.position_ids = kwargs.get("position_ids")
+        if j in self.boundaries:
+            hidden = self._run_stage(j, layer, hidden, kwargs)
+        if fwd.layer_masks:
+            kwargs["attention_mask"] = fwd.layer_masks[layer_type(self.adapter.text_config, j)]
+            kwargs["position_embeddings"] = fwd.position_embeddings
+            kwargs["position_ids"] = fwd.position_ids
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _run_stage(self, boundary: int, layer: nn.Module, hidden: torch.Tensor, kwargs) -> torch.Tensor:
+        fwd = self.fwd
+        stage = self.boundaries.index(boundary)
+        with timed(fwd.seconds, hidden.device):
+            if self.llm.score_at == "boundary":
+                normed = layer.input_layernorm(hidden)
+                fwd.llm_signals[boundary] = self._attention_signals(layer.self_attn, normed, kwargs, fwd)
+            signals = dict(fwd.llm_signals.pop(boundary, {}))
+            if "hidden" in self.llm.signals:
+                signals["hidden"] = self.adapter.language_model.norm(hidden)
+            keep = self._select_llm(fwd, stage, hidden, signals)
+        if keep is None:
+            self.fwd.stats.stages.append(_stage_stats(self.llm.name, f"llm@{boundary}", fwd.tokens))
+            return hidden
+        compaction = Compaction.from_keep(keep)
+        fwd.tokens = fwd.tokens.take(compaction)
+        cos, sin = fwd.position_embeddings
+        fwd.position_embeddings = (compaction.take(cos), compaction.take(sin))
+        if fwd.position_ids is not None:
+            fwd.position_ids = compaction.take_positions(fwd.position_ids)
+        fwd.mask_2d = compaction.take_mask(fwd.mask_2d)
+        hidden = compaction.take(hidden)
+        pkv = kwargs.get("past_key_values")
+        config = self.adapter.text_config
+        kinds = {layer_type(config, i) for i in range(boundary, len(self.adapter.decoder_layers))}
+        fwd.layer_masks = {
+            kind: build_layer_mask(config, hidden, fwd.mask_2d, pkv, boundary, kind) for kind in kinds
+        }
+        self.state.stage_masks[boundary] = fwd.mask_2d
+        fwd.segments.append((boundary, fwd.tokens.real_tokens(), fwd.tokens.valid.shape[1]))
+        fwd.stats.stages.append(_stage_stats(self.llm.name, f"llm@{boundary}", fwd.tokens))
+        return hidden
+
+    def _select_llm(
+        self, fwd: _Forward, stage: int, hidden: torch.Tensor, signals: dict
+    ) -> torch.Tensor | None:
+        """Per image, keep the stage's count among the visual tokens still present. (B, L_cur) or None."""
+        tokens = fwd.tokens
+        keep = tokens.valid.clone()
+        text = self._text_after_images(tokens)
+        budget = self.budgets["llm"]
+        changed = False
+        for image, (row, n_entry) in enumerate(zip(fwd.image_rows, fwd.entry_counts)):
+            where = (tokens.image_id[row] == image).nonzero().squeeze(1)
+            target = self.llm.stage_counts(n_entry, budget)[stage]
+            row_signals = {name: value[row] for name, value in signals.items()}
+            view = ImageTokens(
+                embeds=hidden[row, where],
+                grid=fwd.layout.grids[image] if where.numel() == fwd.layout.counts[image] else None,
+                signals=slice_signals(row_signals, where),
+                text=slice_signals(row_signals, text[row]),
+            )
+            selection = checked_select(self.llm, view, target)
+            if selection is None:
+                continue
+            if selection.merged is not None:
+                raise RuntimeError("in-LLM merging is not supported by the engine yet")
+            keep[row, where] = False
+            keep[row, where[selection.keep]] = True
+            changed = True
+        return keep if changed else None
+
+    @staticmethod
+    def _text_after_images(tokens: TokenMap) -> list[torch.Tensor]:
+        """Per row: positions of the real text tokens after the row's last visual token (the instruction)."""
+        out = []
+        for image_id, valid in zip(tokens.image_id, tokens.valid):
+            visual = (image_id >= 0).nonzero()
+            last = int(visual.max()) if visual.numel() else -1
+            positions = torch.arange(image_id.shape[0], device=image_id.device)
+            out.append(((positions > last) & valid & (image_id < 0)).nonzero().squeeze(1))
+        return out
+
+    def _decode_layer(self, j: int, args, kwargs):
+        pruned_at = [b for b in self.state.stage_masks if b <= j]
+        if not pruned_at:
+            return None
+        boundary = max(pruned_at)
+        stage_mask = self.state.stage_masks[boundary]
+        kind = layer_type(self.adapter.text_config, j)
+        key = (boundary, kind)
+        if key not in self._decode_masks:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            mask_2d = torch.cat([stage_mask, self._decode_tail.to(stage_mask.dtype)], dim=1)
+            pkv = kwargs.get("past_key_values")
+            self._decode_masks[key] = build_layer_mask(
+                self.adapter.text_config, hidden, mask_2d, pkv, boundary, kind
+            )
+        kwargs["attention_mask"] = self._decode_masks[key]
+        return args, kwargs
+
+    # ------------------------------------------------------------------ stats
+    def _finish(self, fwd: _Forward) -> None:
+        stats = fwd.stats
+        stats.kept = fwd.tokens.kept_visual()
+        stats.visual_kept = [int(k.numel()) for k in stats.kept]
+        stats.scoring_seconds = fwd.seconds[0]
+        num_layers = len(self.adapter.decoder_layers)
+        bounds = [start for start, _, _ in fwd.segments[1:]] + [num_layers]
+        stats.layer_tokens = [[] for _ in stats.visual_in]
+        for (start, real, padded), end in zip(fwd.segments, bounds):
+            stats.layer_lengths += [padded] * (end - start)
+            for row, n in enumerate(real):
+                stats.layer_tokens[row] += [n] * (end - start)
+        self.last_stats = stats
+        self.fwd = None
+
+
+def _cached_keys(past_key_values, layer_idx: int, length: int) -> torch.Tensor | None:
+    """Post-RoPE keys (B, H_kv, L, d) of `layer_idx` from a cache holding exactly this prefill's tokens."""
+    layers = getattr(past_key_values, "layers", None)
+    if layers is None or layer_idx >= len(layers):
+        return None
+    keys = getattr(layers[layer_idx], "keys", None)
+    if keys is None or keys.dim() != 4 or keys.shape[-2] != length:
+        return None
+    return keys
+
+
+def _reject_static_cache(past_key_values) -> None:
+    if past_key_values is not None and type(past_key_values).__name__ in {
+        "StaticCache",
+        "HybridCache",
+        "SlidingWindowCache",
+    }:
+        raise UnsupportedInputError(
+            f"{type(past_key_values).__name__} is not supported (pruned caches change length); use the default DynamicCache"
+        )
+
+
+def _max_position(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B,) largest position of each row, over M-RoPE rows too."""
+    flat = position_ids if position_ids.dim() == 2 else position_ids.amax(0)
+    return flat.amax(1)
+
+
+def _stage_stats(method: str, where: str, tokens: TokenMap) -> StageStats:
+    kept = tokens.kept_visual()
+    return StageStats(method, where, [int(k.numel()) for k in kept], kept)
+
+
+def _image_rows(visual: torch.Tensor, counts: list[int]) -> list[int]:
+    """Batch row of every image (images fill visual positions row by row, in order)."""
+    per_row = visual.sum(1).tolist()
+    rows, row, filled = [], 0, 0
+    for n in counts:
+        while per_row[row] - filled <= 0:
+            row, filled = row + 1, 0
+        rows.append(row)
+        filled += n
+    return rows

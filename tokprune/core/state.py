@@ -1,0 +1,71 @@
+"""Bookkeeping of one prefill: which image each current token belongs to, and the masks decode needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tokprune.core.compaction import Compaction
+
+
+@dataclass
+class TokenMap:
+    """Identity of every slot of the current (possibly compacted) sequence, all (B, L_cur).
+
+    image_id: global image index of a visual token, -1 for text and padding.
+    visual_rank: index of a visual token in its row's visual-token order, -1 otherwise.
+    valid: True for real tokens (False for padding).
+    """
+
+    image_id: torch.Tensor
+    visual_rank: torch.Tensor
+    valid: torch.Tensor
+
+    @classmethod
+    def initial(cls, visual: torch.Tensor, counts: list[int], valid: torch.Tensor) -> TokenMap:
+        """visual: (B, L) bool placeholder positions; counts: tokens per image in masked_scatter order."""
+        image_id = torch.full(visual.shape, -1, dtype=torch.long, device=visual.device)
+        ids = torch.arange(len(counts), device=visual.device)
+        image_id[visual] = ids.repeat_interleave(torch.tensor(counts, device=visual.device))
+        rank = (visual.long().cumsum(1) - 1).masked_fill(~visual, -1)
+        return cls(image_id=image_id, visual_rank=rank, valid=valid)
+
+    def take(self, compaction: Compaction) -> TokenMap:
+        """The map of the compacted sequence (padding slots: -1 / invalid)."""
+        pad = ~compaction.valid
+        return TokenMap(
+            image_id=compaction.take(self.image_id).masked_fill(pad, -1),
+            visual_rank=compaction.take(self.visual_rank).masked_fill(pad, -1),
+            valid=compaction.valid.clone(),
+        )
+
+    def real_tokens(self) -> list[int]:
+        return self.valid.sum(1).tolist()
+
+    def kept_visual(self) -> list[torch.Tensor]:
+        """Per row: sorted visual-token indices still present."""
+        return [r[r >= 0].sort().values for r in self.visual_rank]
+
+
+@dataclass
+class PrefillState:
+    """What a prefill leaves behind for the decode steps that follow it.
+
+    orig_len: the unpruned prompt length (what generate()'s 2-D mask counts).
+    lm_mask: (B, L0) 2-D mask the LLM input was compacted to (None: the LLM input was not changed).
+    stage_masks: boundary layer -> (B, L_s) 2-D mask of the cache of layers >= that boundary.
+    next_position: (B,) the original position the next token takes (for loops passing no position_ids).
+    """
+
+    orig_len: int
+    lm_mask: torch.Tensor | None = None
+    stage_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    next_position: torch.Tensor | None = None
+
+    @property
+    def pruned(self) -> bool:
+        return self.lm_mask is not None or bool(self.stage_masks)
+
+    def cache_len_layer0(self) -> int:
+        return self.lm_mask.shape[1] if self.lm_mask is not None else self.orig_len

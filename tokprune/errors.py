@@ -1,0 +1,29 @@
+"""Exceptions raised by tokprune. Every error says what went wrong and what to do instead."""
+
+
+class TokpruneError(Exception):
+    """Base class of every tokprune error."""
+
+
+class UnknownMethodError(TokpruneError, ValueError):
+    """The method name is not registered."""
+
+
+class UnsupportedModelError(TokpruneError, TypeError):
+    """The model class has no adapter."""
+
+
+class BudgetError(TokpruneError, ValueError):
+    """`budget` / `keep_ratio` (or a method's stage options) are out of range or conflicting."""
+
+
+class AlreadyPatchedError(TokpruneError, ValueError):
+    """`apply` was called on a model that already carries a tokprune pruner."""
+
+
+class MethodOptionError(TokpruneError, TypeError):
+    """An option that the method does not define, or one with an invalid value."""
+
+
+class UnsupportedInputError(TokpruneError, ValueError):
+    """An input the engine cannot prune correctly (e.g. a static cache)."""

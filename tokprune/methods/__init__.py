@@ -1,0 +1,42 @@
+"""The method registry: registry name -> method class (DESIGN §7)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tokprune.errors import MethodOptionError, UnknownMethodError
+from tokprune.methods.attention_llm import FastV, PyramidDrop
+from tokprune.methods.base import ImageTokens, LLMMethod, Method, Selection
+from tokprune.methods.baselines import RandomPrune, SpatialPool
+from tokprune.methods.cls_attention import FasterVLM, VisionZip
+from tokprune.methods.dart import DART
+from tokprune.methods.divprune import DivPrune
+
+REGISTRY: dict[str, type[Method]] = {
+    cls.name: cls
+    for cls in (RandomPrune, SpatialPool, FasterVLM, VisionZip, DivPrune, FastV, PyramidDrop, DART)
+}
+
+
+def available_methods() -> list[str]:
+    """Registry names of every method."""
+    return sorted(REGISTRY)
+
+
+def make_method(name: str, options: dict) -> Method:
+    """Instantiate a registered method with its options; unknown names and options fail with the choices."""
+    if name not in REGISTRY:
+        raise UnknownMethodError(
+            f"unknown method {name!r}; available methods: {', '.join(available_methods())}"
+        )
+    cls = REGISTRY[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(options) - fields
+    if unknown:
+        raise MethodOptionError(
+            f"{name} has no option {', '.join(sorted(unknown))}; its options are: {', '.join(sorted(fields)) or 'none'}"
+        )
+    return cls(**options)
+
+
+__all__ = ["REGISTRY", "ImageTokens", "LLMMethod", "Method", "Selection", "available_methods", "make_method"]

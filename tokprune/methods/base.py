@@ -1,0 +1,103 @@
+"""What a method is: a small dataclass that selects (and optionally merges) the visual tokens of one image.
+
+The engine cuts every prompt into images (or frames), gathers the signals the method asked for, and calls
+`select` once per image with the number of tokens to keep. A method never sees masks, positions, caches
+or the model class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from tokprune.core.budget import Budget
+
+
+@dataclass
+class ImageTokens:
+    """The visual tokens of one image (one AnyRes tile / video frame later) at the point of pruning.
+
+    embeds: (n, D) the tokens' current hidden states (LLM input embeddings for pre-LLM methods).
+    grid: (h, w) layout of the tokens in the image, h * w == n, row-major; None if the tokens are no
+          longer a full grid (after an earlier in-LLM stage).
+    signals: per-token signals the method asked for, each (n,) or (n, d); see the method's `signals`.
+    text: (m, D) or (m, d) text-side tensors some methods use (e.g. DART's text pivots), keyed by name.
+    generator: seeded random generator (per forward) for stochastic methods.
+    """
+
+    embeds: torch.Tensor
+    grid: tuple[int, int] | None
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    text: dict[str, torch.Tensor] = field(default_factory=dict)
+    generator: torch.Generator | None = None
+
+    @property
+    def n(self) -> int:
+        return self.embeds.shape[0]
+
+
+@dataclass
+class Selection:
+    """The outcome of `select` for one image.
+
+    keep: (k,) sorted LongTensor of kept local indices.
+    merged: (k, D) replacement embeddings of the kept tokens (merging methods), or None (pure pruning).
+    """
+
+    keep: torch.Tensor
+    merged: torch.Tensor | None = None
+
+
+@dataclass
+class Method:
+    """Base of every method. Subclasses are dataclasses whose fields are the method's options.
+
+    Class attributes describe the method for the registry and the engine:
+      name: registry name; where: "pre" (before the LLM) or "llm" (inside the LLM);
+      signals: names of the per-token signals `select` reads from `ImageTokens.signals`;
+      default_budget: the published default when neither budget nor keep_ratio is given;
+      paper: the citation shown by the catalogue.
+    """
+
+    name: ClassVar[str] = ""
+    where: ClassVar[str] = "pre"
+    signals: ClassVar[tuple[str, ...]] = ()
+    default_budget: ClassVar[Budget] = Budget(ratio=0.5)
+    paper: ClassVar[str] = ""
+
+    def select(self, image: ImageTokens, k: int) -> Selection:
+        """Choose `k` < image.n tokens of one image. Must return exactly k sorted indices."""
+        raise NotImplementedError
+
+
+@dataclass
+class LLMMethod(Method):
+    """A method that acts inside the language model at one or more stage boundaries.
+
+    A boundary b means: layers < b see the tokens of the previous stage, layers >= b only the kept ones.
+    `score_at` says where the signals of the boundary come from:
+      "previous": the attention module of layer b - 1 (FastV, DART);
+      "boundary": layer b's own input layernorm and projections, before it runs (PyramidDrop).
+    """
+
+    where: ClassVar[str] = "llm"
+    score_at: ClassVar[str] = "previous"
+
+    def boundaries(self, num_layers: int) -> list[int]:
+        """Stage boundary layers, ascending, each in [1, num_layers - 1]."""
+        raise NotImplementedError
+
+    def stage_counts(self, n: int, budget: Budget) -> list[int]:
+        """Tokens of an image of n visual tokens kept after each boundary (non-increasing, last = final)."""
+        return [budget.kept(n)]
+
+
+def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores, sorted ascending (kept tokens stay in their original order).
+
+    Ties are broken towards the lower index, so the result is deterministic.
+    """
+    order = torch.sort(scores.float(), descending=True, stable=True).indices[:k]
+    return order.sort().values

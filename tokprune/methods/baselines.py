@@ -1,0 +1,71 @@
+"""Baselines: a seeded random subset and spatial average pooling to the budget."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tokprune.core.budget import Budget
+from tokprune.methods.base import ImageTokens, Method, Selection
+
+
+@dataclass
+class RandomPrune(Method):
+    """Uniform random subset of each image's tokens (a strong baseline per UniPruneBench).
+
+    A generator seeded with `seed` is drawn anew for every image, so the same image and budget always
+    keep the same tokens, whatever else is in the batch.
+    """
+
+    name = "random"
+    default_budget = Budget(ratio=0.25)
+    paper = "baseline (UniPruneBench, 2025)"
+    seed: int = 0
+
+    def select(self, image: ImageTokens, k: int) -> Selection:
+        generator = torch.Generator().manual_seed(self.seed)
+        keep = torch.randperm(image.n, generator=generator)[:k].sort().values
+        return Selection(keep=keep.to(image.embeds.device))
+
+
+def pooling_cells(h: int, w: int, k: int) -> list[tuple[range, range]]:
+    """Split an h x w grid into exactly k disjoint rectangular cells in raster order (k <= h * w).
+
+    Rows are split into r bands (r close to sqrt(k * h / w), so cells stay roughly square); band i is
+    split into k // r or k // r + 1 column bins.
+    """
+    r = min(h, max(math.ceil(k / w), round(math.sqrt(k * h / w)), 1))
+    per_band = [k // r + (1 if i < k % r else 0) for i in range(r)]
+    cells = []
+    for i, cols in enumerate(per_band):
+        rows = range(i * h // r, (i + 1) * h // r)
+        cells += [(rows, range(j * w // cols, (j + 1) * w // cols)) for j in range(cols)]
+    return cells
+
+
+@dataclass
+class SpatialPool(Method):
+    """Spatial average pooling of the token grid down to exactly the budget.
+
+    The grid is cut into `k` near-square cells (see `pooling_cells`); each cell becomes one token: its
+    embedding is the mean of the cell, placed at the cell's centre token (whose position id it keeps).
+    Without a grid (e.g. a [CLS] token among the features) the tokens are pooled as a 1 x n strip.
+    """
+
+    name = "pool"
+    default_budget = Budget(ratio=0.25)
+    paper = "baseline: spatial average pooling"
+
+    def select(self, image: ImageTokens, k: int) -> Selection:
+        h, w = image.grid or (1, image.n)
+        keep, merged = [], []
+        for rows, cols in pooling_cells(h, w, k):
+            index = torch.tensor([r * w + c for r in rows for c in cols], device=image.embeds.device)
+            keep.append(rows[len(rows) // 2] * w + cols[len(cols) // 2])
+            merged.append(image.embeds[index].float().mean(0))
+        return Selection(
+            keep=torch.tensor(keep, dtype=torch.long, device=image.embeds.device),
+            merged=torch.stack(merged).to(image.embeds.dtype),
+        )
