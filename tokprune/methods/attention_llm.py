@@ -96,7 +96,7 @@ class PyramidDrop(LLMMethod):
         final = budget.kept(n)
         if final >= n:
             return [n] * n_stages
-        ratio = final / n
+        ratio = budget.ratio if budget.ratio is not None else final / n
         counts = [
             max(final, math.ceil(n * ratio ** ((s + 1) / n_stages) - 1e-9)) for s in range(n_stages - 1)
         ]

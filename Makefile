@@ -1,0 +1,27 @@
+# Every target creates its own environment on a fresh clone (torch pinned to the local CPU wheel).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: test test-fast bench lint
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,bench]'
+	$(PY) -m pip uninstall -y -q torchvision 2>/dev/null || true
+	touch $@
+
+test: $(VENV)/.installed  ## the whole suite (what CI runs)
+	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed  ## skip the slow end-to-end tests
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(VENV)/.installed  ## prefill time of every pre-LLM method vs the ideal, LLaVA-1.5 shapes
+	$(PY) benchmarks/prefill_overhead.py
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff format --check tokprune patches tests benchmarks
+	$(VENV)/bin/ruff check tokprune patches tests benchmarks

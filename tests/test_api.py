@@ -1,0 +1,187 @@
+"""The public API contract (DESIGN §3): errors, pass-through, hooks on instances, decode loops, stats."""
+
+import pytest
+import torch
+from reference import original_positions
+from tiny_models import batch_inputs, text_inputs
+
+import tokprune
+from tokprune import errors
+
+
+def test_unknown_method_lists_available(tiny):
+    model, _ = tiny("llava")
+    with pytest.raises(errors.UnknownMethodError) as info:
+        tokprune.apply(model, "no-such-method")
+    for name in tokprune.available_methods():
+        assert name in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_unsupported_model_names_class_and_families():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(errors.UnsupportedModelError) as info:
+        tokprune.apply(model, "random")
+    assert "Linear" in str(info.value)
+    for name in tokprune.available_models():
+        assert name in str(info.value)
+    assert isinstance(info.value, TypeError)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(budget=0),
+        dict(budget=-3),
+        dict(budget=2.5),
+        dict(keep_ratio=0.0),
+        dict(keep_ratio=1.5),
+        dict(keep_ratio=-0.1),
+        dict(budget=8, keep_ratio=0.5),
+        dict(budget=True),
+    ],
+)
+def test_bad_budgets(tiny, kwargs):
+    model, _ = tiny("llava")
+    with pytest.raises(errors.BudgetError):
+        tokprune.apply(model, "fastervlm", **kwargs)
+    assert not hasattr(model, "_tokprune_pruner")
+
+
+def test_unknown_option_lists_options(tiny):
+    model, _ = tiny("llava")
+    with pytest.raises(errors.MethodOptionError, match="layer"):
+        tokprune.apply(model, "fastv", depth=3)
+
+
+def test_out_of_range_layer(tiny):
+    model, _ = tiny("llava")
+    with pytest.raises(errors.MethodOptionError, match="layer"):
+        tokprune.apply(model, "fastv", layer=4)
+
+
+def test_pdrop_ratios_with_budget_is_an_error(tiny):
+    model, _ = tiny("llava")
+    with pytest.raises(errors.BudgetError):
+        tokprune.apply(model, "pdrop", ratios=(0.5, 0.5, 0.5), budget=8)
+
+
+def test_already_patched_says_remove_or_compose(tiny):
+    model, _ = tiny("llava")
+    with tokprune.apply(model, "random"):
+        with pytest.raises(errors.AlreadyPatchedError, match="remove"):
+            tokprune.apply(model, "fastv")
+    # removed: applying again works
+    tokprune.apply(model, "fastv").remove()
+
+
+def test_text_only_prompt_passes_through(tiny):
+    model, proc = tiny("qwen2_vl")
+    inputs = text_inputs(proc)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with tokprune.apply(model, "fastv", keep_ratio=0.25) as pruner:
+            out = model(**inputs).logits
+    assert torch.equal(out, ref)
+    assert pruner.stats is None
+
+
+@pytest.mark.parametrize("method", ["visionzip", "fastv"])
+def test_budget_at_or_above_token_count_keeps_everything(tiny, method):
+    model, proc = tiny("llava")
+    inputs = batch_inputs("llava", proc, (1, 2))
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with tokprune.apply(model, method, budget=49) as pruner:
+            out = model(**inputs).logits
+    assert torch.equal(out, ref)
+    assert pruner.stats.visual_kept == pruner.stats.visual_in
+
+
+def test_hooks_are_per_instance(tiny):
+    """Two models of the same class in one process: patching one leaves the other untouched."""
+    from tiny_models import tiny_llava
+
+    model, proc = tiny("llava")
+    other, _ = tiny_llava()
+    inputs = batch_inputs("llava", proc, (1, 1))
+    with torch.no_grad():
+        ref = other(**inputs).logits
+        with tokprune.apply(model, "random", keep_ratio=0.25):
+            assert torch.equal(other(**inputs).logits, ref)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("method", ["divprune", "pdrop"])
+def test_hand_written_decode_loop_matches_generate(tiny, family, method):
+    """A loop that passes no position_ids gets the original numbering (cache length + dropped tokens)."""
+    model, proc = tiny(family)
+    inputs = batch_inputs(family, proc, (1, 2))
+    with tokprune.apply(model, method, keep_ratio=0.25), torch.no_grad():
+        gen = model.generate(
+            **inputs,
+            max_new_tokens=3,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
+        out = model(**inputs, position_ids=original_positions(model, inputs), use_cache=True)
+        past, mask = out.past_key_values, inputs["attention_mask"]
+        token = gen.sequences[:, inputs["input_ids"].shape[1]][:, None]
+        torch.testing.assert_close(out.logits[:, -1], gen.logits[0], atol=1e-5, rtol=0)
+        for step in range(1, 3):
+            mask = torch.cat([mask, torch.ones_like(token)], 1)
+            step_out = model(input_ids=token, attention_mask=mask, past_key_values=past, use_cache=True)
+            torch.testing.assert_close(step_out.logits[:, -1], gen.logits[step], atol=1e-5, rtol=0)
+            past = step_out.past_key_values
+            token = gen.sequences[:, inputs["input_ids"].shape[1] + step][:, None]
+
+
+def test_budget_is_per_image(tiny):
+    model, proc = tiny("qwen2_5_vl")
+    inputs = batch_inputs("qwen2_5_vl", proc, (2, 1))
+    with tokprune.apply(model, "fastervlm", budget=5) as pruner, torch.no_grad():
+        model(**inputs)
+    images_per_row = [2, 1]
+    assert pruner.stats.visual_kept == [5 * n for n in images_per_row]
+
+
+def test_stats_describe_last_prefill_and_survive_remove(tiny):
+    model, proc = tiny("llava")
+    inputs = batch_inputs("llava", proc, (1, 2))
+    pruner = tokprune.apply(model, "pdrop", keep_ratio=0.125)
+    with torch.no_grad():
+        model(**inputs)
+    stats = pruner.stats
+    pruner.remove()
+    assert pruner.stats is stats
+    assert [s.where for s in stats.stages] == ["llm@1", "llm@2", "llm@3"]
+    assert stats.visual_in == [49, 98]
+    assert stats.visual_kept == [7, 14]
+    assert stats.kept[0].dtype == torch.long and stats.kept[0].numel() == 7
+    assert stats.scoring_seconds > 0
+    assert stats.layer_averaged_visual(0) == pytest.approx((49 + 25 + 13 + 7) / 4)
+    pruner.remove()  # idempotent
+
+
+def test_static_cache_is_rejected(tiny):
+    from transformers import StaticCache
+
+    model, proc = tiny("llava")
+    inputs = batch_inputs("llava", proc, (1, 1))
+    cache = StaticCache(config=model.config.text_config, max_cache_len=256)
+    with tokprune.apply(model, "random"), pytest.raises(errors.UnsupportedInputError, match="StaticCache"):
+        model(**inputs, past_key_values=cache)
+
+
+def test_compose_pre_then_llm(tiny):
+    model, proc = tiny("llava")
+    inputs = batch_inputs("llava", proc, (1, 2))
+    with tokprune.apply(model, ["visionzip", "fastv"], keep_ratio=0.5) as pruner, torch.no_grad():
+        model(**inputs)
+    stages = pruner.stats.stages
+    assert [s.where for s in stages] == ["pre", "llm@2"]
+    # visionzip keeps its default 64 >= 49 (nothing), then fastv halves the tokens entering the LLM
+    assert stages[0].visual_kept == [49, 98]
+    assert stages[1].visual_kept == [25, 50]
