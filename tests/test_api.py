@@ -68,9 +68,8 @@ def test_pdrop_ratios_with_budget_is_an_error(tiny):
 
 def test_already_patched_says_remove_or_compose(tiny):
     model, _ = tiny("llava")
-    with tokprune.apply(model, "random"):
-        with pytest.raises(errors.AlreadyPatchedError, match="remove"):
-            tokprune.apply(model, "fastv")
+    with tokprune.apply(model, "random"), pytest.raises(errors.AlreadyPatchedError, match="remove"):
+        tokprune.apply(model, "fastv")
     # removed: applying again works
     tokprune.apply(model, "fastv").remove()
 
