@@ -10,6 +10,7 @@ from reference import LMInputRecorder, original_positions, reference_logits
 from tiny_models import BUILDERS, batch_inputs
 
 import tokprune
+from tokprune.core.state import image_rows
 
 METHODS = tokprune.available_methods()
 FAMILIES = list(BUILDERS)
@@ -66,7 +67,7 @@ def _expected_layer_tokens(pruner, inputs, model, ratio):
     n_layers = len(model.model.language_model.layers)
     method = pruner.methods[-1]
     counts = _image_counts(model, inputs)
-    rows = _rows_of(visual, counts)
+    rows = image_rows(visual, counts)
     expected = []
     for row in range(visual.shape[0]):
         text = int((valid[row] & ~visual[row]).sum())
@@ -94,17 +95,6 @@ def _image_counts(model, inputs):
         return [int(t * h * w) // 4 for t, h, w in inputs["image_grid_thw"].tolist()]
     n = (inputs["input_ids"] == model.config.image_token_id).sum().item() // inputs["pixel_values"].shape[0]
     return [n] * inputs["pixel_values"].shape[0]
-
-
-def _rows_of(visual, counts):
-    per_row = visual.sum(1).tolist()
-    rows, row, filled = [], 0, 0
-    for n in counts:
-        while per_row[row] - filled <= 0:
-            row, filled = row + 1, 0
-        rows.append(row)
-        filled += n
-    return rows
 
 
 class LayerLengthProbe:

@@ -22,7 +22,7 @@ from tokprune.core.budget import Budget
 from tokprune.core.compaction import Compaction
 from tokprune.core.masks import build_layer_mask, layer_type
 from tokprune.core.selection import checked_select, slice_signals
-from tokprune.core.state import PrefillState, TokenMap
+from tokprune.core.state import PrefillState, TokenMap, image_rows
 from tokprune.core.stats import PruneStats, StageStats
 from tokprune.core.timing import timed
 from tokprune.errors import UnsupportedInputError
@@ -175,7 +175,7 @@ class Engine:
             )
         valid = mask.bool() if mask is not None else torch.ones_like(visual)
         fwd.tokens = TokenMap.initial(visual, counts, valid)
-        fwd.image_rows = _image_rows(visual, counts)
+        fwd.image_rows = image_rows(visual, counts)
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             position_ids = self._default_positions(batch, length, embeds.device)
@@ -467,15 +467,3 @@ def _max_position(position_ids: torch.Tensor) -> torch.Tensor:
 def _stage_stats(method: str, where: str, tokens: TokenMap) -> StageStats:
     kept = tokens.kept_visual()
     return StageStats(method, where, [int(k.numel()) for k in kept], kept)
-
-
-def _image_rows(visual: torch.Tensor, counts: list[int]) -> list[int]:
-    """Batch row of every image (images fill visual positions row by row, in order)."""
-    per_row = visual.sum(1).tolist()
-    rows, row, filled = [], 0, 0
-    for n in counts:
-        while per_row[row] - filled <= 0:
-            row, filled = row + 1, 0
-        rows.append(row)
-        filled += n
-    return rows

@@ -69,3 +69,15 @@ class PrefillState:
 
     def cache_len_layer0(self) -> int:
         return self.lm_mask.shape[1] if self.lm_mask is not None else self.orig_len
+
+
+def image_rows(visual: torch.Tensor, counts: list[int]) -> list[int]:
+    """Batch row of every image (images fill visual positions row by row, in order)."""
+    per_row = visual.sum(1).tolist()
+    rows, row, filled = [], 0, 0
+    for n in counts:
+        while per_row[row] - filled <= 0:
+            row, filled = row + 1, 0
+        rows.append(row)
+        filled += n
+    return rows
