@@ -14,21 +14,25 @@ Kept tokens always keep their original positions; rows are re-packed with left p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from tokprune.core.budget import Budget
 from tokprune.core.compaction import Compaction
+from tokprune.core.layout import ImageLayout, VisionSignalStore
 from tokprune.core.masks import build_layer_mask, layer_type
-from tokprune.core.selection import checked_select, slice_signals
+from tokprune.core.selection import select_llm, select_pre
 from tokprune.core.state import PrefillState, TokenMap, image_rows
 from tokprune.core.stats import PruneStats, StageStats
 from tokprune.core.timing import timed
 from tokprune.errors import UnsupportedInputError
-from tokprune.methods.base import ImageTokens, LLMMethod, Method
-from tokprune.patches import Adapter, ImageLayout, VisionSignalStore
+from tokprune.methods.base import LLMMethod, Method
 from tokprune.signals import last_query_scores, rotated_keys
+
+if TYPE_CHECKING:
+    from tokprune.patches import Adapter
 
 
 @dataclass
@@ -186,7 +190,10 @@ class Engine:
         changed = False
         if self.pre is not None:
             with timed(fwd.seconds, embeds.device):
-                keep, embeds = self._select_pre(fwd, embeds, visual)
+                signals = {n: v for n, v in self.store.values.items() if n in self.pre.signals}
+                keep, embeds = select_pre(self.pre, self.budgets["pre"], fwd.layout, embeds, visual, signals)
+                fwd.seconds[0] += self.store.seconds[0]
+                self.store.clear()
             if keep is not None:
                 compaction = Compaction.from_keep(keep & valid)
                 fwd.tokens = fwd.tokens.take(compaction)
@@ -208,35 +215,6 @@ class Engine:
         positions = torch.arange(length, device=device)[None].expand(batch, -1)
         rows = self.adapter.position_rows()
         return positions if rows == 1 else positions[None].expand(rows, -1, -1)
-
-    def _select_pre(self, fwd: _Forward, embeds: torch.Tensor, visual: torch.Tensor):
-        """Run the pre-LLM method image by image. Returns (keep (B, L) bool or None, embeds)."""
-        flat = embeds[visual]  # (N, D) in masked_scatter order
-        signals = {name: self.store.values[name] for name in self.pre.signals if name in self.store.values}
-        budget = self.budgets["pre"]
-        keep_flat = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
-        merged_flat = None
-        start = 0
-        for n, grid in zip(fwd.layout.counts, fwd.layout.grids):
-            span = slice(start, start + n)
-            image = ImageTokens(embeds=flat[span], grid=grid, signals=slice_signals(signals, span))
-            selection = checked_select(self.pre, image, budget.kept(n))
-            if selection is not None:
-                keep_flat[span] = False
-                keep_flat[start + selection.keep] = True
-                if selection.merged is not None:
-                    merged_flat = flat.clone() if merged_flat is None else merged_flat
-                    merged_flat[start + selection.keep] = selection.merged.to(flat.dtype)
-            start += n
-        fwd.seconds[0] += self.store.seconds[0]
-        self.store.clear()
-        if bool(keep_flat.all()):
-            return None, embeds
-        if merged_flat is not None:
-            embeds = embeds.masked_scatter(visual[..., None], merged_flat)
-        keep = ~visual
-        keep[visual] = keep_flat
-        return keep, embeds
 
     def _on_lm_decode(self, args, kwargs, past: int):
         state = self.state
@@ -338,7 +316,17 @@ class Engine:
             signals = dict(fwd.llm_signals.pop(boundary, {}))
             if "hidden" in self.llm.signals:
                 signals["hidden"] = self.adapter.language_model.norm(hidden)
-            keep = self._select_llm(fwd, stage, hidden, signals)
+            keep = select_llm(
+                self.llm,
+                self.budgets["llm"],
+                stage,
+                fwd.tokens,
+                fwd.layout,
+                fwd.image_rows,
+                fwd.entry_counts,
+                hidden,
+                signals,
+            )
         if keep is None:
             self.fwd.stats.stages.append(_stage_stats(self.llm.name, f"llm@{boundary}", fwd.tokens))
             return hidden
@@ -360,46 +348,6 @@ class Engine:
         fwd.segments.append((boundary, fwd.tokens.real_tokens(), fwd.tokens.valid.shape[1]))
         fwd.stats.stages.append(_stage_stats(self.llm.name, f"llm@{boundary}", fwd.tokens))
         return hidden
-
-    def _select_llm(
-        self, fwd: _Forward, stage: int, hidden: torch.Tensor, signals: dict
-    ) -> torch.Tensor | None:
-        """Per image, keep the stage's count among the visual tokens still present. (B, L_cur) or None."""
-        tokens = fwd.tokens
-        keep = tokens.valid.clone()
-        text = self._text_after_images(tokens)
-        budget = self.budgets["llm"]
-        changed = False
-        for image, (row, n_entry) in enumerate(zip(fwd.image_rows, fwd.entry_counts)):
-            where = (tokens.image_id[row] == image).nonzero().squeeze(1)
-            target = self.llm.stage_counts(n_entry, budget)[stage]
-            row_signals = {name: value[row] for name, value in signals.items()}
-            view = ImageTokens(
-                embeds=hidden[row, where],
-                grid=fwd.layout.grids[image] if where.numel() == fwd.layout.counts[image] else None,
-                signals=slice_signals(row_signals, where),
-                text=slice_signals(row_signals, text[row]),
-            )
-            selection = checked_select(self.llm, view, target)
-            if selection is None:
-                continue
-            if selection.merged is not None:
-                raise RuntimeError("in-LLM merging is not supported by the engine yet")
-            keep[row, where] = False
-            keep[row, where[selection.keep]] = True
-            changed = True
-        return keep if changed else None
-
-    @staticmethod
-    def _text_after_images(tokens: TokenMap) -> list[torch.Tensor]:
-        """Per row: positions of the real text tokens after the row's last visual token (the instruction)."""
-        out = []
-        for image_id, valid in zip(tokens.image_id, tokens.valid):
-            visual = (image_id >= 0).nonzero()
-            last = int(visual.max()) if visual.numel() else -1
-            positions = torch.arange(image_id.shape[0], device=image_id.device)
-            out.append(((positions > last) & valid & (image_id < 0)).nonzero().squeeze(1))
-        return out
 
     def _decode_layer(self, j: int, args, kwargs):
         pruned_at = [b for b in self.state.stage_masks if b <= j]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from tokprune.methods.base import ImageTokens, Method, Selection
+from tokprune.core.budget import Budget
+from tokprune.core.layout import ImageLayout
+from tokprune.core.state import TokenMap
+from tokprune.methods.base import ImageTokens, LLMMethod, Method, Selection
 
 
 def checked_select(method: Method, image: ImageTokens, k: int) -> Selection | None:
@@ -36,3 +39,91 @@ def checked_select(method: Method, image: ImageTokens, k: int) -> Selection | No
 def slice_signals(signals: dict[str, torch.Tensor], index) -> dict[str, torch.Tensor]:
     """The same tokens (`index` along dim 0) of every signal."""
     return {name: value[index] for name, value in signals.items()}
+
+
+def select_pre(
+    method: Method,
+    budget: Budget,
+    layout: ImageLayout,
+    embeds: torch.Tensor,
+    visual: torch.Tensor,
+    signals: dict,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Run a pre-LLM method image by image over the LLM input.
+
+    embeds: (B, L, D); visual: (B, L) image-token positions; signals: name -> (N_visual, ...) in
+    masked_scatter order. Returns (keep (B, L) bool, or None if nothing is dropped; embeds with merged
+    tokens written in).
+    """
+    flat = embeds[visual]  # (N, D) in masked_scatter order
+    keep_flat = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
+    merged_flat = None
+    start = 0
+    for n, grid in zip(layout.counts, layout.grids):
+        span = slice(start, start + n)
+        image = ImageTokens(embeds=flat[span], grid=grid, signals=slice_signals(signals, span))
+        selection = checked_select(method, image, budget.kept(n))
+        if selection is not None:
+            keep_flat[span] = False
+            keep_flat[start + selection.keep] = True
+            if selection.merged is not None:
+                merged_flat = flat.clone() if merged_flat is None else merged_flat
+                merged_flat[start + selection.keep] = selection.merged.to(flat.dtype)
+        start += n
+    if bool(keep_flat.all()):
+        return None, embeds
+    if merged_flat is not None:
+        embeds = embeds.masked_scatter(visual[..., None], merged_flat)
+    keep = ~visual
+    keep[visual] = keep_flat
+    return keep, embeds
+
+
+def select_llm(
+    method: LLMMethod,
+    budget: Budget,
+    stage: int,
+    tokens: TokenMap,
+    layout: ImageLayout,
+    image_rows: list[int],
+    entry_counts: list[int],
+    hidden: torch.Tensor,
+    signals: dict,
+) -> torch.Tensor | None:
+    """Per image, keep the stage's count among the visual tokens still present inside the LLM.
+
+    hidden: (B, L_cur, D) residual stream; signals: name -> (B, L_cur, ...). Returns keep (B, L_cur) bool,
+    or None when no image loses a token at this stage.
+    """
+    keep = tokens.valid.clone()
+    text = text_after_images(tokens)
+    changed = False
+    for image, (row, n_entry) in enumerate(zip(image_rows, entry_counts)):
+        where = (tokens.image_id[row] == image).nonzero().squeeze(1)
+        row_signals = {name: value[row] for name, value in signals.items()}
+        view = ImageTokens(
+            embeds=hidden[row, where],
+            grid=layout.grids[image] if where.numel() == layout.counts[image] else None,
+            signals=slice_signals(row_signals, where),
+            text=slice_signals(row_signals, text[row]),
+        )
+        selection = checked_select(method, view, method.stage_counts(n_entry, budget)[stage])
+        if selection is None:
+            continue
+        if selection.merged is not None:
+            raise RuntimeError("in-LLM merging is not supported by the engine yet")
+        keep[row, where] = False
+        keep[row, where[selection.keep]] = True
+        changed = True
+    return keep if changed else None
+
+
+def text_after_images(tokens: TokenMap) -> list[torch.Tensor]:
+    """Per row: positions of the real text tokens after the row's last visual token (the instruction)."""
+    out = []
+    for image_id, valid in zip(tokens.image_id, tokens.valid):
+        visual = (image_id >= 0).nonzero()
+        last = int(visual.max()) if visual.numel() else -1
+        positions = torch.arange(image_id.shape[0], device=image_id.device)
+        out.append(((positions > last) & valid & (image_id < 0)).nonzero().squeeze(1))
+    return out
