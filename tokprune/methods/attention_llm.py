@@ -66,6 +66,12 @@ class PyramidDrop(LLMMethod):
     ratios: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        for option in ("layers", "ratios"):
+            value = getattr(self, option)
+            if value is not None and (not isinstance(value, (list, tuple)) or not value):
+                raise MethodOptionError(
+                    f"pdrop: {option} must be a non-empty tuple, one entry per stage; got {value!r}"
+                )
         if self.ratios is not None:
             if not all(isinstance(r, (int, float)) and 0 < r <= 1 for r in self.ratios):
                 raise MethodOptionError(f"pdrop: ratios must each be in (0, 1], got {self.ratios!r}")

@@ -36,7 +36,7 @@ def pooling_cells(h: int, w: int, k: int) -> list[tuple[range, range]]:
     Rows are split into r bands (r close to sqrt(k * h / w), so cells stay roughly square); band i is
     split into k // r or k // r + 1 column bins.
     """
-    r = min(h, max(math.ceil(k / w), round(math.sqrt(k * h / w)), 1))
+    r = min(h, k, max(math.ceil(k / w), round(math.sqrt(k * h / w)), 1))
     per_band = [k // r + (1 if i < k % r else 0) for i in range(r)]
     cells = []
     for i, cols in enumerate(per_band):

@@ -43,8 +43,8 @@ class DivPrune(Method):
     Models", CVPR 2025.
 
     Features are the projected visual embeddings (the LLM's input); distance is 1 - cosine similarity;
-    selection is the greedy max-min diversity subset. Default: retained ratio 0.098 (56 of 576 tokens on
-    LLaVA-1.5). Kept tokens stay in their original order and positions (the public code's sorting choice,
+    selection is the greedy max-min diversity subset. Default: retained ratio 0.098 (57 of 576 tokens on
+    LLaVA-1.5: tokprune rounds keep_ratio up everywhere; the reference rounds to 56). Kept tokens stay in their original order and positions (the public code's sorting choice,
     made explicit here).
     """
 

@@ -1,0 +1,247 @@
+"""The attention signals computed without eager attention must match explicit / eager attention maps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import (  # tests/ is on sys.path (conftest)
+    batch_inputs,
+    tiny_llava,
+    tiny_qwen2vl,
+    tiny_qwen25vl,
+)
+from tokprune.patches import VisionSignalStore, adapter_for
+from tokprune.patches.llava import clip_encoder_layers, feature_layer_index
+
+from tokprune.signals import cls_attention, last_query_attention, received_attention
+from tokprune.signals.llm import last_query_scores
+
+TOL = 1e-6
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------- explicit attention
+
+
+def test_cls_attention_matches_explicit_softmax():
+    B, H, N, d = 2, 3, 11, 8
+    query, keys = _randn(B, H, 1, d, seed=1), _randn(B, H, N, d, seed=2)
+    scale = d**-0.5
+    got = cls_attention(query, keys, scale)
+    assert got.shape == (B, N) and got.dtype == torch.float32
+    expected = torch.zeros(B, N)
+    for b in range(B):
+        for h in range(H):
+            logits = torch.stack([(query[b, h, 0] * keys[b, h, j]).sum() * scale for j in range(N)])
+            weights = logits.exp() / logits.exp().sum()
+            expected[b] += weights / H
+    torch.testing.assert_close(got, expected, atol=TOL, rtol=0)
+    torch.testing.assert_close(got.sum(-1), torch.ones(B), atol=TOL, rtol=0)
+
+
+def test_cls_attention_half_precision_inputs_return_float32():
+    query, keys = _randn(1, 2, 1, 4, seed=3), _randn(1, 2, 5, 4, seed=4)
+    got = cls_attention(query.bfloat16(), keys.bfloat16(), 0.5)
+    expected = cls_attention(query.bfloat16().float(), keys.bfloat16().float(), 0.5)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 2), (4, 1)])
+def test_last_query_attention_gqa_and_key_mask(heads, kv_heads):
+    B, N, d = 3, 9, 8
+    query, keys = _randn(B, heads, 1, d, seed=5), _randn(B, kv_heads, N, d, seed=6)
+    key_mask = torch.ones(B, N, dtype=torch.bool)
+    key_mask[1, :3] = False  # left padding
+    key_mask[2, :7] = False
+    scale = 0.3
+    got = last_query_attention(query, keys, scale, key_mask)
+    groups = heads // kv_heads
+    expected = torch.zeros(B, N)
+    for b in range(B):
+        for h in range(heads):
+            k = keys[
+                b, h // groups
+            ]  # query head h reads key/value head h // groups (transformers' repeat_kv)
+            logits = (k @ query[b, h, 0]) * scale
+            logits[~key_mask[b]] = float("-inf")
+            expected[b] += logits.softmax(0) / heads
+    torch.testing.assert_close(got, expected, atol=TOL, rtol=0)
+    assert (got[~key_mask] == 0).all()
+    # without a mask: every key counts
+    unmasked = last_query_attention(query, keys, scale)
+    expected_unmasked = torch.zeros(B, N)
+    for b in range(B):
+        for h in range(heads):
+            expected_unmasked[b] += ((keys[b, h // groups] @ query[b, h, 0]) * scale).softmax(0) / heads
+    torch.testing.assert_close(unmasked, expected_unmasked, atol=TOL, rtol=0)
+
+
+def _explicit_received(query, keys, scale, block_sizes):
+    """Column mean of the explicit block-diagonal softmax map, over heads and the queries of each block."""
+    H, N, _ = query.shape
+    sizes = block_sizes or [N]
+    block_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    logits = (query @ keys.transpose(-1, -2)) * scale  # (H, N, N)
+    same_block = block_of[:, None] == block_of[None, :]
+    probs = logits.masked_fill(~same_block, float("-inf")).softmax(-1)
+    block_size = torch.tensor(sizes, dtype=torch.float32)[block_of]  # queries attending to each token
+    return probs.sum(dim=(0, 1)) / (H * block_size)
+
+
+@pytest.mark.parametrize("block_sizes", [None, [16], [5, 7, 3], [1, 12, 4, 9], [10, 10]])
+@pytest.mark.parametrize("chunk", [1, 2, 3, 4, 7, 16, 256])
+def test_received_attention_matches_block_diagonal_map(block_sizes, chunk):
+    H, d = 3, 8
+    N = sum(block_sizes) if block_sizes else 16
+    query, keys = _randn(H, N, d, seed=7) * 2, _randn(H, N, d, seed=8) * 2
+    scale = d**-0.5
+    got = received_attention(query, keys, scale, block_sizes, chunk=chunk)
+    expected = _explicit_received(query, keys, scale, block_sizes)
+    assert got.shape == (N,) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=TOL, rtol=0)
+    # each block's received attention sums to 1 (every query row of a block sums to 1 over that block)
+    start = 0
+    for size in block_sizes or [N]:
+        torch.testing.assert_close(got[start : start + size].sum(), torch.tensor(1.0), atol=1e-5, rtol=0)
+        start += size
+
+
+# ------------------------------------------------------------------------------- tiny models, eager
+
+
+@pytest.fixture(scope="module")
+def eager_llava():
+    return tiny_llava("eager")
+
+
+def test_llava_vision_hook_matches_eager_cls_row(eager_llava):
+    model, proc = eager_llava
+    pixel_values = batch_inputs("llava", proc, (1, 2))["pixel_values"]  # 3 images
+    tower = model.model.vision_tower
+    n_layers = len(clip_encoder_layers(tower))
+    layer = feature_layer_index(model.config.vision_feature_layer, n_layers)
+    with torch.no_grad():
+        out = tower(pixel_values=pixel_values, output_attentions=True)
+    attn = out.attentions[layer]  # (n_images, H, 1 + P, 1 + P)
+    expected_cls = attn[:, :, 0, 1:].mean(1).reshape(-1)  # head-mean [CLS] row without the [CLS] column
+
+    keys_out = []
+    k_proj = clip_encoder_layers(tower)[layer].self_attn.k_proj
+    spy = k_proj.register_forward_hook(lambda module, args, output: keys_out.append(output))
+    adapter = adapter_for(model)
+    store = VisionSignalStore()
+    handles = adapter.install_vision_hooks({"cls_attention", "vit_keys"}, store)
+    try:
+        with torch.no_grad():
+            model.model.get_image_features(pixel_values=pixel_values)
+    finally:
+        for handle in handles:
+            handle.remove()
+        spy.remove()
+    got = store.values["cls_attention"]
+    n_images, heads, length, _ = attn.shape
+    assert got.shape == (n_images * (length - 1),)
+    torch.testing.assert_close(got, expected_cls, atol=1e-5, rtol=0)
+    # vit_keys: the head mean of the same layer's keys, [CLS] dropped
+    keys = keys_out[0].view(n_images, length, heads, -1).mean(2)[:, 1:].reshape(n_images * (length - 1), -1)
+    torch.testing.assert_close(store.values["vit_keys"], keys, atol=1e-5, rtol=0)
+
+
+def _capture_eager(monkeypatch, module_of_model, target):
+    """Wrap the modeling module's eager attention to record the weights `target` computes."""
+    maps = []
+    original = module_of_model.eager_attention_forward
+
+    def wrapped(module, *args, **kwargs):
+        output = original(module, *args, **kwargs)
+        if module is target:
+            maps.append(output[1])
+        return output
+
+    monkeypatch.setattr(module_of_model, "eager_attention_forward", wrapped)
+    return maps
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_vision_hook_matches_eager_received_attention(monkeypatch, family):
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+    from transformers.models.qwen2_vl import modeling_qwen2_vl
+    from transformers.vision_utils import get_vision_window_index
+
+    build, modeling = {
+        "qwen2_vl": (tiny_qwen2vl, modeling_qwen2_vl),
+        "qwen2_5_vl": (tiny_qwen25vl, modeling_qwen2_5_vl),
+    }[family]
+    model, proc = build("eager")
+    inputs = batch_inputs(family, proc, (1, 2))  # 3 images of two grid sizes
+    visual = model.model.visual
+    adapter = adapter_for(model)
+    maps = _capture_eager(monkeypatch, modeling, visual.blocks[adapter.score_layer].attn)
+    store = VisionSignalStore()
+    handles = adapter.install_vision_hooks({"cls_attention"}, store)
+    try:
+        with torch.no_grad():
+            model.model.get_image_features(
+                pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(maps) == len(inputs["image_grid_thw"])  # one eager call per image (cu_seqlens chunks)
+    group = visual.spatial_merge_size**2
+    # column mean over heads and queries of each image's map, in the ViT's token order
+    received = torch.cat([weights[0].mean(dim=(0, 1)) for weights in maps])
+    pooled = received.view(-1, group).mean(1)  # the patches merged into one LLM token are consecutive
+    if family == "qwen2_5_vl":  # blocks run in window order; the signal is in raster order
+        window_index, _ = get_vision_window_index(
+            inputs["image_grid_thw"],
+            spatial_merge_size=visual.spatial_merge_size,
+            window_size=visual.window_size,
+            patch_size=visual.patch_size,
+        )
+        raster = torch.empty_like(pooled)
+        raster[window_index] = pooled
+        pooled = raster
+    torch.testing.assert_close(store.values["cls_attention"], pooled, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 3])
+def test_last_query_scores_match_eager_weights(eager_llava, layer):
+    model, proc = eager_llava
+    lm = model.model.language_model
+    batch = proc.tokenizer(
+        [
+            "USER: describe the image please ASSISTANT:",
+            "w1 w2 USER: w3 w4 w5 w6 w7 w8 describe the image ASSISTANT:",
+        ],
+        return_tensors="pt",
+        padding=True,
+    )
+    assert not batch["attention_mask"].all(), "the batch must be left-padded"
+    captured = {}
+    attn = lm.layers[layer].self_attn
+
+    def spy(module, args, kwargs):
+        captured.update(kwargs)
+
+    handle = attn.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = lm(**batch, output_attentions=True)
+    finally:
+        handle.remove()
+    expected = out.attentions[layer][:, :, -1, :].mean(1)  # (B, N) head-mean last row
+    with torch.no_grad():
+        got = last_query_scores(
+            attn,
+            captured["hidden_states"],
+            captured["position_embeddings"],
+            batch["attention_mask"].bool(),
+        )
+    assert attn.num_key_value_groups > 1  # the tiny model uses GQA
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert (got[~batch["attention_mask"].bool()] == 0).all()
