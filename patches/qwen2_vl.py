@@ -64,6 +64,8 @@ class Qwen2VLAdapter(Adapter):
         group = self.merge**2
 
         def remember_grid(module, args, kwargs):
+            if not self._grids:  # first vision call since the last prefill: drop any unconsumed signals
+                store.clear()
             self._grids.append(kwargs.get("grid_thw", args[1] if len(args) > 1 else None))
 
         handles = [self.visual.register_forward_pre_hook(remember_grid, with_kwargs=True)]
