@@ -119,13 +119,18 @@ class LayerLengthProbe:
             h.remove()
 
 
+# images per batch row: one and two images; a text-only row beside an image row
+LAYOUTS = {"1+2": (1, 2), "0+1": (0, 1)}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("attn", BACKENDS)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
-def test_pruned_equals_masked_reference(tiny, family, attn, method):
+def test_pruned_equals_masked_reference(tiny, family, attn, method, layout):
     """Prefill and every decode step equal the masked reference; token counts exact; remove() restores."""
     model, proc = tiny(family, attn)
-    inputs = batch_inputs(family, proc, (1, 2))
+    inputs = batch_inputs(family, proc, LAYOUTS[layout])
     ref_logits = _prefill(model, inputs)
     ratio = 0.25
     pruner = tokprune.apply(model, method, keep_ratio=ratio)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -60,12 +61,24 @@ class SpatialPool(Method):
 
     def select(self, image: ImageTokens, k: int) -> Selection:
         h, w = image.grid or (1, image.n)
-        keep, merged = [], []
-        for rows, cols in pooling_cells(h, w, k):
-            index = torch.tensor([r * w + c for r in rows for c in cols], device=image.embeds.device)
-            keep.append(rows[len(rows) // 2] * w + cols[len(cols) // 2])
-            merged.append(image.embeds[index].float().mean(0))
-        return Selection(
-            keep=torch.tensor(keep, dtype=torch.long, device=image.embeds.device),
-            merged=torch.stack(merged).to(image.embeds.dtype),
+        cell_of_token, centres = pooling_assignment(h, w, k)
+        device = image.embeds.device
+        cell_of_token = cell_of_token.to(device)
+        sums = torch.zeros(k, image.embeds.shape[-1], device=device).index_add_(
+            0, cell_of_token, image.embeds.float()
         )
+        sizes = torch.bincount(cell_of_token, minlength=k).float()
+        merged = (sums / sizes[:, None]).to(image.embeds.dtype)
+        return Selection(keep=centres.to(device), merged=merged)
+
+
+@functools.lru_cache(maxsize=256)
+def pooling_assignment(h: int, w: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cell index of every token (h*w,), centre token of every cell (k,)) for `pooling_cells`, cached."""
+    cell_of_token = torch.empty(h * w, dtype=torch.long)
+    centres = []
+    for cell, (rows, cols) in enumerate(pooling_cells(h, w, k)):
+        for r in rows:
+            cell_of_token[r * w + cols.start : r * w + cols.stop] = cell
+        centres.append(rows[len(rows) // 2] * w + cols[len(cols) // 2])
+    return cell_of_token, torch.tensor(centres, dtype=torch.long)
