@@ -7,39 +7,11 @@ drop its video processor, which needs torchvision.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
-WORDS = [f"w{i}" for i in range(80)] + ["USER:", "ASSISTANT:", "describe", "the", "image", "please", "and"]
-QWEN_SPECIALS = [
-    "<|image_pad|>",
-    "<|video_pad|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|im_start|>",
-    "<|im_end|>",
-]
+from tokprune.bench.synthetic import QWEN_SPECIALS, make_tokenizer, qwen_image_processor, rand_image  # noqa: F401
+
 MODELS = ("llava", "qwen2_vl", "qwen2_5_vl")
-
-
-def make_tokenizer(specials: list[str]) -> PreTrainedTokenizerFast:
-    vocab = {t: i for i, t in enumerate(["<unk>", "<pad>", "<s>", "</s>", *WORDS])}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
-    tok.add_special_tokens({"additional_special_tokens": specials})
-    tok.padding_side = "left"
-    return tok
-
-
-def rand_image(h: int, w: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
 
 
 def _text_config(tok, **extra) -> dict:
@@ -102,19 +74,7 @@ def tiny_llava(attn: str = "sdpa"):
 
 
 def _qwen_processor(tok):
-    from transformers import ProcessorMixin, Qwen2VLImageProcessorPil, Qwen2VLProcessor
-
-    class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    ip = Qwen2VLImageProcessorPil(
-        min_pixels=56 * 56, max_pixels=112 * 168, patch_size=14, temporal_patch_size=2, merge_size=2
-    )
-    return Qwen2VLImageOnlyProcessor(image_processor=ip, tokenizer=tok)
+    return qwen_image_processor(tok, min_pixels=56 * 56, max_pixels=112 * 168)
 
 
 def _qwen(cls_name: str, vision_config: dict, attn: str):

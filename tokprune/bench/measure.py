@@ -1,0 +1,110 @@
+"""Low-level measurements: synchronised wall time, peak memory, KV-cache bytes."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from contextlib import contextmanager
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def return_freed_memory_to_os() -> None:
+    """Make glibc hand freed tensor memory back at once (fixed 64 KiB mmap threshold, no dynamic raise).
+
+    Without it glibc raises its mmap threshold after the first large free and keeps later buffers in the
+    heap, so the process RSS stops tracking live memory and CPU peaks read as 0.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 64 * 1024)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA peak allocated on GPU; on CPU the process RSS sampled every ms.
+
+    `peak_bytes` is the peak above what was in use when the block started (the cost of the block). On CPU
+    call `return_freed_memory_to_os()` once first, or freed buffers stay counted as in use.
+    """
+
+    def __init__(self, device: torch.device, interval_s: float = 0.001) -> None:
+        self.device, self.interval_s = device, interval_s
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            self._start = _rss_bytes()
+            self._peak = self._start
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, _rss_bytes())
+            time.sleep(self.interval_s)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, _rss_bytes())
+            self.peak_bytes = self._peak - self._start
+
+
+@contextmanager
+def stopwatch(record: dict, key: str, device: torch.device):
+    """Store the elapsed seconds of the body in record[key] (CUDA synchronised)."""
+    synchronize(device)
+    start = time.perf_counter()
+    yield
+    synchronize(device)
+    record[key] = time.perf_counter() - start
+
+
+def kv_cache_bytes(past_key_values) -> int:
+    """Bytes held by the keys and values of a transformers cache (0 for None)."""
+    total = 0
+    for layer in getattr(past_key_values, "layers", None) or []:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def cache_lengths(past_key_values) -> list[int]:
+    """Keys per layer of a cache (the padded length every row shares)."""
+    return [
+        int(layer.keys.shape[-2])
+        for layer in past_key_values.layers
+        if getattr(layer, "keys", None) is not None
+    ]

@@ -1,0 +1,236 @@
+"""The `tokprune` command: `bench`, `methods`, `models`."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+from pathlib import Path
+
+import tokprune
+from tokprune.errors import TokpruneError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def parse_budget(text: str) -> dict:
+    """'64' -> budget=64; '0.25' -> keep_ratio=0.25; '33.3%' -> keep_ratio=0.333."""
+    try:
+        if text.endswith("%"):
+            return {"keep_ratio": float(text[:-1]) / 100}
+        if "." in text:
+            return {"keep_ratio": float(text)}
+        return {"budget": int(text)}
+    except ValueError:
+        raise CliError(
+            f"budget {text!r} is not a token count (64), a keep ratio (0.25) or a percentage (33.3%)"
+        ) from None
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """'layer=3' -> ('layer', 3); values are Python literals where they parse, else strings."""
+    import ast
+
+    if "=" not in text:
+        raise CliError(f"option {text!r} must look like name=value (e.g. layer=3)")
+    name, value = text.split("=", 1)
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name, value
+
+
+def split_list(values: list[str]) -> list[str]:
+    return [item for value in values for item in value.split(",") if item]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokprune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser(
+        "bench", help="measure prefill/decode time, memory and FLOPs of methods vs unpruned"
+    )
+    bench.add_argument(
+        "--model", required=True, help="a preset (see `tokprune models`), a local path or an HF id"
+    )
+    bench.add_argument(
+        "--methods", nargs="+", default=[], help="registered method names (comma or space separated)"
+    )
+    bench.add_argument(
+        "--budgets", nargs="+", default=[], help="tokens per image (64), keep ratios (0.25) or 33.3%%"
+    )
+    bench.add_argument("--option", action="append", default=[], help="method option name=value (repeatable)")
+    bench.add_argument("--batch-size", type=int, default=1)
+    bench.add_argument("--max-new-tokens", type=int, default=16)
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--warmup", type=int, default=1)
+    bench.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
+    bench.add_argument("--dtype", choices=DTYPES, default="float32")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--layers", type=int, default=None, help="truncate the LLM of a preset to N layers")
+    bench.add_argument(
+        "--eager-baseline",
+        action="store_true",
+        help="also run in-LLM attention methods the reference-code way (eager attention + output_attentions)",
+    )
+    bench.add_argument("--out", default="bench-results", help="output folder")
+    bench.add_argument("--no-progress", action="store_true")
+    sub.add_parser("methods", help="list the registered methods")
+    sub.add_parser("models", help="list supported model classes and benchmark presets")
+    return parser
+
+
+def load_model(name: str, layers: int | None, attn: str, dtype: str, device: str):
+    """(model, make_inputs(batch_size)) from a preset, a local folder or an HF id."""
+    import torch
+
+    from tokprune.bench.presets import PRESETS
+
+    torch_dtype = getattr(torch, dtype)
+    if name in PRESETS:
+        return PRESETS[name].build(layers, attn, torch_dtype, torch.device(device))
+    if layers is not None:
+        raise CliError("--layers applies to presets only")
+    if not Path(name).exists() and name.count("/") != 1:
+        raise CliError(
+            f"unknown model {name!r}: not a preset ({', '.join(PRESETS)}), a local folder or an HF id"
+        )
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from tokprune.bench.synthetic import rand_image
+
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(name, attn_implementation=attn, dtype=torch_dtype)
+        processor = AutoProcessor.from_pretrained(name)
+    except OSError as error:
+        raise CliError(f"cannot load {name!r} (weights must be on this machine): {error}") from None
+    model = model.to(device).eval()
+
+    def make_inputs(batch_size: int = 1) -> dict:
+        token = getattr(processor, "image_token", "<image>")
+        texts = [f"USER: {token}\nDescribe the image in detail. ASSISTANT:"] * batch_size
+        images = [rand_image(672, 672, seed=i) for i in range(batch_size)]
+        batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
+        return {
+            k: v.to(device=device, dtype=torch_dtype) if v.is_floating_point() else v.to(device)
+            for k, v in batch.items()
+        }
+
+    return model, make_inputs
+
+
+def settings_from(args) -> list:
+    from tokprune.bench.harness import Setting
+    from tokprune.methods import LLMMethod, make_method
+
+    methods = split_list(args.methods)
+    budgets = [parse_budget(b) for b in split_list(args.budgets)]
+    options = tuple(parse_option(o) for o in args.option)
+    if methods and not budgets:
+        raise CliError("give --budgets with --methods (e.g. --budgets 192 128 64, or 0.25)")
+    settings = [Setting()]
+    for method in methods:
+        instance = make_method(
+            method, dict(options)
+        )  # unknown names/options fail here, before any model loads
+        for budget in budgets:
+            settings.append(Setting(method=method, options=options, **budget))
+            eager_scored = isinstance(instance, LLMMethod) and "last_query_attention" in instance.signals
+            if args.eager_baseline and eager_scored:
+                settings.append(Setting(method=method, options=options, scoring="eager", **budget))
+    return settings
+
+
+def run_bench(args) -> int:
+    import torch
+    import transformers
+
+    from tokprune.bench.harness import run_benchmark
+    from tokprune.bench.report import markdown_table, write_results
+
+    settings = settings_from(args)
+    for name, value in (("--repeats", args.repeats), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise CliError(f"{name} must be >= 1")
+    model, make_inputs = load_model(args.model, args.layers, args.attn, args.dtype, args.device)
+    inputs = make_inputs(args.batch_size)
+    rows = run_benchmark(
+        model,
+        inputs,
+        settings,
+        max_new_tokens=args.max_new_tokens,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        progress=not args.no_progress,
+    )
+    meta = {
+        "model": args.model,
+        "layers": args.layers,
+        "attn": args.attn,
+        "dtype": args.dtype,
+        "device": _device_name(args.device),
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokprune": tokprune.__version__,
+        "flops_convention": "multiply-add = 2 FLOPs (as torch.utils.flop_counter)",
+        "budget_accounting": "vis→LLM = visual tokens entering the LLM; vis avg/layer = sum (L_{i+1}-L_i) T_i / L",
+    }
+    paths = write_results(rows, meta, args.out)
+    print(markdown_table(rows))
+    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def print_methods() -> int:
+    from tokprune.methods import REGISTRY
+
+    for name in tokprune.available_methods():
+        cls = REGISTRY[name]
+        print(f"{name:<11} {cls.where:<4} default {cls.default_budget}  {cls.paper}")
+    return 0
+
+
+def print_models() -> int:
+    from tokprune.bench.presets import PRESETS
+
+    print("supported model classes:")
+    for name in tokprune.available_models():
+        print(f"  {name}")
+    print("benchmark presets (random weights, real shapes):")
+    for preset in PRESETS.values():
+        print(f"  {preset.name:<15} {preset.description}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "bench":
+            return run_bench(args)
+        if args.command == "methods":
+            return print_methods()
+        return print_models()
+    except (CliError, TokpruneError) as error:
+        print(f"tokprune: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
