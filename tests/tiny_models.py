@@ -133,7 +133,7 @@ def tiny_qwen25vl(attn: str = "sdpa"):
 BUILDERS = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2vl, "qwen2_5_vl": tiny_qwen25vl}
 
 
-def _prompt(family: str, n_images: int, words: str) -> str:
+def prompt_text(family: str, n_images: int, words: str) -> str:
     image = "<image>" if family == "llava" else "<|vision_start|><|image_pad|><|vision_end|>"
     return f"USER: {' '.join([image] * n_images)} {words} ASSISTANT:"
 
@@ -143,7 +143,7 @@ def batch_inputs(family: str, proc, n_images_per_row=(1, 1), sizes=((112, 112), 
     texts, images, seed = [], [], 0
     words = ["describe the image please", "w1 w2 w3 w4 w5 w6 w7 w8 describe the image"]
     for row, n in enumerate(n_images_per_row):
-        texts.append(_prompt(family, n, words[row % 2]))
+        texts.append(prompt_text(family, n, words[row % 2]))
         for _ in range(n):
             h, w = sizes[seed % len(sizes)] if family != "llava" else (112, 112)
             images.append(rand_image(h, w, seed))

@@ -139,7 +139,7 @@ def _facts(model, inputs: dict, setting: Setting, stats, lengths: list[int]) -> 
         layer_tokens = None
     signals = ()
     if setting.method is not None:
-        signals = tokprune.methods.make_method(setting.method, dict(setting.options)).signals
+        signals = flops.scoring_signals(tokprune.methods.make_method(setting.method, dict(setting.options)))
     breakdown = flops.prefill_flops(model, inputs, stats, logits_to_keep=1, signals=signals)
     rows = visual.shape[0]
     decode = flops.decode_step_flops(model, [lengths] * rows) if lengths else 0.0

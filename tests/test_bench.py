@@ -1,0 +1,132 @@
+"""The measuring harness end to end on a tiny model, the outputs it writes, and the CLI's errors."""
+
+import json
+
+import pytest
+import torch
+from tiny_models import batch_inputs
+
+from tokprune import cli
+from tokprune.bench.harness import Setting, run_benchmark
+from tokprune.bench.measure import PeakMemory, kv_cache_bytes, return_freed_memory_to_os
+from tokprune.bench.report import write_results
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PER_SETTING = [
+    "prefill_s_median", "prefill_s_min", "prefill_s_max", "e2e_s_median", "decode_tokens_per_s_median",
+    "peak_prefill_bytes_median", "peak_e2e_bytes_median", "kv_cache_bytes_median", "scoring_s_median",
+    "visual_tokens_in", "visual_tokens_into_llm", "visual_tokens_final", "visual_tokens_layer_averaged",
+    "flops_prefill", "flops_breakdown", "flops_decode_step", "prefill_speedup", "flops_predicted_speedup",
+    "realised_over_predicted", "scoring_share_of_prefill",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_harness_end_to_end(tiny, tmp_path):
+    model, proc = tiny("llava")
+    inputs = batch_inputs("llava", proc, (1, 1))
+    settings = [Setting(), Setting("divprune", budget=8), Setting("pdrop", keep_ratio=0.25),
+                Setting("fastv", keep_ratio=0.25, scoring="eager")]  # fmt: skip
+    rows = run_benchmark(model, inputs, settings, max_new_tokens=3, repeats=2, warmup=1, progress=False)
+    assert [r["setting"] for r in rows] == [s.label for s in settings]
+    for row in rows:
+        for key in PER_SETTING:
+            assert key in row, key
+    base, divprune, pdrop, eager = rows
+    assert base["visual_tokens_into_llm"] == 49 and base["prefill_speedup"] == 1.0
+    assert divprune["visual_tokens_into_llm"] == 8 and divprune["visual_tokens_layer_averaged"] == 8
+    assert pdrop["visual_tokens_into_llm"] == 49
+    assert pdrop["visual_tokens_layer_averaged"] == pytest.approx(
+        (49 + 31 + 20 + 13) / 4
+    )  # geometric stages of 0.25
+    assert divprune["flops_prefill"] < base["flops_prefill"]
+    assert divprune["kv_cache_bytes_median"] < base["kv_cache_bytes_median"]
+    assert divprune["scoring_s_median"] > 0 and base["scoring_s_median"] == 0
+    assert model.config.text_config._attn_implementation == "sdpa"  # the eager setting restored the backend
+
+    paths = write_results(rows, {"model": "tiny"}, tmp_path)
+    data = json.loads(paths["json"].read_text())
+    assert data["meta"] == {"model": "tiny"} and len(data["results"]) == 4
+    assert paths["csv"].read_text().count("\n") == 5
+    assert "| divprune@8 |" in paths["markdown"].read_text()
+    for key in ("prefill_speedup", "flops_prefill"):
+        png = paths[key].read_bytes()
+        assert png.startswith(PNG_SIGNATURE) and len(png) > 1000
+
+
+def test_kv_cache_bytes_and_peak_memory():
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.update(torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4), layer_idx=0)
+    assert kv_cache_bytes(cache) == 2 * 40 * 4
+    return_freed_memory_to_os()
+    with PeakMemory(torch.device("cpu")) as memory:
+        block = torch.ones(64, 1024, 1024)  # 256 MiB
+        del block
+    assert memory.peak_bytes > 200 * 2**20
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--model", "no-such-preset"], "unknown model"),
+        (["bench", "--model", "llava-1.5-7b", "--methods", "nope", "--budgets", "64"], "unknown method"),
+        (["bench", "--model", "llava-1.5-7b", "--methods", "fastv"], "--budgets"),
+        (["bench", "--model", "llava-1.5-7b", "--methods", "fastv", "--budgets", "6x4"], "budget"),
+        (["bench", "--model", "llava-1.5-7b", "--methods", "fastv", "--budgets", "64", "--option", "depth=2"],
+         "no option depth"),
+        (["bench", "--model", "llava-1.5-7b", "--repeats", "0"], "--repeats"),
+    ],
+)  # fmt: skip
+def test_cli_errors_are_messages(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_unknown_flag_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "--model", "llava-1.5-7b", "--wat"])
+    assert info.value.code == 2
+    assert "unrecognized arguments: --wat" in capsys.readouterr().err
+
+
+def test_cli_budgets_parse():
+    assert cli.parse_budget("64") == {"budget": 64}
+    assert cli.parse_budget("0.25") == {"keep_ratio": 0.25}
+    assert cli.parse_budget("33.3%") == {"keep_ratio": pytest.approx(0.333)}
+    assert cli.parse_option("layers=(1,2,3)") == ("layers", (1, 2, 3))
+
+
+def test_cli_methods_and_models_list(capsys):
+    import tokprune
+
+    assert cli.main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in tokprune.available_methods())
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "llava-1.5-7b" in out and "qwen2.5-vl-7b" in out and "LlavaForConditionalGeneration" in out
+
+
+@pytest.mark.slow
+def test_cli_bench_on_a_preset(tmp_path, monkeypatch, capsys):
+    """The full command on a registered preset (a tiny builder stands in for the 7B shapes)."""
+    from tiny_models import tiny_qwen25vl
+
+    from tokprune.bench import presets
+
+    def build(layers, attn, dtype, device):
+        model, proc = tiny_qwen25vl(attn)
+        return model, lambda batch_size: batch_inputs("qwen2_5_vl", proc, (1,) * batch_size)
+
+    monkeypatch.setitem(presets.PRESETS, "tiny-qwen", presets.Preset("tiny-qwen", "test", build))
+    argv = ["bench", "--model", "tiny-qwen", "--methods", "fastv,visionzip", "--budgets", "33.3%", "11.1%",
+            "--repeats", "1", "--warmup", "0", "--max-new-tokens", "2", "--eager-baseline", "--no-progress",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| baseline |" in out and "fastv@0.333 [eager+output_attentions]" in out
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert len(rows) == 1 + 2 * 2 + 2  # baseline, 2 methods x 2 budgets, eager fastv x 2 budgets

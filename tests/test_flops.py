@@ -1,0 +1,271 @@
+"""tokprune.flops: the analytic FLOPs model against torch.utils.flop_counter on the tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import batch_inputs, prompt_text, rand_image
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from transformers import LlamaConfig
+
+import tokprune
+from tokprune.flops import (
+    FlopsBreakdown,
+    decode_step_flops,
+    layer_averaged_tokens,
+    llm_layer_flops,
+    prefill_flops,
+    scoring_signals,
+)
+
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
+TOLERANCE = 0.02
+
+
+def _cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# CPU sdpa runs aten._scaled_dot_product_flash_attention_for_cpu, which FlopCounterMode does not know;
+# count it like the CUDA sdpa kernels (full n_q x n_k, GQA-aware). Eager attention is counted as bmm.
+MAPPING = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa}
+
+
+def count(fn) -> FlopCounterMode:
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=MAPPING) as counter:
+        fn()
+    return counter
+
+
+def rel(estimate: float, measured: float) -> float:
+    return abs(estimate / measured - 1.0)
+
+
+def equal_rows(family: str, proc) -> dict:
+    """Two rows of the same length (same prompt, same image size, different pixels): no padding."""
+    texts = [prompt_text(family, 1, "describe the image please")] * 2
+    images = [rand_image(112, 112, seed) for seed in (0, 1)]
+    return dict(proc(text=texts, images=images, return_tensors="pt", padding=True))
+
+
+def make_inputs(family: str, proc, layout: str) -> dict:
+    if layout == "one":
+        return batch_inputs(family, proc, (1,))
+    if layout == "two_images":  # one row, two images (Qwen: 8x8 and 8x12 patch grids)
+        return batch_inputs(family, proc, (2,))
+    inputs = equal_rows(family, proc)
+    assert bool(inputs["attention_mask"].all())
+    return inputs
+
+
+def module_flops(counter: FlopCounterMode, suffix: str) -> int:
+    """FLOPs FlopCounterMode attributed to the (unique) module whose name ends with `suffix`."""
+    names = [name for name in counter.get_flop_counts() if name.endswith(suffix)]
+    assert len(names) == 1, (suffix, names)
+    return sum(counter.get_flop_counts()[names[0]].values())
+
+
+# ------------------------------------------------------------------------------------------ unpruned
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("layout", ["one", "two_images", "equal_rows"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unpruned_prefill_matches_flop_counter(tiny, family, attn, layout):
+    model, proc = tiny(family, attn)
+    inputs = make_inputs(family, proc, layout)
+    measured = count(lambda: model(**inputs, logits_to_keep=1)).get_total_flops()
+    estimate = prefill_flops(model, inputs)
+    assert estimate.scoring == 0
+    assert rel(estimate.total, measured) < TOLERANCE, (estimate.total, measured)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_component_split_matches_flop_counter(tiny, family):
+    """vision / projector / every LLM layer / lm_head against FlopCounterMode's per-module counts."""
+    model, proc = tiny(family, "eager")
+    inputs = make_inputs(family, proc, "two_images")
+    counter = count(lambda: model(**inputs, logits_to_keep=1))
+    est = prefill_flops(model, inputs)
+    if family == "llava":
+        vision, projector = (
+            module_flops(counter, ".vision_tower"),
+            module_flops(counter, ".multi_modal_projector"),
+        )
+    else:
+        projector = module_flops(counter, ".visual.merger")
+        vision = module_flops(counter, ".visual") - projector
+    assert rel(est.vision, vision) < TOLERANCE
+    assert rel(est.projector, projector) < TOLERANCE
+    for i, layer in enumerate(est.llm_layers):
+        assert rel(layer, module_flops(counter, f".language_model.layers.{i}")) < TOLERANCE
+    assert rel(est.lm_head, module_flops(counter, ".lm_head")) < TOLERANCE
+
+    # the vision tower alone (+ projector / merger, which get_image_features runs too)
+    kwargs = {"image_grid_thw": inputs["image_grid_thw"]} if family != "llava" else {}
+    image_only = count(lambda: model.model.get_image_features(inputs["pixel_values"], **kwargs))
+    assert rel(est.vision + est.projector, image_only.get_total_flops()) < TOLERANCE
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_to_keep_zero_counts_every_position(tiny, family):
+    model, proc = tiny(family, "sdpa")
+    inputs = make_inputs(family, proc, "one")
+    measured = count(lambda: model(**inputs, logits_to_keep=0)).get_total_flops()
+    est = prefill_flops(model, inputs, logits_to_keep=0)
+    n = int(inputs["attention_mask"].sum())
+    assert est.lm_head == 2 * model.config.text_config.hidden_size * model.lm_head.out_features * n
+    assert rel(est.total, measured) < TOLERANCE
+
+
+# ------------------------------------------------------------------------------------------ pruned
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("layout", ["one", "equal_rows"])
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "divprune", "visionzip", "dart"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_prefill_matches_flop_counter(tiny, family, method, layout, attn):
+    """The model part within 2% of the counter minus the scoring; the counter between the two totals."""
+    model, proc = tiny(family, attn)
+    inputs = make_inputs(family, proc, layout)
+    budget = {"budget": 8} if method in ("visionzip", "dart") else {"keep_ratio": 0.25}
+    with tokprune.apply(model, method, **budget) as pruner:
+        measured = count(lambda: model(**inputs, logits_to_keep=1)).get_total_flops()
+        stats = pruner.stats
+        est = prefill_flops(model, inputs, stats, signals=scoring_signals(pruner))
+    unpruned = prefill_flops(model, inputs)
+    assert est.model < unpruned.model
+    assert est.scoring > 0
+    assert rel(est.model, measured - est.scoring) < TOLERANCE
+    assert est.model <= measured <= est.total * (1 + TOLERANCE)
+    # every layer is counted at the length it really saw
+    cfg = model.config.text_config
+    for i, layer in enumerate(est.llm_layers):
+        assert layer == sum(llm_layer_flops(cfg, row[i], row[i]) for row in stats.layer_tokens)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_raw_method_signals_bracket_the_counter(tiny, family):
+    """Called with a method's own `signals` (as a harness may), the counter still lies in the bracket."""
+    model, proc = tiny(family, "sdpa")
+    inputs = make_inputs(family, proc, "one")
+    for method in ("fastv", "pdrop", "divprune"):
+        with tokprune.apply(model, method, keep_ratio=0.25) as pruner:
+            measured = count(lambda: model(**inputs, logits_to_keep=1)).get_total_flops()
+            est = prefill_flops(model, inputs, pruner.stats, signals=pruner.methods[-1].signals)
+        assert est.model <= measured <= est.total * (1 + TOLERANCE), method
+
+
+# ------------------------------------------------------------------------------------------ decode
+@pytest.mark.parametrize("method", [None, "fastv", "pdrop"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_step_matches_flop_counter(tiny, family, method):
+    model, proc = tiny(family, "sdpa")
+    inputs = make_inputs(family, proc, "one")
+    pruner = tokprune.apply(model, method, keep_ratio=0.25) if method else None
+    try:
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1:].argmax(-1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], 1)
+        # the position's value does not change FLOPs; Qwen needs explicit M-RoPE rows when unpatched
+        kwargs = {} if family == "llava" else {"position_ids": torch.full((3, 1, 1), mask.shape[1])}
+        measured = count(
+            lambda: model(
+                input_ids=token,
+                attention_mask=mask,
+                past_key_values=out.past_key_values,
+                logits_to_keep=1,
+                **kwargs,
+            )
+        ).get_total_flops()
+        num_layers = model.config.text_config.num_hidden_layers
+        cache = pruner.stats.layer_tokens if pruner else [[inputs["attention_mask"].shape[1]] * num_layers]
+    finally:
+        if pruner:
+            pruner.remove()
+    assert rel(decode_step_flops(model, cache), measured) < TOLERANCE
+
+
+# ------------------------------------------------------------------------------------------ formulas
+def test_llm_layer_flops_by_hand_gqa_gated():
+    cfg = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        num_hidden_layers=2,
+        vocab_size=1000,
+    )
+    d, m, h, hkv, hd, n = 4096, 14336, 32, 8, 128, 700
+    proj = 2 * n * d * (h * hd) + 2 * 2 * n * d * (hkv * hd) + 2 * n * (h * hd) * d
+    attention = 2 * 2 * h * n * n * hd
+    mlp = 3 * 2 * n * d * m
+    assert llm_layer_flops(cfg, n, n) == proj + attention + mlp
+    assert llm_layer_flops(cfg, n, n, gated=False) == proj + attention + 2 * 2 * n * d * m
+    # decode: one query against cache + 1 keys
+    assert llm_layer_flops(cfg, 1, n + 1) == (
+        2 * d * h * hd + 2 * 2 * d * hkv * hd + 2 * h * hd * d + 2 * 2 * h * (n + 1) * hd + 3 * 2 * d * m
+    )
+    # without GQA it is exactly twice the multiply-add count 4nd² + 2n²d + 3ndm
+    mha = LlamaConfig(hidden_size=d, intermediate_size=m, num_attention_heads=h, num_key_value_heads=h)
+    assert llm_layer_flops(mha, n, n) == 2 * (4 * n * d * d + 2 * n * n * d + 3 * n * d * m)
+    assert llm_layer_flops(cfg, 0, 10) == 0
+
+
+def test_layer_averaged_tokens():
+    assert layer_averaged_tokens([576, 576, 288, 288]) == 432
+    assert layer_averaged_tokens([10] * 7) == 10
+    assert layer_averaged_tokens([]) == 0
+
+
+def test_breakdown_total_and_dict():
+    b = FlopsBreakdown(vision=1.0, projector=2.0, llm_layers=[3.0, 4.0], lm_head=5.0, scoring=6.0)
+    assert b.total == 21.0 and b.model == 15.0
+    d = b.as_dict()
+    assert d["llm_layers"] == [3.0, 4.0] and d["total"] == 21.0 and d["scoring"] == 6.0
+
+
+def test_scoring_signals_names():
+    from tokprune.methods import make_method
+
+    assert scoring_signals(make_method("fastv", {})) == ("last_query_attention",)
+    assert scoring_signals(make_method("pdrop", {})) == ("last_query_attention", "keys")
+    assert scoring_signals(make_method("dart", {})) == ("hidden", "pivot_similarity")
+    assert scoring_signals(make_method("divprune", {})) == ("pairwise_cosine",)
+    assert scoring_signals([make_method("visionzip", {}), make_method("fastv", {})]) == (
+        "cls_attention",
+        "vit_keys",
+        "last_query_attention",
+    )
+
+
+def test_unsupported_model_is_rejected():
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1, vocab_size=10
+        )
+    )
+    with pytest.raises(TypeError, match="unsupported"):
+        prefill_flops(model, {"input_ids": torch.zeros(1, 3, dtype=torch.long)})
+
+
+@pytest.mark.parametrize("method", [None, "fastv", "pdrop", "divprune"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_batch(tiny, family, method):
+    """Left-padded rows of different lengths: padded=True counts what the batched forward multiplies."""
+    model, proc = tiny(family, "sdpa")
+    inputs = batch_inputs(family, proc, (1, 1))
+    assert not bool(inputs["attention_mask"].all())
+    pruner = tokprune.apply(model, method, keep_ratio=0.25) if method else None
+    try:
+        measured = count(lambda: model(**inputs, logits_to_keep=1)).get_total_flops()
+        stats = pruner.stats if pruner else None
+        signals = scoring_signals(pruner) if pruner else ()
+        real = prefill_flops(model, inputs, stats, signals=signals)
+        padded = prefill_flops(model, inputs, stats, signals=signals, padded=True)
+    finally:
+        if pruner:
+            pruner.remove()
+    assert real.model < padded.model
+    assert rel(padded.model, measured - padded.scoring) < TOLERANCE
