@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test test-fast bench lint
+.PHONY: test test-fast bench overhead lint
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ test: $(VENV)/.installed  ## the whole suite (what CI runs)
 test-fast: $(VENV)/.installed  ## skip the slow end-to-end tests
 	$(PY) -m pytest -q -m "not slow"
 
-bench: $(VENV)/.installed  ## prefill time of every pre-LLM method vs the ideal, LLaVA-1.5 shapes
+bench: $(VENV)/.installed  ## methods vs unpruned on LLaVA-1.5-7B shapes (LLM truncated to 4 layers for a CPU)
+	$(VENV)/bin/tokprune bench --model llava-1.5-7b --layers 4 --methods visionzip divprune fastv pdrop \
+		--budgets 64 --repeats 2 --max-new-tokens 4 --eager-baseline --out bench-results
+
+overhead: $(VENV)/.installed  ## prefill time of every pre-LLM method vs the ideal pruned prefill
 	$(PY) benchmarks/prefill_overhead.py
 
 lint: $(VENV)/.installed

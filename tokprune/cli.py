@@ -158,6 +158,10 @@ def run_bench(args) -> int:
         if value < 1:
             raise CliError(f"{name} must be >= 1")
     model, make_inputs = load_model(args.model, args.layers, args.attn, args.dtype, args.device)
+    if len(settings) > 1:
+        from tokprune.patches import adapter_for
+
+        adapter_for(model)  # an unsupported class fails before any measuring (the baseline alone still runs)
     inputs = make_inputs(args.batch_size)
     rows = run_benchmark(
         model,
