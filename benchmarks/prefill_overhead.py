@@ -21,9 +21,7 @@ Medians over `--repeats` rounds. The script never fails on a MISS; it only repor
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import importlib
 import inspect
 import os
 import platform
@@ -32,115 +30,23 @@ import time
 
 import torch
 import transformers
-from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-)
 
 import tokprune
+from tokprune.bench.measure import synchronize
+from tokprune.bench.presets import PRESETS
 from tokprune.methods import LLMMethod, make_method
 
-N_VISUAL = 576  # (336 / 14) ** 2
-IMAGE_TOKEN_ID = 32000
-BOS_ID = 1
-TEXT_BEFORE = 5  # "USER: " and friends
-TEXT_AFTER = 40  # the question and "ASSISTANT:"
+N_VISUAL = 576  # (336 / 14) ** 2 tokens per image of the llava-1.5-7b preset
 TARGET = 1.10  # realised within 10% of ideal
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-# ---------------------------------------------------------------------------------------------- model
-def _no_init_weights():
-    """transformers' context manager that skips weight initialisation (its home moved across versions)."""
-    for module in ("transformers.initialization", "transformers.modeling_utils"):
-        try:
-            return importlib.import_module(module).no_init_weights()
-        except (ImportError, AttributeError):
-            continue
-    return contextlib.nullcontext()
-
-
-def build_model(layers: int, attn: str, dtype: torch.dtype, device: torch.device, std: float = 0.02):
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-    )
-    text = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32064,
-        max_position_embeddings=4096,
-        bos_token_id=BOS_ID,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_token_index=IMAGE_TOKEN_ID,
-        image_seq_length=N_VISUAL,
-    )
-    config._attn_implementation = attn
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with _no_init_weights(), device:
-            model = LlavaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
-    # Small random normal weights (so attention softmaxes are neither one-hot nor uniform); norms at 1.
-    generator = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 1 and "norm" in name and name.endswith("weight"):
-                param.fill_(1.0)
-            elif param.dim() == 1 and name.endswith("bias"):
-                param.zero_()
-            else:
-                param.normal_(0.0, std, generator=generator)
-        for name, buffer in model.named_buffers():
-            if buffer.is_floating_point() and not torch.isfinite(buffer).all():
-                raise RuntimeError(f"buffer {name} was left uninitialised")
-    return model.eval()
-
-
-def build_inputs(device: torch.device, dtype: torch.dtype) -> dict:
-    generator = torch.Generator().manual_seed(0)
-    before = torch.randint(3, IMAGE_TOKEN_ID, (TEXT_BEFORE,), generator=generator)
-    after = torch.randint(3, IMAGE_TOKEN_ID, (TEXT_AFTER,), generator=generator)
-    image = torch.full((N_VISUAL,), IMAGE_TOKEN_ID)
-    input_ids = torch.cat([torch.tensor([BOS_ID]), before, image, after])[None]
-    pixel_values = torch.randn(1, 3, 336, 336, generator=generator)
-    return {
-        "input_ids": input_ids.to(device),
-        "attention_mask": torch.ones_like(input_ids).to(device),
-        "pixel_values": pixel_values.to(device=device, dtype=dtype),
-    }
-
-
 # ---------------------------------------------------------------------------------------------- timing
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device: torch.device) -> float:
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     fn()
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -329,8 +235,9 @@ def main() -> None:
     print(f"pre-LLM methods: {', '.join(methods)}", flush=True)
 
     start = time.perf_counter()
-    model = build_model(args.layers, args.attn, dtype, device)
-    inputs = build_inputs(device, dtype)
+    model, make_inputs = PRESETS["llava-1.5-7b"].build(args.layers, args.attn, dtype, device)
+    inputs = make_inputs(1)
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == N_VISUAL
     build_seconds = time.perf_counter() - start
     print(f"built the model in {build_seconds:.1f} s", flush=True)
 
