@@ -37,7 +37,10 @@ if TYPE_CHECKING:
 
 @dataclass
 class _Forward:
-    """A prefill in flight."""
+    """A prefill in flight: the image layout, the current token map and the LLM-side tensors of the
+    current stage (RoPE tables, position ids, 2-D mask, per-layer-type 4-D masks), the signals of
+    pending stage boundaries, and `segments`: (first layer, real tokens per row, padded length) of
+    every stretch of layers that saw the same tokens."""
 
     input_ids: torch.Tensor | None
     layout: ImageLayout | None
@@ -49,9 +52,7 @@ class _Forward:
     mask_2d: torch.Tensor | None = None
     layer_masks: dict[str, object] = field(default_factory=dict)
     llm_signals: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
-    segments: list[tuple[int, list[int], int]] = field(
-        default_factory=list
-    )  # (first layer, real/row, padded)
+    segments: list[tuple[int, list[int], int]] = field(default_factory=list)
     stats: PruneStats = field(default_factory=PruneStats)
     seconds: list[float] = field(default_factory=lambda: [0.0])
 
@@ -65,7 +66,6 @@ class Engine:
         pre: Method | None,
         llm: LLMMethod | None,
         budgets: dict[str, Budget],
-        seed_device: torch.device | None = None,
     ) -> None:
         self.adapter = adapter
         self.pre, self.llm, self.budgets = pre, llm, budgets
