@@ -22,9 +22,10 @@ QWEN_SPECIALS = [
 ]
 
 
-def make_tokenizer(specials: list[str]) -> PreTrainedTokenizerFast:
-    """WordLevel tokenizer over WORDS; `specials` are special added tokens so '<image><image>' splits right."""
-    vocab = {t: i for i, t in enumerate(["<unk>", "<pad>", "<s>", "</s>", *WORDS])}
+def make_tokenizer(specials: list[str], words: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """WordLevel tokenizer over `words` (default WORDS); `specials` are special added tokens so that
+    '<image><image>' splits right."""
+    vocab = {t: i for i, t in enumerate(["<unk>", "<pad>", "<s>", "</s>", *(words or WORDS)])}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(

@@ -1,0 +1,1 @@
+"""The toy VLM and its procedural task (groundwork of `tokprune demo`)."""
