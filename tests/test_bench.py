@@ -9,7 +9,7 @@ from tiny_models import batch_inputs
 from tokprune import cli
 from tokprune.bench.harness import Setting, run_benchmark
 from tokprune.bench.measure import PeakMemory, kv_cache_bytes, return_freed_memory_to_os
-from tokprune.bench.report import write_results
+from tokprune.bench.report import target_checks, write_results
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PER_SETTING = [
@@ -26,13 +26,13 @@ def test_harness_end_to_end(tiny, tmp_path):
     model, proc = tiny("llava")
     inputs = batch_inputs("llava", proc, (1, 1))
     settings = [Setting(), Setting("divprune", budget=8), Setting("pdrop", keep_ratio=0.25),
-                Setting("fastv", keep_ratio=0.25, scoring="eager")]  # fmt: skip
+                Setting("fastv", keep_ratio=0.25), Setting("fastv", keep_ratio=0.25, scoring="eager")]  # fmt: skip
     rows = run_benchmark(model, inputs, settings, max_new_tokens=3, repeats=2, warmup=1, progress=False)
     assert [r["setting"] for r in rows] == [s.label for s in settings]
     for row in rows:
         for key in PER_SETTING:
             assert key in row, key
-    base, divprune, pdrop, eager = rows
+    base, divprune, pdrop, _, _ = rows
     assert base["visual_tokens_into_llm"] == 49 and base["prefill_speedup"] == 1.0
     assert divprune["visual_tokens_into_llm"] == 8 and divprune["visual_tokens_layer_averaged"] == 8
     assert pdrop["visual_tokens_into_llm"] == 49
@@ -46,9 +46,13 @@ def test_harness_end_to_end(tiny, tmp_path):
 
     paths = write_results(rows, {"model": "tiny"}, tmp_path)
     data = json.loads(paths["json"].read_text())
-    assert data["meta"] == {"model": "tiny"} and len(data["results"]) == 4
-    assert paths["csv"].read_text().count("\n") == 5
+    assert data["meta"] == {"model": "tiny"} and len(data["results"]) == 5
+    assert paths["csv"].read_text().count("\n") == 6
     assert "| divprune@8 |" in paths["markdown"].read_text()
+    checks = target_checks(rows)
+    assert any("divprune@8: realised/predicted" in line for line in checks)
+    assert any("fastv@0.25: in-place vs eager" in line for line in checks)
+    assert all(line.startswith(("PASS", "MISS")) for line in checks)
     for key in ("prefill_speedup", "flops_prefill"):
         png = paths[key].read_bytes()
         assert png.startswith(PNG_SIGNATURE) and len(png) > 1000

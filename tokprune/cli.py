@@ -151,7 +151,7 @@ def run_bench(args) -> int:
     import transformers
 
     from tokprune.bench.harness import run_benchmark
-    from tokprune.bench.report import markdown_table, write_results
+    from tokprune.bench.report import markdown_table, target_checks, write_results
 
     settings = settings_from(args)
     for name, value in (("--repeats", args.repeats), ("--batch-size", args.batch_size)):
@@ -190,6 +190,9 @@ def run_bench(args) -> int:
     }
     paths = write_results(rows, meta, args.out)
     print(markdown_table(rows))
+    print("\ntargets (reported, not enforced):")
+    for line in target_checks(rows):
+        print(f"  {line}")
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 

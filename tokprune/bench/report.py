@@ -41,6 +41,46 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def target_checks(rows: list[dict]) -> list[str]:
+    """The performance targets the harness reports (never asserts), one line each with PASS/MISS.
+
+    * pre-LLM methods: realised prefill speed-up >= 90% of the FLOPs-predicted one;
+    * every method: scoring time <= 3% of its pruned prefill;
+    * a method also run the reference codes' way (eager + output_attentions): the in-place setting is
+      >= 1.3x faster in prefill and uses less peak prefill memory.
+    """
+    from tokprune.methods import LLMMethod, make_method
+
+    def verdict(ok: bool) -> str:
+        return "PASS" if ok else "MISS"
+
+    lines = []
+    for row in rows:
+        if row["method"] == "baseline" or "prefill_speedup" not in row:
+            continue
+        label = row["setting"]
+        if row["scoring"] == "inplace" and not isinstance(make_method(row["method"], {}), LLMMethod):
+            ratio = row["realised_over_predicted"]
+            lines.append(
+                f"{verdict(ratio >= 0.9)}  {label}: realised/predicted speed-up {ratio:.2f} (>= 0.90)"
+            )
+        share = row["scoring_share_of_prefill"]
+        lines.append(f"{verdict(share <= 0.03)}  {label}: scoring {100 * share:.2f}% of prefill (<= 3%)")
+        if row["scoring"] == "eager":
+            inplace = next(
+                (r for r in rows if r["scoring"] == "inplace" and r["setting"] == label.split(" [")[0]), None
+            )
+            if inplace is not None:
+                faster = row["prefill_s_median"] / inplace["prefill_s_median"]
+                memory = inplace["peak_prefill_bytes_median"] < row["peak_prefill_bytes_median"]
+                lines.append(
+                    f"{verdict(faster >= 1.3 and memory)}  {inplace['setting']}: in-place vs eager scoring "
+                    f"{faster:.2f}x faster (>= 1.3), peak prefill memory "
+                    f"{inplace['peak_prefill_bytes_median'] / 2**20:.0f} vs {row['peak_prefill_bytes_median'] / 2**20:.0f} MiB"
+                )
+    return lines
+
+
 def write_results(rows: list[dict], meta: dict, out_dir: str | Path) -> dict[str, Path]:
     """results.json (meta + rows), results.csv (scalar columns), results.md, and plots (if matplotlib)."""
     out = Path(out_dir)
@@ -55,7 +95,10 @@ def write_results(rows: list[dict], meta: dict, out_dir: str | Path) -> dict[str
         writer.writeheader()
         writer.writerows(rows)
     header = "\n".join(f"- {k}: {v}" for k, v in meta.items())
-    paths["markdown"].write_text(f"# tokprune bench\n\n{header}\n\n{markdown_table(rows)}\n")
+    checks = "\n".join(f"    {line}" for line in target_checks(rows))
+    paths["markdown"].write_text(
+        f"# tokprune bench\n\n{header}\n\n{markdown_table(rows)}\n\nTargets:\n\n{checks}\n"
+    )
     paths.update(plot(rows, out))
     return paths
 

@@ -130,7 +130,22 @@ def generate(n: int, seed: int) -> list[Sample]:
 
 def vocabulary() -> list[str]:
     """Every word a question or answer can use."""
-    words = ["what", "color", "is", "the", "shape", "object", "how", "many", "objects", "there", "a", "left", "of", "?"]
+    words = [
+        "what",
+        "color",
+        "is",
+        "the",
+        "shape",
+        "object",
+        "how",
+        "many",
+        "objects",
+        "there",
+        "a",
+        "left",
+        "of",
+        "?",
+    ]
     return sorted(set(words) | set(COLORS) | set(SHAPES) | set(COUNTS) | {"yes", "no"})
 
 
