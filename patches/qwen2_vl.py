@@ -7,6 +7,8 @@ token. Qwen2.5-VL runs its blocks in window order (`window_index`); signals are 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
@@ -29,7 +31,8 @@ class Qwen2VLAdapter(Adapter):
         self.visual = self.inner.visual
         self.merge = self.visual.spatial_merge_size
         self.score_layer = self.default_score_layer()
-        self._grids: list[torch.Tensor] = []  # grid_thw of each vision call since the last prefill
+        self._image_grid: torch.Tensor | None = None  # grid_thw of the latest get_image_features call
+        self._in_image_call = False
 
     def default_score_layer(self) -> int:
         """The block whose output feeds the patch merger (the analogue of LLaVA's feature layer)."""
@@ -39,22 +42,23 @@ class Qwen2VLAdapter(Adapter):
         return 3
 
     def image_layout(self, inner_kwargs: dict) -> ImageLayout | None:
-        grid_thw = inner_kwargs.get("image_grid_thw")
-        if inner_kwargs.get("pixel_values") is not None:
-            self._grids.clear()  # the vision tower runs inside this forward
-        elif self.precomputed_counts(inner_kwargs) is None:
+        if inner_kwargs.get("pixel_values") is None and self.precomputed_counts(inner_kwargs) is None:
             return None
-        elif grid_thw is None:  # generate() ran the vision tower before the prefill: images came first
-            if not self._grids:
-                raise RuntimeError("precomputed image features without image_grid_thw: pass image_grid_thw")
-            grid_thw = self._grids[0]
-            self._grids.clear()
+        grid_thw = inner_kwargs.get("image_grid_thw")
+        if grid_thw is None:  # generate() encoded the images before the prefill and passes only features
+            grid_thw = self._image_grid
+        if grid_thw is None:
+            raise RuntimeError("precomputed image features without image_grid_thw: pass image_grid_thw")
         counts, grids = [], []
         for t, h, w in grid_thw.tolist():
             h, w = h // self.merge, w // self.merge
             counts.append(t * h * w)
             grids.append((h, w) if t == 1 else None)
-        return ImageLayout(counts=counts, grids=grids)
+        layout = ImageLayout(counts=counts, grids=grids)
+        expanded = self.precomputed_counts(inner_kwargs)
+        if expanded is not None and len(expanded) != len(counts):  # generate() repeated rows (beams, n>1)
+            layout = layout.expanded(inner_kwargs["input_ids"] == self.image_token_id, expanded)
+        return layout
 
     def merged_order(self, grid_thw: torch.Tensor) -> torch.Tensor | None:
         """Permutation taking the block order of merged units back to raster order (None: identity)."""
@@ -63,18 +67,13 @@ class Qwen2VLAdapter(Adapter):
     def install_vision_hooks(self, names: set[str], store: VisionSignalStore) -> list:
         group = self.merge**2
 
-        def remember_grid(module, args, kwargs):
-            if not self._grids:  # first vision call since the last prefill: drop any unconsumed signals
-                store.clear()
-            self._grids.append(kwargs.get("grid_thw", args[1] if len(args) > 1 else None))
-
-        handles = [self.visual.register_forward_pre_hook(remember_grid, with_kwargs=True)]
+        handles = [_wrap_image_features(self, store)]
         if not names:
             return handles
 
         def hook(module, args, kwargs, output):
-            if all(name in store.values for name in names):
-                return  # a later vision call of the same forward (videos): images come first
+            if not self._in_image_call:
+                return  # the vision tower encoding videos
             with timed(store.seconds, output.device):
                 hidden = kwargs.get("hidden_states", args[0] if args else None)  # (S, C)
                 cu_seqlens = kwargs["cu_seqlens"]
@@ -82,17 +81,17 @@ class Qwen2VLAdapter(Adapter):
                 q, k, _ = (
                     module.qkv(hidden).reshape(seq, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
                 )
-                order = self.merged_order(self._grids[-1])
+                order = self.merged_order(self._image_grid)
                 if "vit_keys" in names:  # content keys (before RoPE), head mean, pooled per merged unit
                     keys = k.float().mean(1).view(seq // group, group, -1).mean(1)
-                    store.values.setdefault("vit_keys", keys if order is None else keys[order])
+                    store.values["vit_keys"] = keys if order is None else keys[order]
                 if "cls_attention" in names:
                     cos, sin = kwargs["position_embeddings"]
                     q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)  # (S, H, d)
                     sizes = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
                     recv = received_attention(q.transpose(0, 1), k.transpose(0, 1), module.scaling, sizes)
                     recv = recv.view(seq // group, group).mean(1)
-                    store.values.setdefault("cls_attention", recv if order is None else recv[order])
+                    store.values["cls_attention"] = recv if order is None else recv[order]
 
         block = self.visual.blocks[self.score_layer]
         return [*handles, block.attn.register_forward_hook(hook, with_kwargs=True)]
@@ -115,3 +114,31 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
             patch_size=self.visual.patch_size,
         )
         return torch.argsort(window_index)
+
+
+class _InstanceWrap:
+    """Removable wrapper of one bound method on one instance (never on the class)."""
+
+    def __init__(self, owner, name: str, wrapper) -> None:
+        self.owner, self.name = owner, name
+        setattr(owner, name, wrapper)
+
+    def remove(self) -> None:
+        self.owner.__dict__.pop(self.name, None)
+
+
+def _wrap_image_features(adapter: Qwen2VLAdapter, store: VisionSignalStore) -> _InstanceWrap:
+    """Mark vision passes that encode *images* (not videos) and remember their grid; each starts afresh."""
+    original = adapter.inner.get_image_features
+
+    @functools.wraps(original)  # generate() inspects the signature to pre-encode images
+    def get_image_features(*args, **kwargs):
+        adapter._image_grid = kwargs.get("image_grid_thw", args[1] if len(args) > 1 else None)
+        adapter._in_image_call = True
+        store.clear()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            adapter._in_image_call = False
+
+    return _InstanceWrap(adapter.inner, "get_image_features", get_image_features)

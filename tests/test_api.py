@@ -184,3 +184,47 @@ def test_compose_pre_then_llm(tiny):
     # visionzip keeps its default 64 >= 49 (nothing), then fastv halves the tokens entering the LLM
     assert stages[0].visual_kept == [49, 98]
     assert stages[1].visual_kept == [25, 50]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("method", ["visionzip", "pdrop"])
+def test_beams_and_return_sequences_prune_every_copy_alike(tiny, family, method):
+    """generate() encodes images once, then repeats rows: the ViT signals must follow the copies."""
+    model, proc = tiny(family)
+    inputs = batch_inputs(family, proc, (1, 2))
+    with tokprune.apply(model, method, keep_ratio=0.25) as pruner, torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=2, num_beams=2, num_return_sequences=2, do_sample=False,
+                             pad_token_id=0)  # fmt: skip
+        expanded = pruner.stats.kept
+        model(**inputs)
+        single = pruner.stats.kept
+    assert out.shape[0] == 4
+    for row in range(2):
+        for copy in range(2):
+            assert torch.equal(expanded[2 * row + copy], single[row])
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_generate_without_cache_reuses_the_image_signals(tiny, family):
+    """use_cache=False re-runs full forwards on pre-encoded images: every step prunes the same way."""
+    model, proc = tiny(family)
+    inputs = batch_inputs(family, proc, (1, 2))
+    with tokprune.apply(model, "visionzip", keep_ratio=0.25) as pruner, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0, use_cache=False)
+        last_step = pruner.stats.kept
+        model(**inputs)
+    assert all(torch.equal(a, b) for a, b in zip(last_step, pruner.stats.kept))
+    assert "get_image_features" not in model.model.__dict__  # instance wrappers are gone after remove()
+
+
+def test_bfloat16_model_runs(tiny):
+    from tiny_models import tiny_qwen25vl
+
+    model, proc = tiny_qwen25vl()
+    model = model.to(torch.bfloat16)
+    inputs = batch_inputs("qwen2_5_vl", proc, (1, 2))
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    for method in ("visionzip", "divprune", "dart"):
+        with tokprune.apply(model, method, keep_ratio=0.25) as pruner, torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        assert out.shape[0] == 2 and pruner.stats.visual_kept == [4, 10]

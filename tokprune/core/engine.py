@@ -193,7 +193,7 @@ class Engine:
                 signals = {n: v for n, v in self.store.values.items() if n in self.pre.signals}
                 keep, embeds = select_pre(self.pre, self.budgets["pre"], fwd.layout, embeds, visual, signals)
                 fwd.seconds[0] += self.store.seconds[0]
-                self.store.clear()
+                self.store.seconds[0] = 0.0  # the signals stay: generate(use_cache=False) reuses them
             if keep is not None:
                 compaction = Compaction.from_keep(keep & valid)
                 fwd.tokens = fwd.tokens.take(compaction)

@@ -41,6 +41,27 @@ def slice_signals(signals: dict[str, torch.Tensor], index) -> dict[str, torch.Te
     return {name: value[index] for name, value in signals.items()}
 
 
+def align_signals(signals: dict[str, torch.Tensor], visual: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Signals computed on the original images, aligned with generate()'s expanded batch.
+
+    generate() with num_beams / num_return_sequences = e runs the vision tower once, then repeats every
+    row (and its group of images) e times: rows j*e .. j*e + e - 1 are copies of original row j. The ViT
+    signals (N_orig, ...) are gathered to the expanded visual-token order (N_orig * e, ...).
+    """
+    total = int(visual.sum())
+    if not signals or all(v.shape[0] == total for v in signals.values()):
+        return signals
+    n_orig = next(iter(signals.values())).shape[0]
+    per_row = visual.sum(1)
+    expand = total // n_orig if n_orig and total % n_orig == 0 else 0
+    if expand < 2 or per_row.shape[0] % expand:
+        raise RuntimeError(f"ViT signals cover {n_orig} visual tokens but the prompt holds {total}")
+    original = per_row[::expand]  # visual tokens of each original row
+    starts = torch.cumsum(original, 0) - original
+    index = torch.cat([starts[j // expand] + torch.arange(int(n)) for j, n in enumerate(per_row.tolist())])
+    return {name: value[index.to(value.device)] for name, value in signals.items()}
+
+
 def select_pre(
     method: Method,
     budget: Budget,
@@ -56,6 +77,7 @@ def select_pre(
     tokens written in).
     """
     flat = embeds[visual]  # (N, D) in masked_scatter order
+    signals = align_signals(signals, visual)
     keep_flat = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
     merged_flat = None
     start = 0
