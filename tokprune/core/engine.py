@@ -23,7 +23,7 @@ from tokprune.core.budget import Budget
 from tokprune.core.compaction import Compaction
 from tokprune.core.layout import ImageLayout, VisionSignalStore
 from tokprune.core.masks import build_layer_mask, layer_type
-from tokprune.core.selection import select_llm, select_pre
+from tokprune.core.selection import select_llm, select_pre, text_after_images
 from tokprune.core.state import PrefillState, TokenMap, image_rows
 from tokprune.core.stats import PruneStats, StageStats
 from tokprune.core.timing import timed
@@ -191,7 +191,13 @@ class Engine:
         if self.pre is not None:
             with timed(fwd.seconds, embeds.device):
                 signals = {n: v for n, v in self.store.values.items() if n in self.pre.signals}
-                keep, embeds = select_pre(self.pre, self.budgets["pre"], fwd.layout, embeds, visual, signals)
+                instruction = None
+                if "instruction" in self.pre.signals:
+                    text = text_after_images(fwd.tokens)
+                    instruction = [embeds[row, text[row]] for row in fwd.image_rows]
+                keep, embeds = select_pre(
+                    self.pre, self.budgets["pre"], fwd.layout, embeds, visual, signals, instruction
+                )
                 fwd.seconds[0] += self.store.seconds[0]
                 self.store.seconds[0] = 0.0  # the signals stay: generate(use_cache=False) reuses them
             if keep is not None:

@@ -69,21 +69,24 @@ def select_pre(
     embeds: torch.Tensor,
     visual: torch.Tensor,
     signals: dict,
+    instruction: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Run a pre-LLM method image by image over the LLM input.
 
     embeds: (B, L, D); visual: (B, L) image-token positions; signals: name -> (N_visual, ...) in
-    masked_scatter order. Returns (keep (B, L) bool, or None if nothing is dropped; embeds with merged
-    tokens written in).
+    masked_scatter order; instruction: per image, (m, D) embeddings of its row's text after the images
+    (given to methods that list "instruction" in their signals, as ImageTokens.text["embeds"]).
+    Returns (keep (B, L) bool, or None if nothing is dropped; embeds with merged tokens written in).
     """
     flat = embeds[visual]  # (N, D) in masked_scatter order
     signals = align_signals(signals, visual)
     keep_flat = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
     merged_flat = None
     start = 0
-    for n, grid in zip(layout.counts, layout.grids):
+    for index, (n, grid) in enumerate(zip(layout.counts, layout.grids)):
         span = slice(start, start + n)
-        image = ImageTokens(embeds=flat[span], grid=grid, signals=slice_signals(signals, span))
+        text = {"embeds": instruction[index]} if instruction is not None else {}
+        image = ImageTokens(embeds=flat[span], grid=grid, signals=slice_signals(signals, span), text=text)
         selection = checked_select(method, image, budget.kept(n))
         if selection is not None:
             keep_flat[span] = False

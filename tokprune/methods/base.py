@@ -23,15 +23,15 @@ class ImageTokens:
     grid: (h, w) layout of the tokens in the image, h * w == n, row-major; None if the tokens are no
           longer a full grid (after an earlier in-LLM stage).
     signals: per-token signals the method asked for, each (n,) or (n, d); see the method's `signals`.
-    text: (m, D) or (m, d) text-side tensors some methods use (e.g. DART's text pivots), keyed by name.
-    generator: seeded random generator (per forward) for stochastic methods.
+    text: text-side tensors some methods use, keyed by name: before the LLM, "embeds" (m, D) = the
+          instruction (the row's text after its images) for methods listing "instruction" in `signals`;
+          inside the LLM, every requested signal of those text tokens (e.g. DART's text pivots).
     """
 
     embeds: torch.Tensor
     grid: tuple[int, int] | None
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
     text: dict[str, torch.Tensor] = field(default_factory=dict)
-    generator: torch.Generator | None = None
 
     @property
     def n(self) -> int:
