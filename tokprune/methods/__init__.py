@@ -8,13 +8,26 @@ from tokprune.errors import MethodOptionError, UnknownMethodError
 from tokprune.methods.attention_llm import FastV, PyramidDrop
 from tokprune.methods.base import ImageTokens, LLMMethod, Method, Selection
 from tokprune.methods.baselines import RandomPrune, SpatialPool
+from tokprune.methods.cdpruner import CDPruner
 from tokprune.methods.cls_attention import FasterVLM, VisionZip
 from tokprune.methods.dart import DART
 from tokprune.methods.divprune import DivPrune
+from tokprune.methods.holov import HoloV
 
 REGISTRY: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (RandomPrune, SpatialPool, FasterVLM, VisionZip, DivPrune, FastV, PyramidDrop, DART)
+    for cls in (
+        RandomPrune,
+        SpatialPool,
+        FasterVLM,
+        VisionZip,
+        DivPrune,
+        CDPruner,
+        HoloV,
+        FastV,
+        PyramidDrop,
+        DART,
+    )
 }
 
 

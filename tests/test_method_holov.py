@@ -1,0 +1,349 @@
+"""Unit tests of HoloV (tokprune/methods/holov.py) on small random tensors.
+
+The reference below recomputes everything with Python loops in float64 and solves the budget split by
+bisection on the water level, independently of the library's iterative saturation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tokprune.core.budget import Budget
+from tokprune.errors import MethodOptionError
+from tokprune.methods.base import ImageTokens
+from tokprune.methods.holov import HoloV, allocate_quotas, crop_layout, crop_partition, holistic_scores
+
+
+def _image(h: int, w: int, d: int = 8, seed: int = 0, grid: bool = True) -> ImageTokens:
+    g = torch.Generator().manual_seed(seed)
+    n = h * w
+    embeds = torch.randn(n, d, generator=g)
+    attention = torch.rand(n, generator=g) ** 3  # skewed, non-negative, like a softmax row
+    attention = attention / attention.sum()
+    return ImageTokens(embeds=embeds, grid=(h, w) if grid else None, signals={"cls_attention": attention})
+
+
+def _assert_valid_keep(keep: torch.Tensor, n: int, k: int) -> None:
+    assert keep.dtype == torch.long
+    assert keep.shape == (k,)
+    values = keep.tolist()
+    assert values == sorted(set(values)), "indices must be sorted and distinct"
+    assert all(0 <= v < n for v in values)
+
+
+# ------------------------------------------------------------------------------------ reference
+
+
+def _ref_crops(h: int, w: int, rows: int, cols: int) -> list[list[int]]:
+    """Crop of every token by explicit band membership (same band rule, written as loops)."""
+    r, c = crop_layout(h, w, rows, cols)
+    row_band = [max(i for i in range(r) if i * h // r <= y) for y in range(h)]
+    col_band = [max(j for j in range(c) if j * w // c <= x) for x in range(w)]
+    crops: list[list[int]] = [[] for _ in range(r * c)]
+    for y in range(h):
+        for x in range(w):
+            crops[row_band[y] * c + col_band[x]].append(y * w + x)
+    return crops
+
+
+def _ref_scores(embeds, attention, crops, alpha=1.0, beta=0.09, eps=1e-6):
+    f = embeds.double().tolist()
+    a = attention.double().tolist()
+    norm = [math.sqrt(sum(v * v for v in row)) for row in f]
+    scores = [0.0] * len(a)
+    crop_scores = []
+    for crop in crops:
+        m = len(crop)
+        if m == 1:
+            scores[crop[0]] = alpha * a[crop[0]]
+            crop_scores.append(scores[crop[0]])
+            continue
+        var = {}
+        for i in crop:
+            sims = [
+                sum(p * q for p, q in zip(f[i], f[j])) / ((norm[i] + eps) * (norm[j] + eps))
+                for j in crop
+                if j != i
+            ]
+            mu = sum(sims) / (m - 1)
+            var[i] = sum((s - mu) ** 2 for s in sims) / (m - 1)
+        lam = (sum(abs(a[i]) for i in crop) / m) / (sum(abs(var[i]) for i in crop) / m + eps)
+        for i in crop:
+            scores[i] = alpha * a[i] + beta * lam * var[i]
+        crop_scores.append(sum(scores[i] for i in crop) / m)
+    return scores, crop_scores
+
+
+def _water_level(weights, sizes, k):
+    """Real shares min(size_c, t w_c) with sum k, t found by bisection."""
+    lo, hi = 0.0, 1.0
+    while sum(min(s, hi * w) for s, w in zip(sizes, weights)) < k:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if sum(min(s, mid * w) for s, w in zip(sizes, weights)) < k:
+            lo = mid
+        else:
+            hi = mid
+    return [min(s, hi * w) for s, w in zip(sizes, weights)]
+
+
+def _ref_quotas(weights, sizes, k):
+    """Positive-weight crops by water level; if they cannot hold k, they are full and the zero-weight
+    crops share the rest by size; then largest remainder."""
+    capacity = sum(s for s, w in zip(sizes, weights) if w > 0)
+    if capacity >= k:
+        ideal = _water_level(weights, sizes, k)
+    else:
+        rest = _water_level([0.0 if w > 0 else float(s) for s, w in zip(sizes, weights)], sizes, k - capacity)
+        ideal = [float(s) if w > 0 else x for s, w, x in zip(sizes, weights, rest)]
+    quota = [s if x >= s - 1e-9 else math.floor(x) for s, x in zip(sizes, ideal)]
+    fractions = sorted(
+        (-(x - math.floor(x)), -w, c)
+        for c, (s, x, w) in enumerate(zip(sizes, ideal, weights))
+        if quota[c] < s
+    )
+    for _, _, c in fractions[: k - sum(quota)]:
+        quota[c] += 1
+    return quota
+
+
+def _ref_select(image: ImageTokens, k: int, rows=4, cols=4, beta=0.09) -> list[int]:
+    h, w = image.grid
+    crops = _ref_crops(h, w, rows, cols)
+    scores, crop_scores = _ref_scores(image.embeds, image.signals["cls_attention"], crops, beta=beta)
+    quotas = _ref_quotas([max(s, 0.0) for s in crop_scores], [len(c) for c in crops], k)
+    keep = []
+    for crop, q in zip(crops, quotas):
+        keep += sorted(crop, key=lambda i: (-scores[i], i))[:q]
+    return sorted(keep)
+
+
+# ------------------------------------------------------------------------------------ crops
+
+
+@pytest.mark.parametrize(
+    "h,w", [(24, 24), (7, 7), (4, 4), (3, 3), (5, 9), (1, 50), (50, 1), (2, 100), (100, 2), (1, 5), (27, 13)]
+)
+@pytest.mark.parametrize("layout", ["blocks", "bands"])
+def test_crops_partition_the_grid(h, w, layout):
+    crops = crop_partition(h, w, 4, 4, layout)
+    flat = torch.cat(crops).tolist()
+    assert sorted(flat) == list(range(h * w)), "every token in exactly one crop"
+    assert all(c.numel() > 0 for c in crops)
+    assert len(crops) <= 16
+    if layout == "bands" or min(h, w) >= 4:
+        assert len(crops) == min(16, h * w)
+
+
+@pytest.mark.parametrize("h,w", [(24, 24), (7, 7), (5, 9), (27, 13)])
+def test_block_crops_are_near_equal_rectangles(h, w):
+    crops = crop_partition(h, w)
+    assert [c.tolist() for c in crops] == _ref_crops(h, w, 4, 4)
+    heights, widths = set(), set()
+    for c in crops:
+        ys, xs = sorted({i // w for i in c.tolist()}), sorted({i % w for i in c.tolist()})
+        assert ys == list(range(ys[0], ys[-1] + 1)) and xs == list(range(xs[0], xs[-1] + 1))
+        assert c.numel() == len(ys) * len(xs), "a crop is a full rectangle"
+        heights.add(len(ys))
+        widths.add(len(xs))
+    assert max(heights) - min(heights) <= 1 and max(widths) - min(widths) <= 1
+
+
+def test_crop_layout_keeps_sixteen_crops_on_thin_grids():
+    assert crop_layout(24, 24, 4, 4) == (4, 4)
+    assert crop_layout(1, 100, 4, 4) == (1, 16)
+    assert crop_layout(100, 1, 4, 4) == (16, 1)
+    assert crop_layout(2, 100, 4, 4) == (2, 8)
+    assert crop_layout(3, 3, 4, 4) == (3, 3)
+
+
+# ------------------------------------------------------------------------------------ quotas
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_quotas_sum_to_k_capped_and_match_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    n_crops = int(torch.randint(1, 20, (1,), generator=g))
+    sizes = torch.randint(1, 12, (n_crops,), generator=g).tolist()
+    weights = (torch.rand(n_crops, generator=g) ** 4).tolist()
+    if seed % 5 == 0:
+        weights[0] = 0.0
+    for k in range(1, sum(sizes)):
+        quota = allocate_quotas(weights, sizes, k)
+        assert sum(quota) == k
+        assert all(0 <= q <= s for q, s in zip(quota, sizes))
+        assert quota == _ref_quotas(weights, sizes, k), (k, sizes, weights)
+
+
+def test_quotas_proportional_when_nothing_saturates():
+    assert allocate_quotas([1.0, 1.0, 2.0], [10, 10, 10], 8) == [2, 2, 4]
+    # largest remainder: ideal 2.5, 2.5, 5.0 -> tie on the remainder, lower index wins
+    assert allocate_quotas([1.0, 1.0, 2.0], [10, 10, 10], 10) == [3, 2, 5]
+    # fewer tokens than crops: the largest shares get one each
+    assert allocate_quotas([0.1, 0.5, 0.3, 0.1], [5, 5, 5, 5], 2) == [0, 1, 1, 0]
+
+
+def test_quotas_overflow_is_reshared():
+    # the heavy crop holds only 3 tokens; its excess goes to the others by weight
+    assert allocate_quotas([100.0, 1.0, 3.0], [3, 10, 10], 11) == [3, 2, 6]
+    # zero weights everywhere: shared by size
+    assert allocate_quotas([0.0, 0.0], [3, 9], 4) == [1, 3]
+    # a crop with all the weight takes everything it can; the rest is shared by size
+    assert allocate_quotas([1.0, 0.0, 0.0], [4, 6, 2], 7) == [4, 2, 1]
+
+
+# ------------------------------------------------------------------------------------ scores
+
+
+def test_token_scores_match_loop_reference():
+    image = _image(7, 9, seed=3)
+    crops = crop_partition(7, 9)
+    scores, crop_scores = holistic_scores(image.embeds, image.signals["cls_attention"], crops)
+    ref_scores, ref_crop_scores = _ref_scores(
+        image.embeds, image.signals["cls_attention"], [c.tolist() for c in crops]
+    )
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(
+        scores.double(), torch.tensor(ref_scores, dtype=torch.float64), rtol=1e-5, atol=1e-9
+    )
+    torch.testing.assert_close(
+        crop_scores.double(), torch.tensor(ref_crop_scores, dtype=torch.float64), rtol=1e-5, atol=1e-9
+    )
+
+
+def test_crop_score_is_scaled_mean_attention():
+    image = _image(8, 8, seed=1)
+    crops = crop_partition(8, 8)
+    attention = image.signals["cls_attention"]
+    _, crop_scores = holistic_scores(image.embeds, attention, crops, beta=0.09)
+    expected = torch.stack([attention[c].mean() * 1.09 for c in crops])
+    torch.testing.assert_close(crop_scores, expected, rtol=1e-4, atol=0.0)
+
+
+def test_beta_zero_is_per_crop_attention_topk():
+    image = _image(12, 12, seed=5)
+    keep = HoloV(beta=0.0).select(image, 20).keep
+    a = image.signals["cls_attention"]
+    crops = crop_partition(12, 12)
+    quotas = allocate_quotas([float(a[c].mean()) for c in crops], [c.numel() for c in crops], 20)
+    expected = []
+    for c, q in zip(crops, quotas):
+        expected += c[a[c].argsort(descending=True)[:q]].tolist()
+    assert keep.tolist() == sorted(expected)
+
+
+# ------------------------------------------------------------------------------------ select
+
+
+def test_crop_with_all_attention_gets_most_of_the_budget():
+    h = w = 24  # crops of 6 x 6 = 36 tokens
+    image = _image(h, w, seed=2)
+    attention = torch.zeros(h * w)
+    crop = crop_partition(h, w)[5]
+    attention[crop] = torch.rand(crop.numel()) + 0.1
+    image.signals["cls_attention"] = attention
+    keep = HoloV().select(image, 30).keep
+    inside = torch.isin(keep, crop).sum().item()
+    assert inside == 30
+    # a budget larger than the crop: the crop is kept whole, the rest is spread over the others
+    keep = HoloV().select(image, 64).keep
+    assert torch.isin(crop, keep).all()
+    others = [c for i, c in enumerate(crop_partition(h, w)) if i != 5]
+    counts = [torch.isin(keep, c).sum().item() for c in others]
+    assert sum(counts) == 64 - 36 and max(counts) - min(counts) <= 1
+
+
+def test_kept_tokens_are_each_crops_top_tokens_by_score():
+    image = _image(24, 24, d=16, seed=4)
+    keep = set(HoloV().select(image, 64).keep.tolist())
+    crops = crop_partition(24, 24)
+    scores, _ = holistic_scores(image.embeds, image.signals["cls_attention"], crops)
+    for c in crops:
+        kept = [i for i in c.tolist() if i in keep]
+        dropped = [i for i in c.tolist() if i not in keep]
+        if kept and dropped:
+            assert min(scores[kept]) >= max(scores[dropped])
+
+
+def test_rank_by_attention_uses_attention_inside_crops():
+    image = _image(24, 24, d=16, seed=6)
+    keep = set(HoloV(rank_by="attention").select(image, 64).keep.tolist())
+    a = image.signals["cls_attention"]
+    for c in crop_partition(24, 24):
+        kept = [i for i in c.tolist() if i in keep]
+        dropped = [i for i in c.tolist() if i not in keep]
+        if kept and dropped:
+            assert min(a[kept]) >= max(a[dropped])
+
+
+@pytest.mark.parametrize(
+    "h,w,ks",
+    [
+        (24, 24, [1, 3, 15, 16, 17, 64, 128, 192, 575]),
+        (7, 7, [1, 2, 5, 15, 16, 17, 30, 48]),
+        (5, 9, [1, 7, 20, 44]),
+        (3, 3, [1, 4, 8]),
+        (2, 2, [1, 3]),
+        (1, 40, [1, 10, 39]),
+        (27, 13, [1, 9, 100, 350]),
+    ],
+)
+@pytest.mark.parametrize("layout", ["blocks", "bands"])
+def test_exactly_k_sorted_distinct(h, w, ks, layout):
+    image = _image(h, w, seed=h * 31 + w)
+    for k in ks:
+        keep = HoloV(layout=layout).select(image, k).keep
+        _assert_valid_keep(keep, h * w, k)
+
+
+def test_no_grid_is_a_strip():
+    image = _image(6, 10, seed=8, grid=False)
+    keep = HoloV().select(image, 12).keep
+    _assert_valid_keep(keep, 60, 12)
+    strip = ImageTokens(embeds=image.embeds, grid=(1, 60), signals=image.signals)
+    assert torch.equal(keep, HoloV().select(strip, 12).keep)
+
+
+@pytest.mark.parametrize("h,w,k", [(24, 24, 64), (24, 24, 10), (7, 7, 12), (9, 6, 5), (13, 11, 40)])
+@pytest.mark.parametrize("seed", range(3))
+def test_matches_loop_reference(h, w, k, seed):
+    image = _image(h, w, seed=seed * 100 + h + w)
+    assert HoloV().select(image, k).keep.tolist() == _ref_select(image, k)
+
+
+def test_float16_inputs_and_degenerate_signals():
+    image = _image(10, 10, seed=9)
+    half = ImageTokens(
+        embeds=image.embeds.half(),
+        grid=(10, 10),
+        signals={"cls_attention": image.signals["cls_attention"].half()},
+    )
+    _assert_valid_keep(HoloV().select(half, 17).keep, 100, 17)
+    # identical tokens and uniform attention: no crop or token is preferred, still exactly k
+    flat = ImageTokens(embeds=torch.ones(100, 4), grid=(10, 10), signals={"cls_attention": torch.ones(100)})
+    _assert_valid_keep(HoloV().select(flat, 17).keep, 100, 17)
+    zero = ImageTokens(embeds=torch.zeros(100, 4), grid=(10, 10), signals={"cls_attention": torch.zeros(100)})
+    _assert_valid_keep(HoloV().select(zero, 17).keep, 100, 17)
+
+
+def test_metadata_and_options():
+    assert HoloV.name == "holov" and HoloV.where == "pre"
+    assert HoloV.signals == ("cls_attention",)
+    assert HoloV.default_budget == Budget(tokens=64)
+    method = HoloV()
+    assert (method.crop_rows, method.crop_cols, method.alpha, method.beta, method.power) == (
+        4,
+        4,
+        1.0,
+        0.09,
+        1.0,
+    )
+    for bad in [{"crop_rows": 0}, {"crop_cols": 2.5}, {"power": 0}, {"layout": "x"}, {"rank_by": "x"}]:
+        with pytest.raises(MethodOptionError):
+            HoloV(**bad)
+    with pytest.raises(ValueError):
+        HoloV().select(ImageTokens(torch.randn(10, 4), (3, 3), {"cls_attention": torch.rand(10)}), 3)
