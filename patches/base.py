@@ -19,8 +19,9 @@ class Adapter:
 
     model_classes: ClassVar[tuple[str, ...]] = ()
     family: ClassVar[str] = ""
-    # signals a ViT hook of this family can produce
-    vision_signals: ClassVar[tuple[str, ...]] = ("cls_attention", "vit_keys")
+    # signals a ViT hook of this family can produce; "name@i" asks for it at vision layer i (negative
+    # from the end), plain "name" at the layer whose output feeds the projector
+    vision_signals: ClassVar[tuple[str, ...]] = ("cls_attention", "received_attention", "vit_keys")
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -55,6 +56,18 @@ class Adapter:
         if outputs is None:
             return None
         return [int(features.shape[0]) for features in outputs.pooler_output]
+
+    def is_vision_signal(self, name: str) -> bool:
+        return name.split("@")[0] in self.vision_signals
+
+    def signals_by_layer(self, names: set[str], num_layers: int, default: int) -> dict[int, dict[str, str]]:
+        """{vision layer index: {full signal name: base name}} for the requested vision signals."""
+        by_layer: dict[int, dict[str, str]] = {}
+        for name in names:
+            base, _, layer = name.partition("@")
+            index = default if not layer else int(layer) % num_layers
+            by_layer.setdefault(index, {})[name] = base
+        return by_layer
 
     def position_rows(self) -> int:
         """1 for (B, L) position ids, 3 for Qwen's M-RoPE (3, B, L)."""

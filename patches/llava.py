@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from tokprune.core.timing import timed
-from tokprune.signals import cls_attention
+from tokprune.signals import cls_attention, received_attention
 
 from .base import Adapter, ImageLayout, VisionSignalStore
 
@@ -75,8 +76,16 @@ class LlavaAdapter(Adapter):
         return None if self.keeps_cls or side * side != n_patches else (side, side)
 
     def install_vision_hooks(self, names: set[str], store: VisionSignalStore) -> list:
-        if not names:
-            return []
+        by_layer = self.signals_by_layer(names, len(self.vision_layers), self.score_layer)
+        return [
+            self.vision_layers[index].self_attn.register_forward_hook(
+                self._hook(wanted, store), with_kwargs=True
+            )
+            for index, wanted in by_layer.items()
+        ]
+
+    def _hook(self, wanted: dict[str, str], store: VisionSignalStore):
+        """Forward hook on one CLIP attention module computing `wanted` ({full name: base name})."""
         first = 0 if self.keeps_cls else 1
 
         def hook(module, args, kwargs, output):
@@ -84,11 +93,19 @@ class LlavaAdapter(Adapter):
                 hidden = kwargs.get("hidden_states", args[0] if args else None)  # (n_img, 1 + P, C), normed
                 n_img, length, _ = hidden.shape
                 keys = module.k_proj(hidden).view(n_img, length, -1, module.head_dim).transpose(1, 2)
-                if "cls_attention" in names:
-                    query = module.q_proj(hidden[:, :1]).view(n_img, 1, -1, module.head_dim).transpose(1, 2)
-                    row = cls_attention(query, keys, module.scale)  # (n_img, 1 + P)
-                    store.values["cls_attention"] = row[:, first:].reshape(-1)
-                if "vit_keys" in names:
-                    store.values["vit_keys"] = keys.float().mean(1)[:, first:].reshape(-1, module.head_dim)
+                for name, base in wanted.items():
+                    if base == "cls_attention":
+                        query = (
+                            module.q_proj(hidden[:, :1]).view(n_img, 1, -1, module.head_dim).transpose(1, 2)
+                        )
+                        value = cls_attention(query, keys, module.scale)  # (n_img, 1 + P)
+                    elif base == "received_attention":
+                        query = module.q_proj(hidden).view(n_img, length, -1, module.head_dim).transpose(1, 2)
+                        value = torch.stack(
+                            [received_attention(q, k, module.scale) for q, k in zip(query, keys)]
+                        )
+                    else:  # vit_keys: head mean
+                        value = keys.float().mean(1)
+                    store.values[name] = value[:, first:].flatten(0, 1)
 
-        return [self.vision_layers[self.score_layer].self_attn.register_forward_hook(hook, with_kwargs=True)]
+        return hook

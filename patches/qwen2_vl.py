@@ -65,36 +65,49 @@ class Qwen2VLAdapter(Adapter):
         return None
 
     def install_vision_hooks(self, names: set[str], store: VisionSignalStore) -> list:
-        group = self.merge**2
-
         handles = [_wrap_image_features(self, store)]
-        if not names:
-            return handles
+        by_layer = self.signals_by_layer(names, len(self.visual.blocks), self.score_layer)
+        for index, wanted in by_layer.items():
+            hook = self._hook(wanted, store)
+            handles.append(self.visual.blocks[index].attn.register_forward_hook(hook, with_kwargs=True))
+        return handles
+
+    def _hook(self, wanted: dict[str, str], store: VisionSignalStore):
+        """Forward hook on one ViT block's attention computing `wanted` ({full name: base name}), per LLM
+        token (pooled over the merged patches) in raster order. The ViT has no [CLS]: "cls_attention" is
+        the attention each patch receives within its block's attention pattern."""
+        group = self.merge**2
 
         def hook(module, args, kwargs, output):
             if not self._in_image_call:
                 return  # the vision tower encoding videos
             with timed(store.seconds, output.device):
                 hidden = kwargs.get("hidden_states", args[0] if args else None)  # (S, C)
-                cu_seqlens = kwargs["cu_seqlens"]
                 seq = hidden.shape[0]
                 q, k, _ = (
                     module.qkv(hidden).reshape(seq, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
                 )
                 order = self.merged_order(self._image_grid)
-                if "vit_keys" in names:  # content keys (before RoPE), head mean, pooled per merged unit
-                    keys = k.float().mean(1).view(seq // group, group, -1).mean(1)
-                    store.values["vit_keys"] = keys if order is None else keys[order]
-                if "cls_attention" in names:
-                    cos, sin = kwargs["position_embeddings"]
-                    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)  # (S, H, d)
-                    sizes = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-                    recv = received_attention(q.transpose(0, 1), k.transpose(0, 1), module.scaling, sizes)
-                    recv = recv.view(seq // group, group).mean(1)
-                    store.values["cls_attention"] = recv if order is None else recv[order]
+                received = None
+                for name, base in wanted.items():
+                    if base == "vit_keys":  # content keys (before RoPE), head mean, pooled per merged unit
+                        value = k.float().mean(1).view(seq // group, group, -1).mean(1)
+                    else:  # cls_attention / received_attention
+                        if received is None:
+                            received = self._received(module, q, k, kwargs).view(seq // group, group).mean(1)
+                        value = received
+                    store.values[name] = value if order is None else value[order]
 
-        block = self.visual.blocks[self.score_layer]
-        return [*handles, block.attn.register_forward_hook(hook, with_kwargs=True)]
+        return hook
+
+    @staticmethod
+    def _received(module, q: torch.Tensor, k: torch.Tensor, kwargs) -> torch.Tensor:
+        """(S,) attention received per patch within the block's cu_seqlens blocks (images or windows)."""
+        cos, sin = kwargs["position_embeddings"]
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)  # (S, H, d)
+        cu_seqlens = kwargs["cu_seqlens"]
+        sizes = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        return received_attention(q.transpose(0, 1), k.transpose(0, 1), module.scaling, sizes)
 
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):

@@ -151,6 +151,32 @@ def test_llava_vision_hook_matches_eager_cls_row(eager_llava):
     torch.testing.assert_close(store.values["vit_keys"], keys, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("layer", [0, 1, -1])
+def test_llava_layered_signals_match_eager_maps(eager_llava, layer):
+    """ "name@i" signals at any vision layer: [CLS] row and attention received (column mean over queries)."""
+    model, proc = eager_llava
+    pixel_values = batch_inputs("llava", proc, (1, 2))["pixel_values"]
+    tower = model.model.vision_tower
+    index = layer % len(clip_encoder_layers(tower))
+    with torch.no_grad():
+        attn = tower(pixel_values=pixel_values, output_attentions=True).attentions[index]  # (n, H, 1+P, 1+P)
+    store = VisionSignalStore()
+    names = {f"cls_attention@{layer}", f"received_attention@{layer}"}
+    handles = adapter_for(model).install_vision_hooks(names, store)
+    try:
+        with torch.no_grad():
+            model.model.get_image_features(pixel_values=pixel_values)
+    finally:
+        for handle in handles:
+            handle.remove()
+    expected_cls = attn[:, :, 0, 1:].mean(1).reshape(-1)
+    expected_received = attn.mean(dim=(1, 2))[:, 1:].reshape(-1)
+    torch.testing.assert_close(store.values[f"cls_attention@{layer}"], expected_cls, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        store.values[f"received_attention@{layer}"], expected_received, atol=1e-5, rtol=0
+    )
+
+
 def _capture_eager(monkeypatch, module_of_model, target):
     """Wrap the modeling module's eager attention to record the weights `target` computes."""
     maps = []

@@ -84,7 +84,7 @@ class Engine:
     def _install(self) -> None:
         a = self.adapter
         self.handles.append(a.inner.register_forward_pre_hook(self._on_inner, with_kwargs=True))
-        vit_names = set(self.pre.signals) & set(a.vision_signals) if self.pre is not None else set()
+        vit_names = {n for n in self.pre.signals if a.is_vision_signal(n)} if self.pre is not None else set()
         self.handles += a.install_vision_hooks(vit_names, self.store)
         self.handles.append(a.language_model.register_forward_pre_hook(self._on_lm, with_kwargs=True))
         self.handles.append(a.language_model.register_forward_hook(self._on_lm_done))
