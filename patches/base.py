@@ -20,7 +20,8 @@ class Adapter:
     model_classes: ClassVar[tuple[str, ...]] = ()
     family: ClassVar[str] = ""
     # signals a ViT hook of this family can produce; "name@i" asks for it at vision layer i (negative
-    # from the end), plain "name" at the layer whose output feeds the projector
+    # from the end), "name@object" at the family's object-centric middle layer (HiPrune), plain "name"
+    # at the layer whose output feeds the projector
     vision_signals: ClassVar[tuple[str, ...]] = ("cls_attention", "received_attention", "vit_keys")
 
     def __init__(self, model: nn.Module) -> None:
@@ -65,9 +66,17 @@ class Adapter:
         by_layer: dict[int, dict[str, str]] = {}
         for name in names:
             base, _, layer = name.partition("@")
-            index = default if not layer else int(layer) % num_layers
+            if layer == "object":
+                index = self.object_layer(num_layers)
+            else:
+                index = default if not layer else int(layer) % num_layers
             by_layer.setdefault(index, {})[name] = base
         return by_layer
+
+    def object_layer(self, num_layers: int) -> int:
+        """The middle vision layer whose attention is most object-centric (HiPrune's analysis): layer 9 of
+        CLIP-L's 24 (3/8 of the depth); subclasses override."""
+        return round(num_layers * 3 / 8)
 
     def position_rows(self) -> int:
         """1 for (B, L) position ids, 3 for Qwen's M-RoPE (3, B, L)."""

@@ -41,6 +41,10 @@ class Qwen2VLAdapter(Adapter):
     def position_rows(self) -> int:
         return 3
 
+    def object_layer(self, num_layers: int) -> int:
+        """Half the depth: block 16 of Qwen2.5-VL's 32 (HiPrune's setting)."""
+        return num_layers // 2
+
     def image_layout(self, inner_kwargs: dict) -> ImageLayout | None:
         if inner_kwargs.get("pixel_values") is None and self.precomputed_counts(inner_kwargs) is None:
             return None
