@@ -12,7 +12,9 @@ from tokprune.methods.cdpruner import CDPruner
 from tokprune.methods.cls_attention import FasterVLM, VisionZip
 from tokprune.methods.dart import DART
 from tokprune.methods.divprune import DivPrune
+from tokprune.methods.fopru import FoPru
 from tokprune.methods.holov import HoloV
+from tokprune.methods.tome import ToMe
 
 REGISTRY: dict[str, type[Method]] = {
     cls.name: cls
@@ -24,6 +26,8 @@ REGISTRY: dict[str, type[Method]] = {
         DivPrune,
         CDPruner,
         HoloV,
+        ToMe,
+        FoPru,
         FastV,
         PyramidDrop,
         DART,

@@ -1,0 +1,124 @@
+"""Unit tests of FoPru (tokprune/methods/fopru.py) against brute-force Python references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokprune.core.budget import Budget
+from tokprune.errors import MethodOptionError
+from tokprune.methods.base import ImageTokens
+from tokprune.methods.fopru import FoPru
+
+
+def _image(h: int, w: int, seed: int = 0, grid: bool = True) -> ImageTokens:
+    g = torch.Generator().manual_seed(seed)
+    n = h * w
+    significance = torch.rand(n, generator=g) ** 2
+    return ImageTokens(
+        embeds=torch.randn(n, 4, generator=g),
+        grid=(h, w) if grid else None,
+        signals={"received_attention": significance / significance.sum()},
+    )
+
+
+def _ref_rank(sig: list[float], k: int) -> list[int]:
+    return sorted(sorted(range(len(sig)), key=lambda i: (-sig[i], i))[:k])
+
+
+def _ref_row(sig: list[float], h: int, w: int, k: int) -> list[int]:
+    row_sum = [sum(sig[r * w : (r + 1) * w]) for r in range(h)]
+    ranked = sorted(range(h), key=lambda r: (-row_sum[r], r))
+    full, rest = divmod(k, w)
+    keep = [r * w + c for r in ranked[:full] for c in range(w)]
+    if rest:
+        r = ranked[full]
+        starts = range(w - rest + 1)
+        best = max(starts, key=lambda s: (sum(sig[r * w + s : r * w + s + rest]), -s))
+        keep += [r * w + best + c for c in range(rest)]
+    return sorted(keep)
+
+
+def _assert_valid(keep: torch.Tensor, n: int, k: int) -> None:
+    assert keep.dtype == torch.long and keep.shape == (k,)
+    values = keep.tolist()
+    assert values == sorted(set(values)) and all(0 <= v < n for v in values)
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "k", "seed"), [(6, 6, 9, 0), (24, 24, 144, 1), (4, 7, 27, 2), (5, 3, 1, 3)]
+)
+def test_rank_is_global_topk(h, w, k, seed):
+    image = _image(h, w, seed)
+    keep = FoPru().select(image, k).keep
+    _assert_valid(keep, h * w, k)
+    assert keep.tolist() == _ref_rank(image.signals["received_attention"].tolist(), k)
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "rows", "seed"), [(6, 6, 2, 0), (24, 24, 6, 1), (4, 7, 3, 2), (5, 3, 1, 3)]
+)
+def test_row_keeps_whole_best_rows(h, w, rows, seed):
+    image = _image(h, w, seed)
+    k = rows * w
+    keep = FoPru(strategy="row").select(image, k).keep
+    _assert_valid(keep, h * w, k)
+    sig = image.signals["received_attention"].view(h, w).sum(1)
+    best_rows = sorted(torch.sort(sig, descending=True).indices[:rows].tolist())
+    assert keep.tolist() == [r * w + c for r in best_rows for c in range(w)]
+    assert keep.tolist() == _ref_row(image.signals["received_attention"].tolist(), h, w, k)
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "k", "seed"), [(6, 6, 8, 0), (24, 24, 64, 1), (4, 7, 5, 2), (5, 3, 14, 3)]
+)
+def test_row_fills_to_exactly_k(h, w, k, seed):
+    image = _image(h, w, seed)
+    keep = FoPru(strategy="row").select(image, k).keep
+    _assert_valid(keep, h * w, k)
+    assert keep.tolist() == _ref_row(image.signals["received_attention"].tolist(), h, w, k)
+    # whole rows plus one contiguous run in a single other row
+    rows = {}
+    for i in keep.tolist():
+        rows.setdefault(i // w, []).append(i % w)
+    partial = [cols for cols in rows.values() if len(cols) < w]
+    assert len(partial) == (1 if k % w else 0)
+    if partial:
+        cols = partial[0]
+        assert cols == list(range(cols[0], cols[0] + len(cols)))
+
+
+def test_row_hand_made():
+    # 3 x 4 grid: row 2 strongest, then row 0 (sum 1.4), then row 1 (one strong token, sum 0.8);
+    # in row 0 the best run of 2 is columns 1-2
+    sig = torch.tensor([[0.1, 0.5, 0.6, 0.2], [0.0, 0.8, 0.0, 0.0], [0.9, 0.9, 0.9, 0.9]]).flatten()
+    image = ImageTokens(embeds=torch.zeros(12, 2), grid=(3, 4), signals={"received_attention": sig})
+    assert FoPru(strategy="row").select(image, 4).keep.tolist() == [8, 9, 10, 11]
+    assert FoPru(strategy="row").select(image, 6).keep.tolist() == [1, 2, 8, 9, 10, 11]
+    assert FoPru(strategy="row").select(image, 8).keep.tolist() == [0, 1, 2, 3, 8, 9, 10, 11]
+    assert FoPru(strategy="row").select(image, 5).keep.tolist() == [2, 8, 9, 10, 11]
+    assert FoPru(strategy="rank").select(image, 6).keep.tolist() == [2, 5, 8, 9, 10, 11]
+
+
+def test_row_without_grid_falls_back_to_rank():
+    image = _image(4, 5, seed=5, grid=False)
+    keep = FoPru(strategy="row").select(image, 7).keep
+    assert keep.tolist() == _ref_rank(image.signals["received_attention"].tolist(), 7)
+
+
+def test_nothing_to_prune_passes_through():
+    image = _image(3, 3)
+    assert FoPru(strategy="row").select(image, 9).keep.tolist() == list(range(9))
+
+
+@pytest.mark.parametrize("strategy", ["rows", "", "RANK", None])
+def test_invalid_strategy_raises(strategy):
+    with pytest.raises(MethodOptionError, match="strategy"):
+        FoPru(strategy=strategy)
+
+
+def test_class_attributes():
+    assert FoPru.name == "fopru" and FoPru.where == "pre"
+    assert FoPru.signals == ("received_attention",)
+    assert FoPru.default_budget == Budget(ratio=0.25)
+    assert FoPru().strategy == "rank"

@@ -1,0 +1,131 @@
+"""Unit tests of VTC-CLS (tokprune/methods/vtc_cls.py) on hand-made per-layer [CLS] attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokprune
+from tokprune.core.budget import Budget
+from tokprune.errors import MethodOptionError
+from tokprune.methods.base import ImageTokens, Method
+from tokprune.methods.vtc_cls import VTCCLS
+
+
+def _image(per_layer: dict[int, torch.Tensor], grid=None) -> ImageTokens:
+    n = next(iter(per_layer.values())).numel()
+    signals = {f"cls_attention@{i}": v for i, v in per_layer.items()}
+    return ImageTokens(embeds=torch.zeros(n, 4), grid=grid, signals=signals)
+
+
+def _assert_valid_keep(keep: torch.Tensor, n: int, k: int) -> None:
+    assert keep.dtype == torch.long
+    assert keep.shape == (k,)
+    values = keep.tolist()
+    assert values == sorted(set(values)), "indices must be sorted and distinct"
+    assert all(0 <= v < n for v in values)
+
+
+def test_default_signals_are_the_eighth_last_to_the_penultimate_layer():
+    m = VTCCLS()
+    assert m.layers == (-8, -7, -6, -5, -4, -3, -2)
+    assert m.signals == tuple(f"cls_attention@{i}" for i in range(-8, -1))
+    assert VTCCLS(start_layer=-3, end_layer=-1).signals == (
+        "cls_attention@-3",
+        "cls_attention@-2",
+        "cls_attention@-1",
+    )
+    assert VTCCLS(start_layer=16, end_layer=22).signals == tuple(f"cls_attention@{i}" for i in range(16, 23))
+    assert VTCCLS(start_layer=-2, end_layer=-2).signals == ("cls_attention@-2",)
+
+
+def test_keeps_topk_of_the_sum_not_of_any_single_layer():
+    # 6 tokens, 3 layers. Each layer's own top-2 differs from the top-2 of the sum:
+    #   sums = [0.9, 1.0, 1.2, 1.1, 0.3, 0.5] -> top-2 = {2, 3}
+    layers = {
+        -3: torch.tensor([0.6, 0.0, 0.4, 0.3, 0.1, 0.0]),  # top-2 {0, 2}
+        -2: torch.tensor([0.3, 0.5, 0.4, 0.0, 0.1, 0.5]),  # top-2 {1, 5}
+        -1: torch.tensor([0.0, 0.5, 0.4, 0.8, 0.1, 0.0]),  # top-2 {3, 1}
+    }
+    method = VTCCLS(start_layer=-3, end_layer=-1)
+    image = _image(layers)
+    assert torch.allclose(method.scores(image), torch.tensor([0.9, 1.0, 1.2, 1.1, 0.3, 0.5]))
+    assert method.select(image, 2).keep.tolist() == [2, 3]
+    assert method.select(image, 3).keep.tolist() == [1, 2, 3]
+    assert method.select(image, 4).keep.tolist() == [0, 1, 2, 3]
+
+
+def test_only_layers_in_the_range_count():
+    layers = {i: torch.zeros(5) for i in range(-4, 0)}
+    layers[-1] = torch.tensor([0.0, 0.0, 0.0, 0.0, 9.0])  # outside start -4 .. end -2: ignored
+    layers[-3] = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0])
+    method = VTCCLS(start_layer=-4, end_layer=-2)
+    assert method.select(_image(layers), 1).keep.tolist() == [1]
+
+
+@pytest.mark.parametrize("n", [2, 7, 49, 576])
+def test_exactly_k_sorted_distinct_against_sum_reference(n):
+    g = torch.Generator().manual_seed(n)
+    method = VTCCLS()
+    layers = {i: torch.rand(n, generator=g).softmax(0) for i in method.layers}
+    image = _image(layers)
+    total = [sum(float(layers[i][t]) for i in method.layers) for t in range(n)]
+    for k in sorted({1, n // 4, n // 2, n - 1} - {0}):
+        keep = method.select(image, k).keep
+        _assert_valid_keep(keep, n, k)
+        expected = sorted(sorted(range(n), key=lambda t: (-total[t], t))[:k])
+        assert keep.tolist() == expected
+
+
+def test_ties_break_towards_lower_index_and_half_precision_works():
+    method = VTCCLS(start_layer=-2, end_layer=-1)
+    image = _image({-2: torch.ones(10, dtype=torch.bfloat16), -1: torch.ones(10, dtype=torch.bfloat16)})
+    for k in range(1, 10):
+        keep = method.select(image, k).keep
+        _assert_valid_keep(keep, 10, k)
+        assert keep.tolist() == list(range(k))
+
+
+def test_k_at_least_n_keeps_everything():
+    image = _image({i: torch.rand(4) for i in range(-8, -1)})
+    assert VTCCLS().select(image, 4).keep.tolist() == [0, 1, 2, 3]
+
+
+def test_metadata():
+    m = VTCCLS()
+    assert isinstance(m, Method)
+    assert (m.name, m.where, m.default_budget) == ("vtc_cls", "pre", Budget(tokens=64))
+    assert "2412.05819" in m.paper
+    assert (m.start_layer, m.end_layer) == (-8, -2)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"start_layer": -1, "end_layer": -2},  # start after end
+        {"start_layer": 16, "end_layer": -2},  # mixed signs: the range depends on the depth
+        {"start_layer": 5, "end_layer": 3},
+        {"start_layer": 1.5},
+        {"end_layer": True},
+        {"start_layer": "16"},
+    ],
+)
+def test_invalid_options(options):
+    with pytest.raises(MethodOptionError):
+        VTCCLS(**options)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_runs_end_to_end_on_tiny_models(tiny, family):
+    from tiny_models import batch_inputs
+
+    model, proc = tiny(family)
+    inputs = batch_inputs(family, proc, (1, 2))
+    # the tiny towers have 3 layers: the range -3 .. -1 is every layer
+    with tokprune.apply(model, VTCCLS(start_layer=-3, end_layer=-1), keep_ratio=0.25) as pruner:
+        model(**inputs)
+    stats = pruner.stats
+    assert len(stats.visual_kept) == 2
+    assert all(0 < kept < total for kept, total in zip(stats.visual_kept, stats.visual_in))
+    if family == "llava":  # 7 x 7 tokens per image, ceil(0.25 * 49) = 13 kept each
+        assert stats.visual_kept == [13, 26]
