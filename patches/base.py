@@ -12,6 +12,7 @@ from typing import ClassVar
 from torch import nn
 
 from tokprune.core.layout import ImageLayout, VisionSignalStore  # noqa: F401 (re-exported)
+from tokprune.errors import MethodOptionError
 
 
 class Adapter:
@@ -68,15 +69,22 @@ class Adapter:
             base, _, layer = name.partition("@")
             if layer == "object":
                 index = self.object_layer(num_layers)
+            elif not layer:
+                index = default
+            elif -num_layers <= int(layer) < num_layers:
+                index = int(layer) % num_layers
             else:
-                index = default if not layer else int(layer) % num_layers
+                raise MethodOptionError(
+                    f"signal {name!r} asks for vision layer {layer}, but the vision tower has {num_layers} "
+                    f"layers (valid: {-num_layers} .. {num_layers - 1}); choose the method's layers accordingly"
+                )
             by_layer.setdefault(index, {})[name] = base
         return by_layer
 
     def object_layer(self, num_layers: int) -> int:
-        """The middle vision layer whose attention is most object-centric (HiPrune's analysis): layer 9 of
-        CLIP-L's 24 (3/8 of the depth); subclasses override."""
-        return round(num_layers * 3 / 8)
+        """Index of the middle vision layer whose attention is most object-centric (HiPrune's analysis):
+        the 9th of CLIP-L's 24 layers (3/8 of the depth, counted from 1), i.e. index 8; subclasses override."""
+        return max(0, round(num_layers * 3 / 8) - 1)
 
     def position_rows(self) -> int:
         """1 for (B, L) position ids, 3 for Qwen's M-RoPE (3, B, L)."""

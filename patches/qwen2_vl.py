@@ -42,8 +42,8 @@ class Qwen2VLAdapter(Adapter):
         return 3
 
     def object_layer(self, num_layers: int) -> int:
-        """Half the depth: block 16 of Qwen2.5-VL's 32 (HiPrune's setting)."""
-        return num_layers // 2
+        """Half the depth: the 16th of Qwen2.5-VL's 32 blocks (HiPrune's setting, counted from 1), index 15."""
+        return max(0, num_layers // 2 - 1)
 
     def image_layout(self, inner_kwargs: dict) -> ImageLayout | None:
         if inner_kwargs.get("pixel_values") is None and self.precomputed_counts(inner_kwargs) is None:
@@ -69,8 +69,8 @@ class Qwen2VLAdapter(Adapter):
         return None
 
     def install_vision_hooks(self, names: set[str], store: VisionSignalStore) -> list:
+        by_layer = self.signals_by_layer(names, len(self.visual.blocks), self.score_layer)  # validates first
         handles = [_wrap_image_features(self, store)]
-        by_layer = self.signals_by_layer(names, len(self.visual.blocks), self.score_layer)
         for index, wanted in by_layer.items():
             hook = self._hook(wanted, store)
             handles.append(self.visual.blocks[index].attn.register_forward_hook(hook, with_kwargs=True))

@@ -228,3 +228,19 @@ def test_bfloat16_model_runs(tiny):
         with tokprune.apply(model, method, keep_ratio=0.25) as pruner, torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
         assert out.shape[0] == 2 and pruner.stats.visual_kept == [4, 10]
+
+
+def test_vision_layer_out_of_range_is_an_early_error(tiny):
+    model, _ = tiny("llava")  # a 3-layer vision tower: VTC-CLS's default layers -8 .. -2 do not exist
+    hooks_before = _hook_count(model)
+    with pytest.raises(errors.MethodOptionError, match="vision tower has 3 layers"):
+        tokprune.apply(model, "vtc_cls")
+    assert not hasattr(model, "_tokprune_pruner")
+    assert _hook_count(model) == hooks_before  # nothing half-installed
+
+
+def _hook_count(model) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + ("get_image_features" in m.__dict__)
+        for m in model.modules()
+    )

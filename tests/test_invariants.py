@@ -16,6 +16,8 @@ METHODS = tokprune.available_methods()
 FAMILIES = list(BUILDERS)
 BACKENDS = ["sdpa", "eager"]
 NEW_TOKENS = 3
+# options a method needs on the tiny models (2-3 layer vision towers); defaults everywhere else
+TINY_OPTIONS = {"vtc_cls": {"start_layer": -2, "end_layer": -1}}
 TOL = 1e-5  # relative to the largest |logit| of the compared tensors (float32 summation-order noise)
 
 
@@ -49,7 +51,7 @@ def test_keep_all_is_bit_identical(tiny, family, attn, method):
     inputs = batch_inputs(family, proc, (1, 2))
     ref_logits = _prefill(model, inputs)
     ref_tokens, ref_steps = _generate(model, inputs)
-    with tokprune.apply(model, method, keep_ratio=1.0):
+    with tokprune.apply(model, method, keep_ratio=1.0, **TINY_OPTIONS.get(method, {})):
         assert torch.equal(_prefill(model, inputs), ref_logits)
         tokens, steps = _generate(model, inputs)
     assert torch.equal(tokens, ref_tokens)
@@ -133,7 +135,7 @@ def test_pruned_equals_masked_reference(tiny, family, attn, method, layout):
     inputs = batch_inputs(family, proc, LAYOUTS[layout])
     ref_logits = _prefill(model, inputs)
     ratio = 0.25
-    pruner = tokprune.apply(model, method, keep_ratio=ratio)
+    pruner = tokprune.apply(model, method, keep_ratio=ratio, **TINY_OPTIONS.get(method, {}))
     recorder, probe = LMInputRecorder(model), LayerLengthProbe(model)
     try:
         with torch.no_grad():  # the positions generate() would use, so that absolute RoPE angles match

@@ -301,21 +301,33 @@ def scoring_signals(methods) -> tuple[str, ...]:
 
 
 def _vision_scoring(model, inputs: dict, images: _Images, signals: set[str]) -> float:
-    if not images.vit_tokens or not signals & {"cls_attention", "vit_keys"}:
+    """ViT-side signal FLOPs. Signals are "base" or "base@layer"; each distinct layer recomputes its
+    projections once. Qwen blocks are counted with their full-image attention blocks (windowed blocks
+    cost less: an upper bound there)."""
+    layers: dict[str, set[str]] = {}
+    for name in signals:
+        base, _, layer = name.partition("@")
+        if base in {"cls_attention", "received_attention", "vit_keys"}:
+            layers.setdefault(layer, set()).add(base)
+    if not images.vit_tokens or not layers:
         return 0.0
+    total = 0.0
     if _family(model) == "llava":
         c = model.config.vision_config.hidden_size
-        total = 0.0
-        for n in images.vit_tokens:
-            total += 2 * n * c * c  # k projection (shared by both signals)
-            if "cls_attention" in signals:
-                total += 2 * c * c + 2 * n * c  # [CLS] query and its attention row
+        for bases in layers.values():
+            for n in images.vit_tokens:
+                total += 2 * n * c * c  # k projection (shared by the layer's signals)
+                if "cls_attention" in bases:
+                    total += 2 * c * c + 2 * n * c  # [CLS] query and its attention row
+                if "received_attention" in bases:
+                    total += 2 * n * c * c + 2 * n * n * c  # all queries, Q Kᵀ streamed over query blocks
         return total
     vc = model.config.vision_config
     c = vc.embed_dim if _family(model) == "qwen2_vl" else vc.hidden_size
-    total = 2.0 * sum(images.vit_tokens) * c * 3 * c  # qkv recomputed at the scoring block
-    if "cls_attention" in signals:
-        total += sum(2 * n * n * c for blocks in images.full_blocks for n in blocks)  # Q Kᵀ per block
+    for bases in layers.values():
+        total += 2.0 * sum(images.vit_tokens) * c * 3 * c  # qkv recomputed at the scoring block
+        if bases & {"cls_attention", "received_attention"}:  # the same received-attention pass
+            total += sum(2 * n * n * c for blocks in images.full_blocks for n in blocks)  # Q Kᵀ per block
     return total
 
 

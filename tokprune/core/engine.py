@@ -78,7 +78,11 @@ class Engine:
         num_layers = len(adapter.decoder_layers)
         self.boundaries = llm.boundaries(num_layers) if llm is not None else []
         self.handles: list = []
-        self._install()
+        try:
+            self._install()
+        except Exception:
+            self.remove()  # a half-installed configuration never stays on the model
+            raise
 
     # ------------------------------------------------------------------ install / remove
     def _install(self) -> None:

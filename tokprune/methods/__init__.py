@@ -13,8 +13,10 @@ from tokprune.methods.cls_attention import FasterVLM, VisionZip
 from tokprune.methods.dart import DART
 from tokprune.methods.divprune import DivPrune
 from tokprune.methods.fopru import FoPru
+from tokprune.methods.hiprune import HiPrune
 from tokprune.methods.holov import HoloV
 from tokprune.methods.tome import ToMe
+from tokprune.methods.vtc_cls import VTCCLS
 
 REGISTRY: dict[str, type[Method]] = {
     cls.name: cls
@@ -22,10 +24,12 @@ REGISTRY: dict[str, type[Method]] = {
         RandomPrune,
         SpatialPool,
         FasterVLM,
+        VTCCLS,
         VisionZip,
         DivPrune,
         CDPruner,
         HoloV,
+        HiPrune,
         ToMe,
         FoPru,
         FastV,
