@@ -32,6 +32,7 @@ def test_harness_end_to_end(tiny, tmp_path):
     for row in rows:
         for key in PER_SETTING:
             assert key in row, key
+        assert row["decode_tokens_per_s_median"] > 0  # timed inside generate(), after its prefill
     base, divprune, pdrop, _, _ = rows
     assert base["visual_tokens_into_llm"] == 49 and base["prefill_speedup"] == 1.0
     assert divprune["visual_tokens_into_llm"] == 8 and divprune["visual_tokens_layer_averaged"] == 8

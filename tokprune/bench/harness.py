@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,7 @@ from tokprune.bench.measure import (
     kv_cache_bytes,
     return_freed_memory_to_os,
     stopwatch,
+    synchronize,
 )
 
 
@@ -73,6 +75,24 @@ class Measurement:
         return out
 
 
+class ForwardClock:
+    """Timestamps (perf_counter, CUDA synchronised) of the end of every forward of `model`."""
+
+    def __init__(self, model, device) -> None:
+        self.model, self.device, self.ends = model, device, []
+
+    def __enter__(self) -> ForwardClock:
+        self.handle = self.model.register_forward_hook(self._tick)
+        return self
+
+    def _tick(self, module, args, output) -> None:
+        synchronize(self.device)
+        self.ends.append(time.perf_counter())
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+
 @contextlib.contextmanager
 def applied(model, setting: Setting):
     """The setting installed on the model (nothing for the baseline); yields the Pruner or None."""
@@ -107,7 +127,11 @@ def _measure_once(model, inputs: dict, setting: Setting, max_new_tokens: int, de
         stats = pruner.stats if pruner is not None else None
         lengths = cache_lengths(out.past_key_values)
         del out
-        with PeakMemory(device) as memory, stopwatch(record, "e2e_s", device):
+        with (
+            PeakMemory(device) as memory,
+            ForwardClock(model, device) as clock,
+            stopwatch(record, "e2e_s", device),
+        ):
             model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,
@@ -116,10 +140,9 @@ def _measure_once(model, inputs: dict, setting: Setting, max_new_tokens: int, de
                 pad_token_id=0,
             )
         record["peak_e2e_bytes"] = memory.peak_bytes
-    decode_s = record["e2e_s"] - record["prefill_s"]
-    record["decode_tokens_per_s"] = (
-        (max_new_tokens - 1) / decode_s if max_new_tokens > 1 and decode_s > 0 else 0.0
-    )
+    # decode speed inside the same generate() call: forward ends after the first (the prefill's) one
+    decode_s = clock.ends[-1] - clock.ends[0] if len(clock.ends) > 1 else 0.0
+    record["decode_tokens_per_s"] = (len(clock.ends) - 1) / decode_s if decode_s > 0 else 0.0
     record["scoring_s"] = stats.scoring_seconds if stats is not None else 0.0
     return record, {"stats": stats, "cache_lengths": lengths}
 
