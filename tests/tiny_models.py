@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from tokprune.bench.synthetic import QWEN_SPECIALS, make_tokenizer, qwen_image_processor, rand_image  # noqa: F401
+from tokprune.bench.synthetic import (  # noqa: F401
+    QWEN_SPECIALS,
+    llava_processor,
+    make_tokenizer,
+    qwen_image_processor,
+    rand_image,
+)
 
 MODELS = ("llava", "qwen2_vl", "qwen2_5_vl")
 
@@ -37,8 +43,6 @@ def tiny_llava(attn: str = "sdpa"):
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
-        LlavaImageProcessorPil,
-        LlavaProcessor,
     )
 
     torch.manual_seed(0)
@@ -62,14 +66,7 @@ def tiny_llava(attn: str = "sdpa"):
     )
     cfg._attn_implementation = attn
     model = LlavaForConditionalGeneration(cfg).eval()
-    ip = LlavaImageProcessorPil(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112})
-    proc = LlavaProcessor(
-        image_processor=ip,
-        tokenizer=tok,
-        patch_size=16,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
+    proc = llava_processor(tok, 112, 16)
     return model, proc
 
 

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from tokprune.bench.synthetic import QWEN_SPECIALS, make_tokenizer, qwen_image_processor, rand_image
+from tokprune.bench.synthetic import (
+    QWEN_SPECIALS,
+    llava_processor,
+    make_tokenizer,
+    qwen_image_processor,
+    rand_image,
+)
 
 PROMPT_WORDS = "describe the image please " * 8  # ~32 instruction tokens after the image
 
@@ -111,8 +117,6 @@ def build_llava15(layers, attn, dtype, device):
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
-        LlavaImageProcessorPil,
-        LlavaProcessor,
     )
 
     tok = make_tokenizer(["<image>"])
@@ -126,14 +130,7 @@ def build_llava15(layers, attn, dtype, device):
     )
     config._attn_implementation = attn
     model = instantiate(LlavaForConditionalGeneration, config, dtype, device)
-    ip = LlavaImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-    proc = LlavaProcessor(
-        image_processor=ip,
-        tokenizer=tok,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
+    proc = llava_processor(tok, 336, 14)
     return model, _inputs_factory(proc, f"USER: <image> {PROMPT_WORDS}ASSISTANT:", (336, 336), device, dtype)
 
 

@@ -53,6 +53,24 @@ def qwen_image_processor(tokenizer, min_pixels: int, max_pixels: int):
     return Qwen2VLImageOnlyProcessor(image_processor=ip, tokenizer=tokenizer)
 
 
+def llava_processor(tokenizer, image_size: int, patch_size: int, **image_kwargs):
+    """LlavaProcessor over square `image_size` crops (default strategy: [CLS] dropped)."""
+    from transformers import LlavaImageProcessorPil, LlavaProcessor
+
+    ip = LlavaImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        **image_kwargs,
+    )
+    return LlavaProcessor(
+        image_processor=ip,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+
+
 def rand_image(h: int, w: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))

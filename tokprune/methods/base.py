@@ -101,3 +101,19 @@ def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     """
     order = torch.sort(scores.float(), descending=True, stable=True).indices[:k]
     return order.sort().values
+
+
+def trivial_selection(image: ImageTokens, k: int) -> Selection | None:
+    """For direct calls outside the engine (which never asks for k >= n): keep the first min(k, n) tokens
+    when nothing needs choosing, else None."""
+    if 0 < k < image.n:
+        return None
+    return Selection(keep=torch.arange(max(0, min(k, image.n)), device=image.embeds.device))
+
+
+def grid_of(image: ImageTokens, method: str) -> tuple[int, int]:
+    """The image's (h, w) token grid (a 1 x n strip without one); checks that it holds the n tokens."""
+    h, w = image.grid or (1, image.n)
+    if h * w != image.n:
+        raise ValueError(f"{method}: grid {h}x{w} does not hold the image's {image.n} tokens")
+    return h, w

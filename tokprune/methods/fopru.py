@@ -8,7 +8,7 @@ import torch
 
 from tokprune.core.budget import Budget
 from tokprune.errors import MethodOptionError
-from tokprune.methods.base import ImageTokens, Method, Selection, topk_sorted
+from tokprune.methods.base import ImageTokens, Method, Selection, topk_sorted, trivial_selection
 
 _STRATEGIES = ("rank", "row")
 
@@ -74,10 +74,8 @@ class FoPru(Method):
             raise MethodOptionError(f"fopru: strategy must be one of {_STRATEGIES}, got {self.strategy!r}")
 
     def select(self, image: ImageTokens, k: int) -> Selection:
-        n = image.n
-        device = image.embeds.device
-        if k >= n or k <= 0:
-            return Selection(keep=torch.arange(max(0, min(k, n)), device=device))
+        if (trivial := trivial_selection(image, k)) is not None:
+            return trivial
         significance = image.signals["received_attention"]
         if self.strategy == "row" and image.grid is not None:
             return Selection(keep=row_select(significance, image.grid, k))

@@ -8,7 +8,7 @@ import torch
 
 from tokprune.core.budget import Budget
 from tokprune.errors import MethodOptionError
-from tokprune.methods.base import ImageTokens, Method, Selection, topk_sorted
+from tokprune.methods.base import ImageTokens, Method, Selection, grid_of, topk_sorted, trivial_selection
 
 _NEIGHBOURHOODS = (4, 8)
 _OFFSETS = {
@@ -156,13 +156,10 @@ class HiPrune(Method):
         return tuple(dict.fromkeys((self.object_signal, self.deep_signal)))
 
     def select(self, image: ImageTokens, k: int) -> Selection:
-        n = image.n
+        if (trivial := trivial_selection(image, k)) is not None:
+            return trivial
         device = image.embeds.device
-        if k >= n or k <= 0:
-            return Selection(keep=torch.arange(max(0, min(k, n)), device=device))
-        h, w = image.grid or (1, n)
-        if h * w != n:
-            raise ValueError(f"hiprune: grid {h}x{w} does not hold the image's {n} tokens")
+        h, w = grid_of(image, self.name)
         obj = image.signals[self.object_signal].to(device)
         deep = image.signals[self.deep_signal].to(device)
         parts = hiprune_parts(obj, deep, (h, w), k, self.alpha, self.neighbourhood)

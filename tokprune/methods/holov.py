@@ -9,7 +9,7 @@ import torch
 
 from tokprune.core.budget import Budget
 from tokprune.errors import MethodOptionError
-from tokprune.methods.base import ImageTokens, Method, Selection, topk_sorted
+from tokprune.methods.base import ImageTokens, Method, Selection, grid_of, topk_sorted, trivial_selection
 
 _LAYOUTS = ("blocks", "bands")
 _RANK_BY = ("score", "attention")
@@ -206,13 +206,10 @@ class HoloV(Method):
             raise MethodOptionError(f"holov: rank_by must be one of {_RANK_BY}, got {self.rank_by!r}")
 
     def select(self, image: ImageTokens, k: int) -> Selection:
-        n = image.n
+        if (trivial := trivial_selection(image, k)) is not None:
+            return trivial
         device = image.embeds.device
-        if k >= n or k <= 0:
-            return Selection(keep=torch.arange(max(0, min(k, n)), device=device))
-        h, w = image.grid or (1, n)
-        if h * w != n:
-            raise ValueError(f"holov: grid {h}x{w} does not hold the image's {n} tokens")
+        h, w = grid_of(image, self.name)
         crops = crop_partition(h, w, self.crop_rows, self.crop_cols, self.layout)
         attention = image.signals["cls_attention"].to(device)
         scores, crop_scores = holistic_scores(image.embeds, attention, crops, self.alpha, self.beta, self.eps)

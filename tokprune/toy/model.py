@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokprune.bench.synthetic import make_tokenizer
+from tokprune.bench.synthetic import llava_processor, make_tokenizer
 from tokprune.toy.task import SIZE, vocabulary
 
 WEIGHTS = Path(__file__).parent / "weights"
@@ -23,17 +23,8 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 def toy_processor():
     """LlavaProcessor with the toy's word-level tokenizer and a 112 px CLIP image processor."""
-    from transformers import LlavaImageProcessorPil, LlavaProcessor
-
     tok = make_tokenizer(["<image>"], words=["USER:", "ASSISTANT:", *vocabulary()])
-    ip = LlavaImageProcessorPil(
-        size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
-        image_mean=CLIP_MEAN.tolist(), image_std=CLIP_STD.tolist(),
-    )  # fmt: skip
-    return LlavaProcessor(
-        image_processor=ip, tokenizer=tok, patch_size=PATCH, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )  # fmt: skip
+    return llava_processor(tok, SIZE, PATCH, image_mean=CLIP_MEAN.tolist(), image_std=CLIP_STD.tolist())
 
 
 def toy_config(processor):
