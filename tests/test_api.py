@@ -244,3 +244,13 @@ def _hook_count(model) -> int:
         len(m._forward_hooks) + len(m._forward_pre_hooks) + ("get_image_features" in m.__dict__)
         for m in model.modules()
     )
+
+
+def test_readme_tables_list_every_method_and_model():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name in tokprune.available_methods():
+        assert f"| `{name}` |" in readme, f"README's method table lacks {name}"
+    for name in tokprune.available_models():
+        assert f"| `{name}` |" in readme, f"README's model table lacks {name}"
