@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from checks import assert_valid_keep
 
 from tokprune.core.budget import Budget
 from tokprune.errors import MethodOptionError
@@ -18,14 +19,6 @@ from tokprune.methods.cdpruner import CDPruner, greedy_dpp_map, instruction_rele
 
 def _image(embeds: torch.Tensor, text: torch.Tensor | None = None) -> ImageTokens:
     return ImageTokens(embeds=embeds, grid=None, signals={}, text={} if text is None else {"embeds": text})
-
-
-def _assert_valid_keep(keep: torch.Tensor, n: int, k: int) -> None:
-    assert keep.dtype == torch.long
-    assert keep.shape == (k,)
-    values = keep.tolist()
-    assert values == sorted(set(values)), "indices must be sorted and distinct"
-    assert all(0 <= v < n for v in values)
 
 
 def _brute_force_greedy(x: torch.Tensor, q: torch.Tensor, k: int) -> list[int]:
@@ -166,8 +159,8 @@ def test_exactly_k_sorted_distinct_for_many_shapes():
             ks = sorted({1, 2, n // 3, n // 2, n - 1} - {0})
             for k in ks:
                 for method in (CDPruner(), CDPruner(theta=0.5)):
-                    _assert_valid_keep(method.select(_image(x, t), k).keep, n, k)
-                _assert_valid_keep(CDPruner().select(_image(x), k).keep, n, k)
+                    assert_valid_keep(method.select(_image(x, t), k).keep, n, k)
+                assert_valid_keep(CDPruner().select(_image(x), k).keep, n, k)
 
 
 def test_degenerate_inputs_fall_back_to_relevance():
@@ -180,7 +173,7 @@ def test_degenerate_inputs_fall_back_to_relevance():
     x[3] = 0
     t = torch.randn(2, 2, generator=torch.Generator().manual_seed(1))
     keep = CDPruner().select(_image(x, t), 8).keep
-    _assert_valid_keep(keep, 12, 8)
+    assert_valid_keep(keep, 12, 8)
     # after the DPP runs out of rank, the remaining picks follow relevance
     q = CDPruner().quality(_image(x, t))
     chosen = greedy_dpp_map(x, q, 8)
@@ -193,6 +186,6 @@ def test_bf16_input():
     x = torch.randn(40, 16, generator=g).bfloat16()
     t = torch.randn(5, 16, generator=g).bfloat16()
     keep = CDPruner().select(_image(x, t), 10).keep
-    _assert_valid_keep(keep, 40, 10)
+    assert_valid_keep(keep, 40, 10)
     assert torch.equal(keep, CDPruner().select(_image(x.float(), t.float()), 10).keep)
     assert CDPruner().quality(_image(x, t)).dtype == torch.float32

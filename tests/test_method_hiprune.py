@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from checks import assert_valid_keep
 
 import tokprune
 from tokprune.core.budget import Budget
@@ -27,14 +28,6 @@ def _random_image(h: int, w: int, seed: int, grid: bool = True) -> ImageTokens:
     g = torch.Generator().manual_seed(seed)
     n = h * w
     return _image(torch.rand(n, generator=g), torch.rand(n, generator=g), (h, w) if grid else None)
-
-
-def _assert_valid_keep(keep: torch.Tensor, n: int, k: int) -> None:
-    assert keep.dtype == torch.long
-    assert keep.shape == (k,)
-    values = keep.tolist()
-    assert values == sorted(set(values)), "indices must be sorted and distinct"
-    assert all(0 <= v < n for v in values)
 
 
 def _ref_neighbours(tokens: list[int], h: int, w: int, neighbourhood: int = 4) -> set[int]:
@@ -176,7 +169,7 @@ def test_exactly_k_sorted_distinct_and_matches_reference(h, w, alpha, nb):
         if not 1 <= k < n:
             continue
         keep = method.select(image, k).keep
-        _assert_valid_keep(keep, n, k)
+        assert_valid_keep(keep, n, k)
         assert keep.tolist() == _ref_select(obj, deep, h, w, k, alpha, nb)
 
 
@@ -184,7 +177,7 @@ def test_ties_and_float16_signals_still_give_k():
     h, w = 6, 6
     image = _image(torch.ones(36, dtype=torch.float16), torch.zeros(36, dtype=torch.float16), (h, w))
     for k in range(1, 36):
-        _assert_valid_keep(HiPrune(alpha=1.0).select(image, k).keep, 36, k)
+        assert_valid_keep(HiPrune(alpha=1.0).select(image, k).keep, 36, k)
 
 
 def test_k_at_least_n_keeps_everything():

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from checks import assert_valid_keep
 
 from tokprune.core.budget import Budget
 from tokprune.errors import MethodOptionError
@@ -24,14 +25,6 @@ def _image(h: int, w: int, d: int = 8, seed: int = 0, grid: bool = True) -> Imag
     attention = torch.rand(n, generator=g) ** 3  # skewed, non-negative, like a softmax row
     attention = attention / attention.sum()
     return ImageTokens(embeds=embeds, grid=(h, w) if grid else None, signals={"cls_attention": attention})
-
-
-def _assert_valid_keep(keep: torch.Tensor, n: int, k: int) -> None:
-    assert keep.dtype == torch.long
-    assert keep.shape == (k,)
-    values = keep.tolist()
-    assert values == sorted(set(values)), "indices must be sorted and distinct"
-    assert all(0 <= v < n for v in values)
 
 
 # ------------------------------------------------------------------------------------ reference
@@ -297,13 +290,13 @@ def test_exactly_k_sorted_distinct(h, w, ks, layout):
     image = _image(h, w, seed=h * 31 + w)
     for k in ks:
         keep = HoloV(layout=layout).select(image, k).keep
-        _assert_valid_keep(keep, h * w, k)
+        assert_valid_keep(keep, h * w, k)
 
 
 def test_no_grid_is_a_strip():
     image = _image(6, 10, seed=8, grid=False)
     keep = HoloV().select(image, 12).keep
-    _assert_valid_keep(keep, 60, 12)
+    assert_valid_keep(keep, 60, 12)
     strip = ImageTokens(embeds=image.embeds, grid=(1, 60), signals=image.signals)
     assert torch.equal(keep, HoloV().select(strip, 12).keep)
 
@@ -322,12 +315,12 @@ def test_float16_inputs_and_degenerate_signals():
         grid=(10, 10),
         signals={"cls_attention": image.signals["cls_attention"].half()},
     )
-    _assert_valid_keep(HoloV().select(half, 17).keep, 100, 17)
+    assert_valid_keep(HoloV().select(half, 17).keep, 100, 17)
     # identical tokens and uniform attention: no crop or token is preferred, still exactly k
     flat = ImageTokens(embeds=torch.ones(100, 4), grid=(10, 10), signals={"cls_attention": torch.ones(100)})
-    _assert_valid_keep(HoloV().select(flat, 17).keep, 100, 17)
+    assert_valid_keep(HoloV().select(flat, 17).keep, 100, 17)
     zero = ImageTokens(embeds=torch.zeros(100, 4), grid=(10, 10), signals={"cls_attention": torch.zeros(100)})
-    _assert_valid_keep(HoloV().select(zero, 17).keep, 100, 17)
+    assert_valid_keep(HoloV().select(zero, 17).keep, 100, 17)
 
 
 def test_metadata_and_options():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from checks import assert_valid_keep
 
 import tokprune
 from tokprune.core.budget import Budget
@@ -16,14 +17,6 @@ def _image(per_layer: dict[int, torch.Tensor], grid=None) -> ImageTokens:
     n = next(iter(per_layer.values())).numel()
     signals = {f"cls_attention@{i}": v for i, v in per_layer.items()}
     return ImageTokens(embeds=torch.zeros(n, 4), grid=grid, signals=signals)
-
-
-def _assert_valid_keep(keep: torch.Tensor, n: int, k: int) -> None:
-    assert keep.dtype == torch.long
-    assert keep.shape == (k,)
-    values = keep.tolist()
-    assert values == sorted(set(values)), "indices must be sorted and distinct"
-    assert all(0 <= v < n for v in values)
 
 
 def test_default_signals_are_the_eighth_last_to_the_penultimate_layer():
@@ -72,7 +65,7 @@ def test_exactly_k_sorted_distinct_against_sum_reference(n):
     total = [sum(float(layers[i][t]) for i in method.layers) for t in range(n)]
     for k in sorted({1, n // 4, n // 2, n - 1} - {0}):
         keep = method.select(image, k).keep
-        _assert_valid_keep(keep, n, k)
+        assert_valid_keep(keep, n, k)
         expected = sorted(sorted(range(n), key=lambda t: (-total[t], t))[:k])
         assert keep.tolist() == expected
 
@@ -82,7 +75,7 @@ def test_ties_break_towards_lower_index_and_half_precision_works():
     image = _image({-2: torch.ones(10, dtype=torch.bfloat16), -1: torch.ones(10, dtype=torch.bfloat16)})
     for k in range(1, 10):
         keep = method.select(image, k).keep
-        _assert_valid_keep(keep, 10, k)
+        assert_valid_keep(keep, 10, k)
         assert keep.tolist() == list(range(k))
 
 

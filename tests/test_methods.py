@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from checks import assert_valid_keep
 
 from tokprune.core.budget import Budget
 from tokprune.errors import BudgetError, MethodOptionError
@@ -24,14 +25,6 @@ from tokprune.methods.divprune import DivPrune, max_min_diverse
 def _image(n: int, d: int = 8, grid=None, seed: int = 0, **signals) -> ImageTokens:
     g = torch.Generator().manual_seed(seed)
     return ImageTokens(embeds=torch.randn(n, d, generator=g), grid=grid, signals=dict(signals))
-
-
-def _assert_valid_keep(keep: torch.Tensor, n: int, k: int) -> None:
-    assert keep.dtype == torch.long
-    assert keep.shape == (k,)
-    values = keep.tolist()
-    assert values == sorted(set(values)), "indices must be sorted and distinct"
-    assert all(0 <= v < n for v in values)
 
 
 # --------------------------------------------------------------------------------------------- topk
@@ -65,7 +58,7 @@ def test_random_different_seed_different_selection():
 @pytest.mark.parametrize("n,k", [(1, 1), (10, 1), (10, 9), (10, 10), (576, 64), (577, 144)])
 def test_random_exactly_k_sorted_distinct(n, k):
     keep = RandomPrune(seed=1).select(_image(n), k).keep
-    _assert_valid_keep(keep, n, k)
+    assert_valid_keep(keep, n, k)
 
 
 def test_random_independent_of_other_images_and_content():
@@ -127,7 +120,7 @@ def test_pool_merges_cell_means(grid, k):
     h, w = grid
     image = _image(h * w, d=5, grid=grid, seed=k)
     selection = SpatialPool().select(image, k)
-    _assert_valid_keep(selection.keep, h * w, k)
+    assert_valid_keep(selection.keep, h * w, k)
     assert selection.merged.shape == (k, 5) and selection.merged.dtype == image.embeds.dtype
     embeds = image.embeds.double()
     for (rows, cols), kept, merged in zip(pooling_cells(h, w, k), selection.keep.tolist(), selection.merged):
@@ -232,7 +225,7 @@ def test_visionzip_matches_reference(n, k):
     image = _image(n, d=12, seed=k, cls_attention=cls_attn, vit_keys=keys)
     selection = VisionZip().select(image, k)
     dominant, targets, _, keep, merged = _visionzip_reference(cls_attn, keys, image.embeds, k)
-    _assert_valid_keep(selection.keep, n, k)
+    assert_valid_keep(selection.keep, n, k)
     assert selection.keep.tolist() == keep
     c = round(k * 10 / 64) if k > 1 else 0
     assert len(dominant) == k - min(c, k - 1) and len(targets) == min(c, k - 1)
@@ -291,7 +284,7 @@ def test_divprune_on_a_line_picks_extremes_then_spreads():
     assert [positions[i] for i in order[:3]] == [0.0, 1.0, 0.52]
     for k in range(1, len(positions) + 1):
         keep = max_min_diverse(features, k)
-        _assert_valid_keep(keep, len(positions), k)
+        assert_valid_keep(keep, len(positions), k)
         assert keep.tolist() == sorted(order[:k]), f"k={k}"
 
 
@@ -452,7 +445,7 @@ def test_dart_matches_reference(k, pivots, with_text):
         embeds=torch.randn(n, d, generator=g), grid=None, signals={"keys": keys, "hidden": hidden}, text=text
     )
     keep = DART(pivots=pivots).select(image, k).keep
-    _assert_valid_keep(keep, n, k)
+    assert_valid_keep(keep, n, k)
     image_pivots, expected = _dart_reference(keys, hidden, k, pivots, text.get("keys"), text.get("hidden"))
     assert set(image_pivots) <= set(keep.tolist())
     n_text = min(pivots // 2, 3) if with_text else 0

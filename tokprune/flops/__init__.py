@@ -67,10 +67,19 @@ LLM-side signals are counted at the stages recorded in the `PruneStats` (``stage
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
-import torch
+from tokprune.flops.parts import (
+    Images,
+    images_of,
+    llava_vision,
+    llm_gated,
+    llm_layer_flops,
+    model_family,
+    qwen_vision,
+    text_dims,
+    vocab_size,
+)
 
 __all__ = [
     "FlopsBreakdown",
@@ -81,13 +90,8 @@ __all__ = [
     "scoring_signals",
 ]
 
-SUPPORTED = ("llava", "qwen2_vl", "qwen2_5_vl")
-DART_PIVOTS = 8
 
-# model_type of text configs whose decoder MLP is a plain fc1/fc2 pair (everything else is taken as gated)
-_UNGATED_TEXT_MODELS = frozenset(
-    {"gpt2", "opt", "phi", "gpt_neox", "gptj", "falcon", "bloom", "starcoder2", "gpt_bigcode"}
-)
+DART_PIVOTS = 8
 
 
 @dataclass
@@ -119,159 +123,6 @@ class FlopsBreakdown:
         return out
 
 
-# --------------------------------------------------------------------------------------------- LLM
-def _text_dims(cfg) -> tuple[int, int, int, int, int]:
-    """(d, H, H_kv, head_dim, m) of a decoder config."""
-    d = cfg.hidden_size
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or d // heads
-    return d, heads, kv_heads, head_dim, cfg.intermediate_size
-
-
-def _is_gated(cfg) -> bool:
-    return getattr(cfg, "model_type", "") not in _UNGATED_TEXT_MODELS
-
-
-def llm_layer_flops(text_config, n_query: int, n_key: int, *, gated: bool | None = None) -> float:
-    """FLOPs of one decoder layer: n_query new tokens, each attending to n_key keys (all heads).
-
-    q/k/v/o projections with GQA (num_key_value_heads, head_dim), Q Kᵀ and A V over n_key keys, and the
-    MLP: gated (SwiGLU, 3 matrices) or 2 matrices. `gated=None` infers it from the config's model_type
-    (Llama, Qwen2, Mistral, Gemma, … are gated); `prefill_flops` passes what the module really has.
-    """
-    d, heads, kv_heads, head_dim, m = _text_dims(text_config)
-    if gated is None:
-        gated = _is_gated(text_config)
-    nq, nk = int(n_query), int(n_key)
-    if nq <= 0:
-        return 0.0
-    proj = (
-        2 * nq * d * heads * head_dim + 2 * 2 * nq * d * kv_heads * head_dim + 2 * nq * heads * head_dim * d
-    )
-    attention = 2 * 2 * heads * nq * nk * head_dim
-    mlp = 2 * nq * d * m * (3 if gated else 2)
-    return float(proj + attention + mlp)
-
-
-def _family(model) -> str:
-    family = getattr(model.config, "model_type", "")
-    if family not in SUPPORTED:
-        raise TypeError(
-            f"flops: unsupported model {type(model).__name__} (model_type {family!r}); supported: {SUPPORTED}"
-        )
-    return family
-
-
-def _llm_gated(model) -> bool:
-    layers = getattr(getattr(getattr(model, "model", None), "language_model", None), "layers", None)
-    if layers is not None and len(layers):
-        return hasattr(layers[0].mlp, "gate_proj")
-    return _is_gated(model.config.text_config)
-
-
-def _vocab(model) -> int:
-    head = getattr(model, "lm_head", None)
-    return int(getattr(head, "out_features", 0) or model.config.text_config.vocab_size)
-
-
-# --------------------------------------------------------------------------------------------- vision
-@dataclass
-class _Images:
-    """Per image: ViT tokens (incl. [CLS]), the attention-block sizes of full blocks, LLM tokens."""
-
-    vit_tokens: list[int]
-    full_blocks: list[list[int]]  # per image, the attention blocks of a full-attention layer
-    llm_tokens: list[int]
-
-
-def _llava_images(model, inputs: dict) -> _Images:
-    pixel_values = inputs.get("pixel_values")
-    if pixel_values is None:
-        return _Images([], [], [])
-    p = model.config.vision_config.patch_size
-    n_images, _, height, width = pixel_values.shape
-    patches = (height // p) * (width // p)
-    full = model.config.vision_feature_select_strategy == "full"
-    n = patches + 1
-    return _Images([n] * n_images, [[n]] * n_images, [patches + int(full)] * n_images)
-
-
-def _qwen_images(model, inputs: dict) -> _Images:
-    grid = inputs.get("image_grid_thw")
-    if grid is None or inputs.get("pixel_values") is None:
-        return _Images([], [], [])
-    unit = model.config.vision_config.spatial_merge_size**2
-    vit, blocks, llm = [], [], []
-    for t, h, w in grid.tolist():
-        vit.append(t * h * w)
-        blocks.append([h * w] * t)
-        llm.append(t * h * w // unit)
-    return _Images(vit, blocks, llm)
-
-
-def _images(model, inputs: dict) -> _Images:
-    return _llava_images(model, inputs) if _family(model) == "llava" else _qwen_images(model, inputs)
-
-
-def _vit_attention(width: int, blocks: Iterable[int]) -> float:
-    """Q Kᵀ and A V within each attention block (all heads together have `width` channels)."""
-    return float(sum(2 * 2 * n * n * width for n in blocks))
-
-
-def _llava_vision(model, images: _Images) -> tuple[float, float]:
-    vc = model.config.vision_config
-    c, m, p = vc.hidden_size, vc.intermediate_size, vc.patch_size
-    channels = getattr(vc, "num_channels", 3)
-    layers = vc.num_hidden_layers
-    fl = model.config.vision_feature_layer
-    n_feature = len(fl) if isinstance(fl, (list, tuple)) else 1
-    d = model.config.text_config.hidden_size
-    vision = projector = 0.0
-    for n, rows in zip(images.vit_tokens, images.llm_tokens):
-        patches = n - 1
-        vision += 2 * patches * c * channels * p * p
-        vision += layers * (8 * n * c * c + 2 * 2 * n * n * c + 2 * 2 * n * c * m)
-        projector += 2 * rows * (c * n_feature * d + d * d)
-    return vision, projector
-
-
-def _qwen_windows(model, grid: torch.Tensor) -> list[int]:
-    from transformers.vision_utils import get_vision_window_index
-
-    vc = model.config.vision_config
-    _, cu = get_vision_window_index(
-        grid, spatial_merge_size=vc.spatial_merge_size, window_size=vc.window_size, patch_size=vc.patch_size
-    )
-    return [int(s) for s in (cu[1:] - cu[:-1]).tolist()]
-
-
-def _qwen_vision(model, inputs: dict, images: _Images) -> tuple[float, float]:
-    vc = model.config.vision_config
-    family = _family(model)
-    if family == "qwen2_vl":
-        c, out = vc.embed_dim, vc.hidden_size
-        mlp = 2 * 2 * c * int(c * vc.mlp_ratio)  # per patch
-        windowed = set()
-        windows: list[int] = []
-    else:
-        c, out = vc.hidden_size, vc.out_hidden_size
-        mlp = 2 * 3 * c * vc.intermediate_size
-        windowed = set(range(vc.depth)) - set(vc.fullatt_block_indexes)
-        windows = _qwen_windows(model, inputs["image_grid_thw"]) if windowed and images.vit_tokens else []
-    s = sum(images.vit_tokens)
-    unit = vc.spatial_merge_size**2
-    volume = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
-    full_blocks = [n for blocks in images.full_blocks for n in blocks]
-    vision = 2.0 * s * c * volume
-    for block in range(vc.depth):
-        vision += 8 * s * c * c + s * mlp
-        vision += _vit_attention(c, windows if block in windowed else full_blocks)
-    rows = s // unit
-    projector = 2.0 * rows * (unit * c) * (unit * c) + 2.0 * rows * (unit * c) * out
-    return vision, projector
-
-
 # --------------------------------------------------------------------------------------------- scoring
 def scoring_signals(methods) -> tuple[str, ...]:
     """The scoring names (signals + selection work) to pass to `prefill_flops` for a Pruner or methods.
@@ -300,7 +151,7 @@ def scoring_signals(methods) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _vision_scoring(model, inputs: dict, images: _Images, signals: set[str]) -> float:
+def _vision_scoring(model, inputs: dict, images: Images, signals: set[str]) -> float:
     """ViT-side signal FLOPs. Signals are "base" or "base@layer"; each distinct layer recomputes its
     projections once. Qwen blocks are counted with their full-image attention blocks (windowed blocks
     cost less: an upper bound there)."""
@@ -312,7 +163,7 @@ def _vision_scoring(model, inputs: dict, images: _Images, signals: set[str]) -> 
     if not images.vit_tokens or not layers:
         return 0.0
     total = 0.0
-    if _family(model) == "llava":
+    if model_family(model) == "llava":
         c = model.config.vision_config.hidden_size
         for bases in layers.values():
             for n in images.vit_tokens:
@@ -323,7 +174,7 @@ def _vision_scoring(model, inputs: dict, images: _Images, signals: set[str]) -> 
                     total += 2 * n * c * c + 2 * n * n * c  # all queries, Q Kᵀ streamed over query blocks
         return total
     vc = model.config.vision_config
-    c = vc.embed_dim if _family(model) == "qwen2_vl" else vc.hidden_size
+    c = vc.embed_dim if model_family(model) == "qwen2_vl" else vc.hidden_size
     for bases in layers.values():
         total += 2.0 * sum(images.vit_tokens) * c * 3 * c  # qkv recomputed at the scoring block
         if bases & {"cls_attention", "received_attention"}:  # the same received-attention pass
@@ -334,7 +185,7 @@ def _vision_scoring(model, inputs: dict, images: _Images, signals: set[str]) -> 
 def _llm_scoring(model, stats, per_row: list[list[int]], signals: set[str]) -> float:
     if stats is None or not signals & {"last_query_attention", "keys", "pivot_similarity"}:
         return 0.0
-    d, heads, kv_heads, head_dim, _ = _text_dims(model.config.text_config)
+    d, heads, kv_heads, head_dim, _ = text_dims(model.config.text_config)
     boundaries = [int(s.where.split("@")[1]) for s in stats.stages if s.where.startswith("llm@")]
     total = 0.0
     for b in boundaries:
@@ -370,13 +221,13 @@ def prefill_flops(
     padded: count every row at the batch's padded length of each layer (stats.layer_lengths, or the
         input length unpruned), i.e. what a batched forward really multiplies, padding included.
     """
-    family = _family(model)
+    family = model_family(model)
     text_config = model.config.text_config
-    images = _images(model, inputs)
+    images = images_of(model, inputs)
     if family == "llava":
-        vision, projector = _llava_vision(model, images)
+        vision, projector = llava_vision(model, images)
     else:
-        vision, projector = _qwen_vision(model, inputs, images) if images.vit_tokens else (0.0, 0.0)
+        vision, projector = qwen_vision(model, inputs, images) if images.vit_tokens else (0.0, 0.0)
 
     num_layers = text_config.num_hidden_layers
     if stats is not None:
@@ -394,12 +245,12 @@ def prefill_flops(
         else:
             real = [int(v) for v in mask.sum(1).tolist()]
         per_row = [[n] * num_layers for n in real]
-    gated = _llm_gated(model)
+    gated = llm_gated(model)
     llm_layers = [
         sum(llm_layer_flops(text_config, row[i], row[i], gated=gated) for row in per_row)
         for i in range(num_layers)
     ]
-    d, vocab = text_config.hidden_size, _vocab(model)
+    d, vocab = text_config.hidden_size, vocab_size(model)
     keep = int(logits_to_keep)
     lm_head = float(sum(2 * d * vocab * (row[-1] if keep <= 0 else min(keep, row[-1])) for row in per_row))
 
@@ -423,8 +274,8 @@ def decode_step_flops(model, cache_lengths: list[list[int]]) -> float:
     fewer). Each layer costs llm_layer_flops(cfg, 1, cache + 1); plus the lm_head on one position per row.
     """
     text_config = model.config.text_config
-    gated = _llm_gated(model)
-    per_token_head = 2 * text_config.hidden_size * _vocab(model)
+    gated = llm_gated(model)
+    per_token_head = 2 * text_config.hidden_size * vocab_size(model)
     total = 0.0
     for row in cache_lengths:
         total += sum(llm_layer_flops(text_config, 1, c + 1, gated=gated) for c in row)
