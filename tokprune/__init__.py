@@ -7,6 +7,15 @@ with tokprune.apply(model, "visionzip", budget=64):
 from tokprune import errors
 from tokprune.api import Pruner, apply, available_methods, available_models
 from tokprune.core.stats import PruneStats
+from tokprune.robustness import kept_set_stability
 
-__all__ = ["Pruner", "PruneStats", "apply", "available_methods", "available_models", "errors"]
+__all__ = [
+    "PruneStats",
+    "Pruner",
+    "apply",
+    "available_methods",
+    "available_models",
+    "errors",
+    "kept_set_stability",
+]
 __version__ = "0.1.0"
