@@ -189,3 +189,13 @@ def test_bf16_input():
     assert_valid_keep(keep, 40, 10)
     assert torch.equal(keep, CDPruner().select(_image(x.float(), t.float()), 10).keep)
     assert CDPruner().quality(_image(x, t)).dtype == torch.float32
+
+
+def test_precomputed_similarity_and_on_the_fly_rows_agree(monkeypatch):
+    from tokprune.methods import cdpruner
+
+    g = torch.Generator().manual_seed(3)
+    x, q = torch.randn(200, 48, generator=g), torch.rand(200, generator=g)
+    with_gram = cdpruner.greedy_dpp_map(x, q, 40)
+    monkeypatch.setattr(cdpruner, "GRAM_LIMIT", 0)
+    assert torch.equal(cdpruner.greedy_dpp_map(x, q, 40), with_gram)

@@ -30,6 +30,9 @@ def instruction_relevance(
     return (s - low + eps) / (high - low + eps)
 
 
+GRAM_LIMIT = 8192  # tokens up to which the n x n similarity matrix is precomputed (256 MiB in float32)
+
+
 def greedy_dpp_map(
     features: torch.Tensor, quality: torch.Tensor, k: int, rank_tol: float = 1e-6
 ) -> torch.Tensor:
@@ -38,8 +41,9 @@ def greedy_dpp_map(
     Chen, Zhang & Zhou, "Fast Greedy MAP Inference for Determinantal Point Process", NeurIPS 2018: each
     step adds the token j maximising det(L_{Y ∪ {j}}) = det(L_Y) · d_j², where d_j² is j's residual
     after projecting out the chosen tokens; the residuals and the rows of the incremental Cholesky factor
-    are updated for all n candidates at once (O(n·(D + k)) per step, O(n·k·(D + k)) in all). Rows of L are
-    formed on the fly from the features, so memory is O(n·(D + k)), never n×n.
+    are updated for all n candidates at once. Up to `GRAM_LIMIT` tokens the cosine matrix S is formed once
+    (one n×n GEMM, then O(n·k) per step, O(n²) memory); beyond it rows of L are formed on the fly from the
+    features (O(n·(D + k)) per step, memory O(n·(D + k)), never n×n).
 
     Out of numerical rank: once the largest remaining residual is <= rank_tol · max_i L_ii (the DPP cannot
     grow without a singular kernel, e.g. D < k or duplicate tokens), every remaining step takes the
@@ -57,6 +61,7 @@ def greedy_dpp_map(
     # diag(L) exactly: S_ii = 1 (0 for an all-zero feature), so equal qualities tie towards the lower index
     residual = q.square() * (x.abs().amax(dim=-1) > 0)
     tol = (rank_tol * residual.max()).clamp_min(1e-30)
+    gram = x @ x.T if n <= GRAM_LIMIT else None  # S, when it fits
     factor = x.new_zeros(k, n)  # rows of the incremental Cholesky factor, one per chosen token
     chosen = torch.empty(k, dtype=torch.long, device=x.device)
     taken = torch.zeros(n, dtype=torch.bool, device=x.device)
@@ -68,7 +73,7 @@ def greedy_dpp_map(
         in_rank = in_rank & (best > tol)
         j_rel = q.masked_fill(taken, float("-inf")).argmax()
         j = torch.where(in_rank, j_dpp, j_rel)
-        row = q[j] * q * (x @ x[j])  # L[j, :]
+        row = q[j] * q * (gram[j] if gram is not None else x @ x[j])  # L[j, :]
         e = (row - factor[:step, j] @ factor[:step]) / best.clamp_min(tol).sqrt()
         e = torch.where(in_rank, e, torch.zeros_like(e))  # out of rank: factor and residuals unchanged
         factor[step] = e
