@@ -24,12 +24,12 @@ from tokprune.core.compaction import Compaction
 from tokprune.core.layout import ImageLayout, VisionSignalStore
 from tokprune.core.masks import build_layer_mask, layer_type
 from tokprune.core.selection import select_llm, select_pre, text_after_images
-from tokprune.core.state import PrefillState, TokenMap, image_rows
+from tokprune.core.state import PrefillState, TokenMap, image_rows, max_position
 from tokprune.core.stats import PruneStats, StageStats
 from tokprune.core.timing import timed
 from tokprune.errors import UnsupportedInputError
 from tokprune.methods.base import LLMMethod, Method
-from tokprune.signals import last_query_scores, rotated_keys
+from tokprune.signals.llm import cached_keys, last_query_scores, rotated_keys
 
 if TYPE_CHECKING:
     from tokprune.patches import Adapter
@@ -145,7 +145,7 @@ class Engine:
             kwargs["position_ids"] = positions if rows == 1 else positions[None].expand(rows, -1, -1)
             state.next_position = state.next_position + length
             return args, kwargs
-        state.next_position = _max_position(position_ids) + 1
+        state.next_position = max_position(position_ids) + 1
         return None
 
     # ------------------------------------------------------------------ language model
@@ -190,7 +190,7 @@ class Engine:
         stats = fwd.stats
         stats.visual_in = visual.sum(1).tolist()
         stats.text_tokens = (valid & ~visual).sum(1).tolist()
-        state = PrefillState(orig_len=length, next_position=_max_position(position_ids) + 1)
+        state = PrefillState(orig_len=length, next_position=max_position(position_ids) + 1)
         changed = False
         if self.pre is not None:
             with timed(fwd.seconds, embeds.device):
@@ -213,7 +213,7 @@ class Engine:
                 kwargs["attention_mask"], kwargs["position_ids"] = mask, position_ids
                 state.lm_mask = mask
                 changed = True
-            stats.stages.append(_stage_stats(self.pre.name, "pre", fwd.tokens))
+            stats.stages.append(StageStats.of(self.pre.name, "pre", fwd.tokens.kept_visual()))
         fwd.position_ids, fwd.mask_2d = position_ids, mask
         image_id = fwd.tokens.image_id
         fwd.entry_counts = torch.bincount(image_id[image_id >= 0], minlength=len(counts)).tolist()
@@ -276,7 +276,7 @@ class Engine:
         """The LLM signals the method asked for, from one attention module's input (B, L_cur, D)."""
         wanted = set(self.llm.signals)
         position_embeddings = fwd.position_embeddings or kwargs["position_embeddings"]
-        keys = _cached_keys(kwargs.get("past_key_values"), attn.layer_idx, normed.shape[1])
+        keys = cached_keys(kwargs.get("past_key_values"), attn.layer_idx, normed.shape[1])
         if keys is None and ("keys" in wanted or "last_query_attention" in wanted):
             keys = rotated_keys(attn, normed, position_embeddings)
         out = {}
@@ -327,19 +327,17 @@ class Engine:
             if "hidden" in self.llm.signals:
                 signals["hidden"] = self.adapter.language_model.norm(hidden)
             keep = select_llm(
-                self.llm,
-                self.budgets["llm"],
-                stage,
-                fwd.tokens,
-                fwd.layout,
-                fwd.image_rows,
-                fwd.entry_counts,
-                hidden,
-                signals,
-            )
-        if keep is None:
-            self.fwd.stats.stages.append(_stage_stats(self.llm.name, f"llm@{boundary}", fwd.tokens))
-            return hidden
+                self.llm, self.budgets["llm"], stage, fwd.tokens, fwd.layout, fwd.image_rows, fwd.entry_counts,
+                hidden, signals,
+            )  # fmt: skip
+        if keep is not None:
+            hidden = self._compact_stage(boundary, keep, hidden, kwargs.get("past_key_values"))
+        fwd.stats.stages.append(StageStats.of(self.llm.name, f"llm@{boundary}", fwd.tokens.kept_visual()))
+        return hidden
+
+    def _compact_stage(self, boundary: int, keep: torch.Tensor, hidden: torch.Tensor, pkv) -> torch.Tensor:
+        """Layers >= boundary see only `keep` (B, L_cur): gather the stream, RoPE tables, positions, masks."""
+        fwd = self.fwd
         compaction = Compaction.from_keep(keep)
         fwd.tokens = fwd.tokens.take(compaction)
         cos, sin = fwd.position_embeddings
@@ -348,7 +346,6 @@ class Engine:
             fwd.position_ids = compaction.take_positions(fwd.position_ids)
         fwd.mask_2d = compaction.take_mask(fwd.mask_2d)
         hidden = compaction.take(hidden)
-        pkv = kwargs.get("past_key_values")
         config = self.adapter.text_config
         kinds = {layer_type(config, i) for i in range(boundary, len(self.adapter.decoder_layers))}
         fwd.layer_masks = {
@@ -356,7 +353,6 @@ class Engine:
         }
         self.state.stage_masks[boundary] = fwd.mask_2d
         fwd.segments.append((boundary, fwd.tokens.real_tokens(), fwd.tokens.valid.shape[1]))
-        fwd.stats.stages.append(_stage_stats(self.llm.name, f"llm@{boundary}", fwd.tokens))
         return hidden
 
     def _decode_layer(self, j: int, args, kwargs):
@@ -394,34 +390,9 @@ class Engine:
         self.fwd = None
 
 
-def _cached_keys(past_key_values, layer_idx: int, length: int) -> torch.Tensor | None:
-    """Post-RoPE keys (B, H_kv, L, d) of `layer_idx` from a cache holding exactly this prefill's tokens."""
-    layers = getattr(past_key_values, "layers", None)
-    if layers is None or layer_idx >= len(layers):
-        return None
-    keys = getattr(layers[layer_idx], "keys", None)
-    if keys is None or keys.dim() != 4 or keys.shape[-2] != length:
-        return None
-    return keys
-
-
 def _reject_static_cache(past_key_values) -> None:
-    if past_key_values is not None and type(past_key_values).__name__ in {
-        "StaticCache",
-        "HybridCache",
-        "SlidingWindowCache",
-    }:
+    static = {"StaticCache", "HybridCache", "SlidingWindowCache"}
+    if past_key_values is not None and type(past_key_values).__name__ in static:
         raise UnsupportedInputError(
             f"{type(past_key_values).__name__} is not supported (pruned caches change length); use the default DynamicCache"
         )
-
-
-def _max_position(position_ids: torch.Tensor) -> torch.Tensor:
-    """(B,) largest position of each row, over M-RoPE rows too."""
-    flat = position_ids if position_ids.dim() == 2 else position_ids.amax(0)
-    return flat.amax(1)
-
-
-def _stage_stats(method: str, where: str, tokens: TokenMap) -> StageStats:
-    kept = tokens.kept_visual()
-    return StageStats(method, where, [int(k.numel()) for k in kept], kept)

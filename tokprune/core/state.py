@@ -81,3 +81,9 @@ def image_rows(visual: torch.Tensor, counts: list[int]) -> list[int]:
         rows.append(row)
         filled += n
     return rows
+
+
+def max_position(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B,) largest position of each row, over M-RoPE rows too."""
+    flat = position_ids if position_ids.dim() == 2 else position_ids.amax(0)
+    return flat.amax(1)

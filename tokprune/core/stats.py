@@ -16,6 +16,10 @@ class StageStats:
     visual_kept: list[int]
     kept: list[torch.Tensor] = field(default_factory=list)  # per row, sorted visual-token indices left
 
+    @classmethod
+    def of(cls, method: str, where: str, kept: list[torch.Tensor]) -> StageStats:
+        return cls(method, where, [int(k.numel()) for k in kept], kept)
+
 
 @dataclass
 class PruneStats:

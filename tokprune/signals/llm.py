@@ -56,3 +56,14 @@ def last_query_scores(
     if keys is None:
         keys = rotated_keys(attn, normed, position_embeddings)
     return last_query_attention(query, keys, attn.scaling, key_mask)
+
+
+def cached_keys(past_key_values, layer_idx: int, length: int) -> torch.Tensor | None:
+    """Post-RoPE keys (B, H_kv, L, d) of `layer_idx` from a cache holding exactly this prefill's tokens."""
+    layers = getattr(past_key_values, "layers", None)
+    if layers is None or layer_idx >= len(layers):
+        return None
+    keys = getattr(layers[layer_idx], "keys", None)
+    if keys is None or keys.dim() != 4 or keys.shape[-2] != length:
+        return None
+    return keys
