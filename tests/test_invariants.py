@@ -10,7 +10,7 @@ from reference import LMInputRecorder, original_positions, reference_logits
 from tiny_models import BUILDERS, batch_inputs
 
 import tokprune
-from tokprune.core.state import image_rows
+from tokprune.core.layout import image_rows
 
 METHODS = tokprune.available_methods()
 FAMILIES = list(BUILDERS)

@@ -21,10 +21,10 @@ from torch import nn
 
 from tokprune.core.budget import Budget
 from tokprune.core.compaction import Compaction
-from tokprune.core.layout import ImageLayout, VisionSignalStore
+from tokprune.core.layout import ImageLayout, VisionSignalStore, image_rows
 from tokprune.core.masks import build_layer_mask, layer_type
 from tokprune.core.selection import select_llm, select_pre, text_after_images
-from tokprune.core.state import PrefillState, TokenMap, image_rows, max_position
+from tokprune.core.state import PrefillState, TokenMap, max_position
 from tokprune.core.stats import PruneStats, StageStats
 from tokprune.core.timing import timed
 from tokprune.errors import UnsupportedInputError

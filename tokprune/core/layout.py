@@ -28,17 +28,12 @@ class ImageLayout:
         expand = len(counts) // len(self.counts) if len(counts) % len(self.counts) == 0 else 0
         if expand < 2 or len(per_row) % expand:
             raise RuntimeError(f"{len(counts)} image features for {len(self.counts)} images")
-        images_of_row, row, filled = [[] for _ in per_row], 0, 0
-        for index, n in enumerate(counts):  # images fill the rows in order
-            while per_row[row] - filled <= 0:
-                row, filled = row + 1, 0
-            images_of_row[row].append(index)
-            filled += n
+        rows = image_rows(visual, counts)
         grids, start = [], 0
         for row in range(0, len(per_row), expand):
-            originals = range(start, start + len(images_of_row[row]))
-            grids += [self.grids[i] for i in originals] * expand
-            start += len(images_of_row[row])
+            n_images = rows.count(row)  # images of original row row // expand
+            grids += self.grids[start : start + n_images] * expand
+            start += n_images
         return ImageLayout(counts=list(counts), grids=grids)
 
 
@@ -52,3 +47,15 @@ class VisionSignalStore:
     def clear(self) -> None:
         self.values.clear()
         self.seconds = [0.0]
+
+
+def image_rows(visual: torch.Tensor, counts: list[int]) -> list[int]:
+    """Batch row of every image (images fill visual positions row by row, in order)."""
+    per_row = visual.sum(1).tolist()
+    rows, row, filled = [], 0, 0
+    for n in counts:
+        while per_row[row] - filled <= 0:
+            row, filled = row + 1, 0
+        rows.append(row)
+        filled += n
+    return rows

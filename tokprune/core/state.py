@@ -71,18 +71,6 @@ class PrefillState:
         return self.lm_mask.shape[1] if self.lm_mask is not None else self.orig_len
 
 
-def image_rows(visual: torch.Tensor, counts: list[int]) -> list[int]:
-    """Batch row of every image (images fill visual positions row by row, in order)."""
-    per_row = visual.sum(1).tolist()
-    rows, row, filled = [], 0, 0
-    for n in counts:
-        while per_row[row] - filled <= 0:
-            row, filled = row + 1, 0
-        rows.append(row)
-        filled += n
-    return rows
-
-
 def max_position(position_ids: torch.Tensor) -> torch.Tensor:
     """(B,) largest position of each row, over M-RoPE rows too."""
     flat = position_ids if position_ids.dim() == 2 else position_ids.amax(0)
