@@ -118,6 +118,19 @@ def eager_llava():
     return tiny_llava("eager")
 
 
+def _vision_signals(model, names: set[str], pixel_values: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
+    """The adapter's vision hooks for `names`, run once over the images and removed."""
+    store = VisionSignalStore()
+    handles = adapter_for(model).install_vision_hooks(names, store)
+    try:
+        with torch.no_grad():
+            model.model.get_image_features(pixel_values=pixel_values, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return store.values
+
+
 def test_llava_vision_hook_matches_eager_cls_row(eager_llava):
     model, proc = eager_llava
     pixel_values = batch_inputs("llava", proc, (1, 2))["pixel_values"]  # 3 images
@@ -132,23 +145,17 @@ def test_llava_vision_hook_matches_eager_cls_row(eager_llava):
     keys_out = []
     k_proj = clip_encoder_layers(tower)[layer].self_attn.k_proj
     spy = k_proj.register_forward_hook(lambda module, args, output: keys_out.append(output))
-    adapter = adapter_for(model)
-    store = VisionSignalStore()
-    handles = adapter.install_vision_hooks({"cls_attention", "vit_keys"}, store)
     try:
-        with torch.no_grad():
-            model.model.get_image_features(pixel_values=pixel_values)
+        values = _vision_signals(model, {"cls_attention", "vit_keys"}, pixel_values)
     finally:
-        for handle in handles:
-            handle.remove()
         spy.remove()
-    got = store.values["cls_attention"]
+    got = values["cls_attention"]
     n_images, heads, length, _ = attn.shape
     assert got.shape == (n_images * (length - 1),)
     torch.testing.assert_close(got, expected_cls, atol=1e-5, rtol=0)
     # vit_keys: the head mean of the same layer's keys, [CLS] dropped
     keys = keys_out[0].view(n_images, length, heads, -1).mean(2)[:, 1:].reshape(n_images * (length - 1), -1)
-    torch.testing.assert_close(store.values["vit_keys"], keys, atol=1e-5, rtol=0)
+    torch.testing.assert_close(values["vit_keys"], keys, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("layer", [0, 1, -1])
@@ -160,21 +167,11 @@ def test_llava_layered_signals_match_eager_maps(eager_llava, layer):
     index = layer % len(clip_encoder_layers(tower))
     with torch.no_grad():
         attn = tower(pixel_values=pixel_values, output_attentions=True).attentions[index]  # (n, H, 1+P, 1+P)
-    store = VisionSignalStore()
-    names = {f"cls_attention@{layer}", f"received_attention@{layer}"}
-    handles = adapter_for(model).install_vision_hooks(names, store)
-    try:
-        with torch.no_grad():
-            model.model.get_image_features(pixel_values=pixel_values)
-    finally:
-        for handle in handles:
-            handle.remove()
+    values = _vision_signals(model, {f"cls_attention@{layer}", f"received_attention@{layer}"}, pixel_values)
     expected_cls = attn[:, :, 0, 1:].mean(1).reshape(-1)
     expected_received = attn.mean(dim=(1, 2))[:, 1:].reshape(-1)
-    torch.testing.assert_close(store.values[f"cls_attention@{layer}"], expected_cls, atol=1e-5, rtol=0)
-    torch.testing.assert_close(
-        store.values[f"received_attention@{layer}"], expected_received, atol=1e-5, rtol=0
-    )
+    torch.testing.assert_close(values[f"cls_attention@{layer}"], expected_cls, atol=1e-5, rtol=0)
+    torch.testing.assert_close(values[f"received_attention@{layer}"], expected_received, atol=1e-5, rtol=0)
 
 
 def _capture_eager(monkeypatch, module_of_model, target):
@@ -207,16 +204,9 @@ def test_qwen_vision_hook_matches_eager_received_attention(monkeypatch, family):
     visual = model.model.visual
     adapter = adapter_for(model)
     maps = _capture_eager(monkeypatch, modeling, visual.blocks[adapter.score_layer].attn)
-    store = VisionSignalStore()
-    handles = adapter.install_vision_hooks({"cls_attention"}, store)
-    try:
-        with torch.no_grad():
-            model.model.get_image_features(
-                pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]
-            )
-    finally:
-        for handle in handles:
-            handle.remove()
+    values = _vision_signals(
+        model, {"cls_attention"}, inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]
+    )
     assert len(maps) == len(inputs["image_grid_thw"])  # one eager call per image (cu_seqlens chunks)
     group = visual.spatial_merge_size**2
     # column mean over heads and queries of each image's map, in the ViT's token order
@@ -232,7 +222,7 @@ def test_qwen_vision_hook_matches_eager_received_attention(monkeypatch, family):
         raster = torch.empty_like(pooled)
         raster[window_index] = pooled
         pooled = raster
-    torch.testing.assert_close(store.values["cls_attention"], pooled, atol=1e-5, rtol=0)
+    torch.testing.assert_close(values["cls_attention"], pooled, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("layer", [0, 1, 3])
