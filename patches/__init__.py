@@ -8,9 +8,10 @@ from tokprune.errors import UnsupportedModelError
 
 from .base import Adapter, ImageLayout, VisionSignalStore
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
 from .qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter)
 
 
 def supported_model_classes() -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from tokprune.core.layout import ImageLayout, VisionSignalStore  # noqa: F401 (re-exported)
@@ -45,6 +46,19 @@ class Adapter:
     @property
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
+
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: the placeholder positions the vision features fill (images; videos where a family
+        supports them), in the order masked_scatter fills them."""
+        return input_ids == self.image_token_id
+
+    def compact_lm_kwargs(self, kwargs: dict, keep: torch.Tensor, visual: torch.Tensor) -> None:
+        """After pre-LLM pruning: subset, in place, any language-model kwarg that follows the tokens
+        beyond inputs_embeds / attention_mask / position_ids (e.g. Qwen3-VL's deepstack features).
+
+        keep: (B, L) bool tokens kept (text and visual); visual: (B, L) bool visual positions before
+        pruning. The default has nothing to do.
+        """
 
     # ---- per-forward facts ------------------------------------------------------------------------
     def image_layout(self, inner_kwargs: dict) -> ImageLayout | None:
@@ -93,3 +107,14 @@ class Adapter:
     def install_vision_hooks(self, names: set[str], store: VisionSignalStore) -> list:
         """Hooks that fill `store` with the requested ViT signals during the vision forward."""
         raise NotImplementedError
+
+
+class InstanceWrap:
+    """Removable wrapper of one bound method on one instance (never on the class)."""
+
+    def __init__(self, owner, name: str, wrapper) -> None:
+        self.owner, self.name = owner, name
+        setattr(owner, name, wrapper)
+
+    def remove(self) -> None:
+        self.owner.__dict__.pop(self.name, None)

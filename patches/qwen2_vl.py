@@ -17,7 +17,7 @@ from transformers.vision_utils import get_vision_window_index
 from tokprune.core.timing import timed
 from tokprune.signals import received_attention
 
-from .base import Adapter, ImageLayout, VisionSignalStore
+from .base import Adapter, ImageLayout, InstanceWrap, VisionSignalStore
 
 
 class Qwen2VLAdapter(Adapter):
@@ -61,7 +61,7 @@ class Qwen2VLAdapter(Adapter):
         layout = ImageLayout(counts=counts, grids=grids)
         expanded = self.precomputed_counts(inner_kwargs)
         if expanded is not None and len(expanded) != len(counts):  # generate() repeated rows (beams, n>1)
-            layout = layout.expanded(inner_kwargs["input_ids"] == self.image_token_id, expanded)
+            layout = layout.expanded(self.visual_mask(inner_kwargs["input_ids"]), expanded)
         return layout
 
     def merged_order(self, grid_thw: torch.Tensor) -> torch.Tensor | None:
@@ -133,18 +133,7 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
         return torch.argsort(window_index)
 
 
-class _InstanceWrap:
-    """Removable wrapper of one bound method on one instance (never on the class)."""
-
-    def __init__(self, owner, name: str, wrapper) -> None:
-        self.owner, self.name = owner, name
-        setattr(owner, name, wrapper)
-
-    def remove(self) -> None:
-        self.owner.__dict__.pop(self.name, None)
-
-
-def _wrap_image_features(adapter: Qwen2VLAdapter, store: VisionSignalStore) -> _InstanceWrap:
+def _wrap_image_features(adapter: Qwen2VLAdapter, store: VisionSignalStore) -> InstanceWrap:
     """Mark vision passes that encode *images* (not videos) and remember their grid; each starts afresh."""
     original = adapter.inner.get_image_features
 
@@ -158,4 +147,4 @@ def _wrap_image_features(adapter: Qwen2VLAdapter, store: VisionSignalStore) -> _
         finally:
             adapter._in_image_call = False
 
-    return _InstanceWrap(adapter.inner, "get_image_features", get_image_features)
+    return InstanceWrap(adapter.inner, "get_image_features", get_image_features)

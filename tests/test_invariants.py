@@ -7,7 +7,7 @@ tiny_models.BUILDERS).
 import pytest
 import torch
 from reference import LMInputRecorder, original_positions, reference_logits
-from tiny_models import BUILDERS, batch_inputs
+from tiny_models import BUILDERS, batch_inputs, image_counts
 
 import tokprune
 from tokprune.core.layout import image_rows
@@ -59,44 +59,38 @@ def test_keep_all_is_bit_identical(tiny, family, attn, method):
         assert torch.equal(a, b)
 
 
-def _expected_layer_tokens(pruner, inputs, model, ratio):
-    """Per row and layer: text tokens + per image the count its stage says (independent of the engine)."""
-    import math
+def _expected_layer_tokens(pruner, inputs, model, ratio, family):
+    """Per row and layer: text tokens + per image the count its stage says (independent of the engine).
 
+    Separators (LLaVA-NeXT's newline tokens) are outside the budget: an image keeps
+    `stage_count(content)` tokens once pruned, and all its tokens (separators included) until then.
+    """
     visual = inputs["input_ids"] == model.config.image_token_id
     valid = inputs["attention_mask"].bool()
-    stats = pruner.stats
     n_layers = len(model.model.language_model.layers)
     method = pruner.methods[-1]
-    counts = _image_counts(model, inputs)
+    counts, content = image_counts(family, model, inputs)
     rows = image_rows(visual, counts)
+    budget = tokprune.core.budget.Budget(ratio=ratio)
+    if isinstance(method, tokprune.methods.LLMMethod):
+        bounds = method.boundaries(n_layers)
+        stages = [[method.stage_counts(c, budget)[s] for c in content] for s in range(len(bounds))]
+    else:
+        bounds, stages = [0], [[budget.kept(c) for c in content]]
     expected = []
     for row in range(visual.shape[0]):
         text = int((valid[row] & ~visual[row]).sum())
-        mine = [n for n, r in zip(counts, rows) if r == row]
-        full = text + sum(mine)
-        if isinstance(method, tokprune.methods.LLMMethod):
-            bounds = method.boundaries(n_layers)
-            per_stage = [
-                text + sum(method.stage_counts(n, tokprune.core.budget.Budget(ratio=ratio))[s] for n in mine)
-                for s in range(len(bounds))
-            ]
-            layer = []
-            for i in range(n_layers):
-                passed = [s for s, b in enumerate(bounds) if i >= b]
-                layer.append(per_stage[passed[-1]] if passed else full)
-        else:
-            layer = [text + sum(math.ceil(ratio * n - 1e-9) for n in mine)] * n_layers
+        mine = [i for i, r in enumerate(rows) if r == row]
+        per_stage = [
+            text + sum(kept[i] if kept[i] < content[i] else counts[i] for i in mine) for kept in stages
+        ]
+        layer = []
+        for i in range(n_layers):
+            passed = [s for s, b in enumerate(bounds) if i >= b]
+            layer.append(per_stage[passed[-1]] if passed else text + sum(counts[i] for i in mine))
         expected.append(layer)
-    assert stats.layer_tokens == expected
+    assert pruner.stats.layer_tokens == expected
     return expected
-
-
-def _image_counts(model, inputs):
-    if "image_grid_thw" in inputs:
-        return [int(t * h * w) // 4 for t, h, w in inputs["image_grid_thw"].tolist()]
-    n = (inputs["input_ids"] == model.config.image_token_id).sum().item() // inputs["pixel_values"].shape[0]
-    return [n] * inputs["pixel_values"].shape[0]
 
 
 class LayerLengthProbe:
@@ -141,7 +135,7 @@ def test_pruned_equals_masked_reference(tiny, family, attn, method, layout):
         with torch.no_grad():  # the positions generate() would use, so that absolute RoPE angles match
             pruned_prefill = model(**inputs, position_ids=original_positions(model, inputs)).logits
         prefill_stats, prefill_embeds = pruner.stats, recorder.embeds
-        expected = _expected_layer_tokens(pruner, inputs, model, ratio)
+        expected = _expected_layer_tokens(pruner, inputs, model, ratio, family)
         padded = [max(r[i] for r in expected) for i in range(len(expected[0]))]
         assert [length for _, length in probe.lengths] == padded
         probe.remove()

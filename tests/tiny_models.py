@@ -17,7 +17,11 @@ from tokprune.bench.synthetic import (  # noqa: F401
     rand_image,
 )
 
-MODELS = ("llava", "qwen2_vl", "qwen2_5_vl")
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+# the text a prompt holds for one image, by family (default '<image>', which the processor expands)
+IMAGE_PLACEHOLDER = {"qwen2_vl": QWEN_IMAGE, "qwen2_5_vl": QWEN_IMAGE}
+# families whose processor resizes every image to one size (others get images of different sizes)
+FIXED_SIZE = ("llava",)
 
 
 def _text_config(tok, **extra) -> dict:
@@ -67,6 +71,42 @@ def tiny_llava(attn: str = "sdpa"):
     cfg._attn_implementation = attn
     model = LlavaForConditionalGeneration(cfg).eval()
     proc = llava_processor(tok, 112, 16)
+    return model, proc
+
+
+def tiny_llava_next(attn: str = "sdpa"):
+    """AnyRes with 112 px tiles of 7x7 patches; pinpoints up to 224x224, so images get 1x2, 2x1 or 2x2
+    tiles plus the base view, unpadded to their aspect ratio, with a newline token per grid row."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    torch.manual_seed(0)
+    tok = make_tokenizer(["<image>"])
+    pinpoints = [[112, 224], [224, 112], [224, 224]]
+    vcfg = CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=112,
+        patch_size=16, projection_dim=64,
+    )  # fmt: skip
+    cfg = LlavaNextConfig(
+        vision_config=vcfg, text_config=LlamaConfig(**_text_config(tok)),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=49,
+    )  # fmt: skip
+    cfg._attn_implementation = attn
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    ip = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112}, image_grid_pinpoints=pinpoints
+    )
+    proc = LlavaNextProcessor(
+        image_processor=ip, tokenizer=tok, patch_size=16, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )  # fmt: skip
     return model, proc
 
 
@@ -127,22 +167,28 @@ def tiny_qwen25vl(attn: str = "sdpa"):
     return _qwen("Qwen2_5_VLForConditionalGeneration", vision, attn)
 
 
-BUILDERS = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2vl, "qwen2_5_vl": tiny_qwen25vl}
+BUILDERS = {
+    "llava": tiny_llava,
+    "llava_next": tiny_llava_next,
+    "qwen2_vl": tiny_qwen2vl,
+    "qwen2_5_vl": tiny_qwen25vl,
+}
 
 
 def prompt_text(family: str, n_images: int, words: str) -> str:
-    image = "<image>" if family == "llava" else "<|vision_start|><|image_pad|><|vision_end|>"
+    image = IMAGE_PLACEHOLDER.get(family, "<image>")
     return f"USER: {' '.join([image] * n_images)} {words} ASSISTANT:"
 
 
 def batch_inputs(family: str, proc, n_images_per_row=(1, 1), sizes=((112, 112), (112, 168))):
-    """A left-padded batch: row texts of different lengths; Qwen images of different grid sizes."""
+    """A left-padded batch: row texts of different lengths; images of different sizes (so different grids
+    on Qwen, different AnyRes tilings on LLaVA-NeXT) except on LLaVA-1.5, which resizes every image."""
     texts, images, seed = [], [], 0
     words = ["describe the image please", "w1 w2 w3 w4 w5 w6 w7 w8 describe the image"]
     for row, n in enumerate(n_images_per_row):
         texts.append(prompt_text(family, n, words[row % 2]))
         for _ in range(n):
-            h, w = sizes[seed % len(sizes)] if family != "llava" else (112, 112)
+            h, w = sizes[seed % len(sizes)] if family not in FIXED_SIZE else (112, 112)
             images.append(rand_image(h, w, seed))
             seed += 1
     inputs = proc(text=texts, images=images, return_tensors="pt", padding=True)
@@ -151,3 +197,40 @@ def batch_inputs(family: str, proc, n_images_per_row=(1, 1), sizes=((112, 112), 
 
 def text_inputs(proc):
     return dict(proc.tokenizer(["USER: describe the image please ASSISTANT:"], return_tensors="pt"))
+
+
+@torch.no_grad()
+def _llava_next_counts(model, inputs) -> tuple[list[int], list[int]]:
+    """The model's own packing; the newlines are its `image_newline` rows."""
+    features = model.model.get_image_features(
+        pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]
+    ).pooler_output
+    newline = model.model.image_newline
+    counts = [int(f.shape[0]) for f in features]
+    return counts, [n - int((f == newline).all(-1).sum()) for n, f in zip(counts, features)]
+
+
+def _qwen_counts(model, inputs) -> tuple[list[int], list[int]]:
+    counts = [int(t * h * w) // 4 for t, h, w in inputs["image_grid_thw"].tolist()]
+    return counts, counts
+
+
+def _llava_counts(model, inputs) -> tuple[list[int], list[int]]:
+    n_images = inputs["pixel_values"].shape[0]
+    n = int((inputs["input_ids"] == model.config.image_token_id).sum()) // n_images
+    return [n] * n_images, [n] * n_images
+
+
+# family -> (model, inputs) -> (LLM tokens per image, content tokens per image), computed from the model
+# itself (not from tokprune), for the invariant tests' independent token counts. Content tokens are the
+# ones that compete for the budget (all but separators such as LLaVA-NeXT's newline tokens).
+IMAGE_COUNTS = {
+    "llava": _llava_counts,
+    "llava_next": _llava_next_counts,
+    "qwen2_vl": _qwen_counts,
+    "qwen2_5_vl": _qwen_counts,
+}
+
+
+def image_counts(family: str, model, inputs) -> tuple[list[int], list[int]]:
+    return IMAGE_COUNTS[family](model, inputs)

@@ -1,4 +1,4 @@
-"""The `tokprune` command: `bench`, `methods`, `models`."""
+"""The `tokprune` command: `demo`, `bench`, `robustness`, `methods`, `models`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import datetime
 import platform
 import sys
+import time
 from pathlib import Path
 
 import tokprune
@@ -52,6 +53,23 @@ def split_list(values: list[str]) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser(
+        "demo",
+        help="accuracy against kept tokens of every method on held-out toy VQA questions (offline, CPU)",
+    )
+    demo.add_argument(
+        "--model",
+        default="toy",
+        help="'toy' (the trained toy VLM shipped in the package), a local path or an HF id",
+    )
+    demo.add_argument("--methods", nargs="*", default=[], help="default: every registered method")
+    demo.add_argument("--budgets", nargs="*", default=[], help="default: keep ratios 0.5 0.25 0.125")
+    demo.add_argument("--questions", type=int, default=200, help="held-out questions (default 200)")
+    demo.add_argument("--batch-size", type=int, default=50)
+    demo.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"))
+    demo.add_argument("--dtype", default="float32", choices=DTYPES)
+    demo.add_argument("--device", default="cpu")
+    demo.add_argument("--out", default="demo-results", help="folder for the table, plot and picture")
     bench = sub.add_parser(
         "bench", help="measure prefill/decode time, memory and FLOPs of methods vs unpruned"
     )
@@ -219,6 +237,66 @@ def _device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
+def run_demo(args) -> int:
+    import torch
+
+    from tokprune.methods import make_method
+    from tokprune.toy import demo
+    from tokprune.toy.task import generate
+    from tokprune.toy.train import HELD_OUT_SEED
+
+    methods = split_list(args.methods) or tokprune.available_methods()
+    for method in methods:
+        make_method(method, demo.TOY_OPTIONS.get(method, {}) if args.model == "toy" else {})
+    budgets = [parse_budget(b) for b in split_list(args.budgets)] or [
+        {"keep_ratio": r} for r in demo.KEEP_RATIOS
+    ]
+    for name, value in (("--questions", args.questions), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise CliError(f"{name} must be >= 1")
+    answerer = _demo_answerer(args)
+    samples = generate(args.questions, HELD_OUT_SEED)
+    settings = [(None, {})] + [(m, b) for m in methods for b in budgets]
+    print(
+        f"{len(settings)} settings x {len(samples)} held-out questions on {args.model} ({args.device})",
+        flush=True,
+    )
+
+    def progress(row):
+        print(f"  {row.method:<14} {row.budget:<12} accuracy {100 * row.accuracy:5.1f}%", flush=True)
+
+    start = time.perf_counter()
+    rows = demo.run_settings(answerer, samples, settings, args.batch_size, progress)
+    meta = {
+        "model": args.model,
+        "questions": len(samples),
+        "device": _device_name(args.device),
+        "threads": torch.get_num_threads(),
+        "seconds": round(time.perf_counter() - start, 1),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    print("\n" + demo.table(rows))
+    paths = demo.write_report(rows, samples, meta, Path(args.out))
+    print(f"\n{meta['seconds']} s; wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _demo_answerer(args):
+    from tokprune.toy import demo
+
+    if args.model == "toy":
+        from tokprune.toy.model import load_toy
+
+        model, processor = load_toy(attn=args.attn)
+        return demo.ToyAnswerer(model.to(args.device), processor)
+    from tokprune.eval.loading import load_pretrained, prepare
+
+    model, processor = load_pretrained(args.model, args.dtype, args.attn)
+    import torch
+
+    return demo.ChatAnswerer(prepare(model, processor, torch.device(args.device)), processor)
+
+
 def run_robustness(args) -> int:
     from tokprune.robustness import kept_set_stability
 
@@ -261,6 +339,8 @@ def print_models() -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "demo":
+            return run_demo(args)
         if args.command == "bench":
             return run_bench(args)
         if args.command == "robustness":
@@ -269,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
             return print_methods()
         return print_models()
     except (CliError, TokpruneError) as error:
+        print(f"tokprune: error: {error}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as error:  # e.g. the toy weights are missing
         print(f"tokprune: error: {error}", file=sys.stderr)
         return 2
 

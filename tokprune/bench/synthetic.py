@@ -22,12 +22,15 @@ QWEN_SPECIALS = [
 ]
 
 
-def make_tokenizer(specials: list[str], words: list[str] | None = None) -> PreTrainedTokenizerFast:
+def make_tokenizer(
+    specials: list[str], words: list[str] | None = None, split_punctuation: bool = True
+) -> PreTrainedTokenizerFast:
     """WordLevel tokenizer over `words` (default WORDS); `specials` are special added tokens so that
-    '<image><image>' splits right."""
+    '<image><image>' splits right. With split_punctuation=False words split on whitespace only, so that
+    words such as 'USER:' stay whole."""
     vocab = {t: i for i, t in enumerate(["<unk>", "<pad>", "<s>", "</s>", *(words or WORDS)])}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace() if split_punctuation else pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )

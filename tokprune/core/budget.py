@@ -49,3 +49,24 @@ class Budget:
 
     def __str__(self) -> str:
         return f"budget={self.tokens}" if self.tokens is not None else f"keep_ratio={self.ratio:g}"
+
+
+def split_budget(k: int, sizes: list[int]) -> list[int]:
+    """Share k kept tokens among units of `sizes` in proportion to their sizes (largest remainder).
+
+    Every share is at most its unit's size and the shares sum to min(k, sum(sizes)); ties in the
+    remainders go to the earlier unit, so the split is deterministic.
+    """
+    total = sum(sizes)
+    k = min(k, total)
+    if total == 0:
+        return [0] * len(sizes)
+    exact = [k * size / total for size in sizes]
+    shares = [min(size, math.floor(e)) for size, e in zip(sizes, exact)]
+    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - shares[i]), i))
+    for i in order:
+        if sum(shares) >= k:
+            break
+        if shares[i] < sizes[i]:
+            shares[i] += 1
+    return shares

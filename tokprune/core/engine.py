@@ -23,13 +23,13 @@ from tokprune.core.budget import Budget
 from tokprune.core.compaction import Compaction
 from tokprune.core.layout import ImageLayout, VisionSignalStore, image_rows
 from tokprune.core.masks import build_layer_mask, layer_type
-from tokprune.core.selection import select_llm, select_pre, text_after_images
+from tokprune.core.selection import content_counts, select_llm, select_pre, text_after_images
 from tokprune.core.state import PrefillState, TokenMap, max_position
 from tokprune.core.stats import PruneStats, StageStats
 from tokprune.core.timing import timed
 from tokprune.errors import UnsupportedInputError
 from tokprune.methods.base import LLMMethod, Method
-from tokprune.signals.llm import cached_keys, last_query_scores, rotated_keys
+from tokprune.signals.llm import cached_keys, last_query_scores, rotated_keys, text_query_scores
 
 if TYPE_CHECKING:
     from tokprune.patches import Adapter
@@ -46,7 +46,7 @@ class _Forward:
     layout: ImageLayout | None
     tokens: TokenMap | None = None
     image_rows: list[int] = field(default_factory=list)
-    entry_counts: list[int] = field(default_factory=list)  # per image, visual tokens entering the LLM
+    entry_counts: list[int] = field(default_factory=list)  # per image, content tokens entering the LLM
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     position_ids: torch.Tensor | None = None
     mask_2d: torch.Tensor | None = None
@@ -175,7 +175,7 @@ class Engine:
     def _on_lm_prefill(self, fwd: _Forward, args, kwargs):
         embeds, mask = kwargs["inputs_embeds"], kwargs.get("attention_mask")
         batch, length, _ = embeds.shape
-        visual = fwd.input_ids == self.adapter.image_token_id
+        visual = self.adapter.visual_mask(fwd.input_ids)
         counts = fwd.layout.counts
         if int(visual.sum()) != sum(counts):
             raise UnsupportedInputError(
@@ -205,6 +205,7 @@ class Engine:
                 fwd.seconds[0] += self.store.seconds[0]
                 self.store.seconds[0] = 0.0  # the signals stay: generate(use_cache=False) reuses them
             if keep is not None:
+                self.adapter.compact_lm_kwargs(kwargs, keep & valid, visual)
                 compaction = Compaction.from_keep(keep & valid)
                 fwd.tokens = fwd.tokens.take(compaction)
                 kwargs["inputs_embeds"] = compaction.take(embeds)
@@ -215,8 +216,7 @@ class Engine:
                 changed = True
             stats.stages.append(StageStats.of(self.pre.name, "pre", fwd.tokens.kept_visual()))
         fwd.position_ids, fwd.mask_2d = position_ids, mask
-        image_id = fwd.tokens.image_id
-        fwd.entry_counts = torch.bincount(image_id[image_id >= 0], minlength=len(counts)).tolist()
+        fwd.entry_counts = content_counts(fwd.tokens, fwd.layout, fwd.image_rows)
         fwd.segments.append((0, fwd.tokens.real_tokens(), fwd.tokens.valid.shape[1]))
         self.state = state
         return (args, kwargs) if changed else None
@@ -277,12 +277,16 @@ class Engine:
         wanted = set(self.llm.signals)
         position_embeddings = fwd.position_embeddings or kwargs["position_embeddings"]
         keys = cached_keys(kwargs.get("past_key_values"), attn.layer_idx, normed.shape[1])
-        if keys is None and ("keys" in wanted or "last_query_attention" in wanted):
+        if keys is None and wanted & {"keys", "last_query_attention", "text_query_attention"}:
             keys = rotated_keys(attn, normed, position_embeddings)
         out = {}
         if "last_query_attention" in wanted:
             out["last_query_attention"] = last_query_scores(
                 attn, normed, position_embeddings, fwd.tokens.valid, keys=keys
+            )
+        if "text_query_attention" in wanted:  # (B, L_cur, T): the instruction's rows, keys first
+            out["text_query_attention"] = text_query_scores(
+                attn, normed, position_embeddings, text_after_images(fwd.tokens), fwd.tokens.valid, keys=keys
             )
         if "keys" in wanted:
             out["keys"] = keys.transpose(1, 2).flatten(2)  # (B, L_cur, H_kv * d), heads concatenated
@@ -326,7 +330,7 @@ class Engine:
             signals = dict(fwd.llm_signals.pop(boundary, {}))
             if "hidden" in self.llm.signals:
                 signals["hidden"] = self.adapter.language_model.norm(hidden)
-            keep = select_llm(
+            keep, hidden = select_llm(
                 self.llm, self.budgets["llm"], stage, fwd.tokens, fwd.layout, fwd.image_rows, fwd.entry_counts,
                 hidden, signals,
             )  # fmt: skip

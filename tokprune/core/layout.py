@@ -8,15 +8,42 @@ import torch
 
 
 @dataclass
+class Unit:
+    """One spatial unit of an image: an AnyRes tile (or its base/thumbnail view), a video frame.
+
+    index: (m,) ascending local positions of the unit's tokens among its image's tokens.
+    grid: (h, w) with h * w == m, row-major over `index`; None if the tokens are not a full grid.
+    kind: "base" (the downscaled whole image of AnyRes), "tile" (a high-resolution crop) or "frame".
+    """
+
+    index: torch.Tensor
+    grid: tuple[int, int] | None
+    kind: str = "tile"
+
+
+@dataclass
 class ImageLayout:
     """How the visual tokens of one forward split into images, in the order masked_scatter fills them.
 
     counts: tokens per image (global order over the batch, row-major).
     grids: (h, w) token grid of each image, or None where the tokens are not a plain grid.
+    units: per image, its spatial units (AnyRes base + tiles, video frames), or None for a plain image.
+    separators: per image, (n,) bool of tokens that carry no image content (LLaVA-NeXT's row-end
+        `image_newline`), or None. Rule: separators never compete for the budget (the budget counts the
+        content tokens); an image that loses any token loses all its separators, since a pruned grid has
+        no rows left to end; an image kept whole keeps them.
     """
 
     counts: list[int] = field(default_factory=list)
     grids: list[tuple[int, int] | None] = field(default_factory=list)
+    units: list[list[Unit] | None] | None = None
+    separators: list[torch.Tensor | None] | None = None
+
+    def units_of(self, image: int) -> list[Unit] | None:
+        return self.units[image] if self.units is not None else None
+
+    def separators_of(self, image: int) -> torch.Tensor | None:
+        return self.separators[image] if self.separators is not None else None
 
     def expanded(self, visual: torch.Tensor, counts: list[int]) -> ImageLayout:
         """This layout after generate() repeated every batch row e times (num_beams, num_return_sequences).
@@ -29,12 +56,18 @@ class ImageLayout:
         if expand < 2 or len(per_row) % expand:
             raise RuntimeError(f"{len(counts)} image features for {len(self.counts)} images")
         rows = image_rows(visual, counts)
-        grids, start = [], 0
+        source, start = [], 0  # original image of every expanded image
         for row in range(0, len(per_row), expand):
             n_images = rows.count(row)  # images of original row row // expand
-            grids += self.grids[start : start + n_images] * expand
+            source += list(range(start, start + n_images)) * expand
             start += n_images
-        return ImageLayout(counts=list(counts), grids=grids)
+        pick = lambda values: None if values is None else [values[i] for i in source]  # noqa: E731
+        return ImageLayout(
+            counts=list(counts),
+            grids=pick(self.grids),
+            units=pick(self.units),
+            separators=pick(self.separators),
+        )
 
 
 class VisionSignalStore:

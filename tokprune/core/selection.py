@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from tokprune.core.budget import Budget
-from tokprune.core.layout import ImageLayout
+from tokprune.core.budget import Budget, split_budget
+from tokprune.core.layout import ImageLayout, Unit
 from tokprune.core.state import TokenMap
 from tokprune.methods.base import ImageTokens, LLMMethod, Method, Selection
 
@@ -62,6 +62,56 @@ def align_signals(signals: dict[str, torch.Tensor], visual: torch.Tensor) -> dic
     return {name: value[index.to(value.device)] for name, value in signals.items()}
 
 
+def select_units(method: Method, image: ImageTokens, k: int) -> Selection | None:
+    """`checked_select` on the whole image, or unit by unit for spatial methods on multi-unit images.
+
+    A method with `spatial = True` (it needs a token grid) sees each AnyRes tile / video frame as its own
+    image, with the budget split over the units in proportion to their sizes (`split_budget`); the
+    others rank the image's tokens together and find the units in `image.units` if they care.
+    """
+    units = image.units
+    if not (method.spatial and units and len(units) > 1) or k >= image.n:
+        return checked_select(method, image, k)
+    keeps, merged = [], []
+    for unit, k_unit in zip(units, split_budget(k, [u.index.numel() for u in units])):
+        part = ImageTokens(
+            embeds=image.embeds[unit.index], grid=unit.grid,
+            signals=slice_signals(image.signals, unit.index), text=image.text,
+        )  # fmt: skip
+        chosen = checked_select(method, part, k_unit)
+        if chosen is None:
+            chosen = Selection(keep=torch.arange(part.n, device=unit.index.device))
+        keeps.append(unit.index[chosen.keep])
+        merged.append(chosen.merged if chosen.merged is not None else part.embeds[chosen.keep])
+    keep, order = torch.cat(keeps).sort()
+    any_merged = any(m is not None for m in merged)
+    return Selection(keep=keep, merged=torch.cat(merged)[order] if any_merged else None)
+
+
+def image_view(
+    layout: ImageLayout, image: int, local: torch.Tensor, embeds: torch.Tensor, signals: dict, text: dict
+) -> tuple[ImageTokens, torch.Tensor]:
+    """What a method sees of one image: its present content tokens (separators left out).
+
+    local: (m,) ascending positions of the image's present tokens among its original `counts[image]`;
+    embeds: (m, D) and signals (m, ...) of those tokens. Units and the grid are given only while the
+    image is whole. Returns (the view, content (m,) bool: which present tokens the view holds).
+    """
+    separators = layout.separators_of(image)
+    content = ~separators[local] if separators is not None else torch.ones_like(local, dtype=torch.bool)
+    whole = local.numel() == layout.counts[image]
+    units = layout.units_of(image) if whole else None
+    if units is not None:
+        position = torch.full((layout.counts[image],), -1, dtype=torch.long, device=local.device)
+        position[local[content]] = torch.arange(int(content.sum()), device=local.device)
+        units = [Unit(index=position[u.index.to(local.device)], grid=u.grid, kind=u.kind) for u in units]
+    view = ImageTokens(
+        embeds=embeds[content], grid=layout.grids[image] if whole else None,
+        signals=slice_signals(signals, content), text=text, units=units,
+    )  # fmt: skip
+    return view, content
+
+
 def select_pre(
     method: Method,
     budget: Budget,
@@ -83,17 +133,19 @@ def select_pre(
     keep_flat = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
     merged_flat = None
     start = 0
-    for index, (n, grid) in enumerate(zip(layout.counts, layout.grids)):
+    for index, n in enumerate(layout.counts):
         span = slice(start, start + n)
         text = {"embeds": instruction[index]} if instruction is not None else {}
-        image = ImageTokens(embeds=flat[span], grid=grid, signals=slice_signals(signals, span), text=text)
-        selection = checked_select(method, image, budget.kept(n))
+        local = torch.arange(n, device=flat.device)
+        view, content = image_view(layout, index, local, flat[span], slice_signals(signals, span), text)
+        selection = select_units(method, view, budget.kept(view.n))
         if selection is not None:
+            kept = start + local[content][selection.keep]
             keep_flat[span] = False
-            keep_flat[start + selection.keep] = True
+            keep_flat[kept] = True
             if selection.merged is not None:
                 merged_flat = flat.clone() if merged_flat is None else merged_flat
-                merged_flat[start + selection.keep] = selection.merged.to(flat.dtype)
+                merged_flat[kept] = selection.merged.to(flat.dtype)
         start += n
     if bool(keep_flat.all()):
         return None, embeds
@@ -102,6 +154,33 @@ def select_pre(
     keep = ~visual
     keep[visual] = keep_flat
     return keep, embeds
+
+
+def image_offsets(image_rows: list[int], counts: list[int]) -> list[int]:
+    """Visual rank (within its row) of every image's first token."""
+    offsets, previous_row, filled = [], -1, 0
+    for row, n in zip(image_rows, counts):
+        filled = 0 if row != previous_row else filled
+        offsets.append(filled)
+        filled, previous_row = filled + n, row
+    return offsets
+
+
+def present_tokens(tokens: TokenMap, layout: ImageLayout, image_rows: list[int], image: int, offset: int):
+    """(positions (m,) in the row's current sequence, local (m,) positions within the image)."""
+    row = image_rows[image]
+    where = (tokens.image_id[row] == image).nonzero().squeeze(1)
+    return where, tokens.visual_rank[row, where] - offset
+
+
+def content_counts(tokens: TokenMap, layout: ImageLayout, image_rows: list[int]) -> list[int]:
+    """Per image, the content tokens (separators left out) present in the current sequence."""
+    counts = []
+    for image, offset in enumerate(image_offsets(image_rows, layout.counts)):
+        _, local = present_tokens(tokens, layout, image_rows, image, offset)
+        separators = layout.separators_of(image)
+        counts.append(local.numel() - (int(separators[local].sum()) if separators is not None else 0))
+    return counts
 
 
 def select_llm(
@@ -114,33 +193,35 @@ def select_llm(
     entry_counts: list[int],
     hidden: torch.Tensor,
     signals: dict,
-) -> torch.Tensor | None:
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Per image, keep the stage's count among the visual tokens still present inside the LLM.
 
-    hidden: (B, L_cur, D) residual stream; signals: name -> (B, L_cur, ...). Returns keep (B, L_cur) bool,
-    or None when no image loses a token at this stage.
+    hidden: (B, L_cur, D) residual stream; signals: name -> (B, L_cur, ...); entry_counts: content tokens
+    of each image entering the LLM. Returns (keep (B, L_cur) bool, or None when no image loses a token;
+    hidden, with the merged states of kept tokens written into a copy when the method merges).
     """
     keep = tokens.valid.clone()
     text = text_after_images(tokens)
-    changed = False
+    changed, merged = False, None
+    offsets = image_offsets(image_rows, layout.counts)
     for image, (row, n_entry) in enumerate(zip(image_rows, entry_counts)):
-        where = (tokens.image_id[row] == image).nonzero().squeeze(1)
+        where, local = present_tokens(tokens, layout, image_rows, image, offsets[image])
         row_signals = {name: value[row] for name, value in signals.items()}
-        view = ImageTokens(
-            embeds=hidden[row, where],
-            grid=layout.grids[image] if where.numel() == layout.counts[image] else None,
-            signals=slice_signals(row_signals, where),
-            text=slice_signals(row_signals, text[row]),
-        )
-        selection = checked_select(method, view, method.stage_counts(n_entry, budget)[stage])
+        view, content = image_view(
+            layout, image, local, hidden[row, where], slice_signals(row_signals, where),
+            slice_signals(row_signals, text[row]),
+        )  # fmt: skip
+        selection = select_units(method, view, method.stage_counts(n_entry, budget)[stage])
         if selection is None:
             continue
+        kept = where[content][selection.keep]
         if selection.merged is not None:
-            raise RuntimeError("in-LLM merging is not supported by the engine yet")
+            merged = hidden.clone() if merged is None else merged
+            merged[row, kept] = selection.merged.to(hidden.dtype)
         keep[row, where] = False
-        keep[row, where[selection.keep]] = True
+        keep[row, kept] = True
         changed = True
-    return keep if changed else None
+    return (keep if changed else None), (merged if merged is not None else hidden)
 
 
 def text_after_images(tokens: TokenMap) -> list[torch.Tensor]:

@@ -15,6 +15,8 @@ from tokprune.methods.divprune import DivPrune
 from tokprune.methods.fopru import FoPru
 from tokprune.methods.hiprune import HiPrune
 from tokprune.methods.holov import HoloV
+from tokprune.methods.prumerge import PruMerge, PruMergePlus
+from tokprune.methods.sparsevlm import SparseVLM
 from tokprune.methods.tome import ToMe
 from tokprune.methods.vtc_cls import VTCCLS
 
@@ -26,6 +28,8 @@ REGISTRY: dict[str, type[Method]] = {
         FasterVLM,
         VTCCLS,
         VisionZip,
+        PruMerge,
+        PruMergePlus,
         DivPrune,
         CDPruner,
         HoloV,
@@ -34,6 +38,7 @@ REGISTRY: dict[str, type[Method]] = {
         FoPru,
         FastV,
         PyramidDrop,
+        SparseVLM,
         DART,
     )
 }

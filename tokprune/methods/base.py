@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 
 from tokprune.core.budget import Budget
+from tokprune.core.layout import Unit
 
 
 @dataclass
@@ -26,12 +27,15 @@ class ImageTokens:
     text: text-side tensors some methods use, keyed by name: before the LLM, "embeds" (m, D) = the
           instruction (the row's text after its images) for methods listing "instruction" in `signals`;
           inside the LLM, every requested signal of those text tokens (e.g. DART's text pivots).
+    units: the image's spatial units (AnyRes base view and tiles, video frames), each with its token
+          indices into these n tokens; None for a plain single-grid image (see `core.layout.Unit`).
     """
 
     embeds: torch.Tensor
     grid: tuple[int, int] | None
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
     text: dict[str, torch.Tensor] = field(default_factory=dict)
+    units: list[Unit] | None = None
 
     @property
     def n(self) -> int:
@@ -58,7 +62,9 @@ class Method:
       name: registry name; where: "pre" (before the LLM) or "llm" (inside the LLM);
       signals: names of the per-token signals `select` reads from `ImageTokens.signals`;
       default_budget: the published default when neither budget nor keep_ratio is given;
-      paper: the citation shown by the catalogue.
+      paper: the citation shown by the catalogue;
+      spatial: the method needs a token grid: on images made of several units (AnyRes tiles, video
+          frames) the engine runs it on each unit with the budget split by unit size.
     """
 
     name: ClassVar[str] = ""
@@ -66,6 +72,7 @@ class Method:
     signals: ClassVar[tuple[str, ...]] = ()
     default_budget: ClassVar[Budget] = Budget(ratio=0.5)
     paper: ClassVar[str] = ""
+    spatial: ClassVar[bool] = False
 
     def select(self, image: ImageTokens, k: int) -> Selection:
         """Choose `k` < image.n tokens of one image. Must return exactly k sorted indices."""

@@ -58,6 +58,7 @@ class SpatialPool(Method):
     name = "pool"
     default_budget = Budget(ratio=0.25)
     paper = "baseline: spatial average pooling"
+    spatial = True
 
     def select(self, image: ImageTokens, k: int) -> Selection:
         h, w = image.grid or (1, image.n)

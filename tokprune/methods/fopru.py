@@ -67,6 +67,7 @@ class FoPru(Method):
     signals = ("received_attention",)
     default_budget = Budget(ratio=0.25)
     paper = "Jiang et al., arXiv:2411.14164 (FoPru)"
+    spatial = True
     strategy: str = "rank"
 
     def __post_init__(self) -> None:

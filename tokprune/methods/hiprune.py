@@ -113,6 +113,7 @@ class HiPrune(Method):
     where = "pre"
     default_budget = Budget(tokens=64)
     paper = "Liu et al., arXiv:2508.00553 (HiPrune)"
+    spatial = True
 
     alpha: float = 0.1
     object_layer: int | str = "object"

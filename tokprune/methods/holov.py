@@ -183,6 +183,7 @@ class HoloV(Method):
     signals = ("cls_attention",)
     default_budget = Budget(tokens=64)
     paper = "Zou et al., NeurIPS 2025 (HoloV)"
+    spatial = True
 
     crop_rows: int = 4
     crop_cols: int = 4

@@ -67,3 +67,84 @@ def cached_keys(past_key_values, layer_idx: int, length: int) -> torch.Tensor | 
     if keys is None or keys.dim() != 4 or keys.shape[-2] != length:
         return None
     return keys
+
+
+def _query_index(
+    query_positions: list[torch.Tensor], key_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded query positions (B, T) and their validity (B, T) bool, T = max(1, longest list).
+
+    A row with no positions queries with its last real token instead (DESIGN: never an empty score row).
+    """
+    batch, length = key_mask.shape
+    rows = []
+    for row, positions in enumerate(query_positions):
+        if positions.numel() == 0:
+            real = key_mask[row].nonzero()
+            positions = real[-1] if real.numel() else torch.tensor([length - 1])
+        rows.append(positions.to(key_mask.device))
+    width = max(1, max(int(p.numel()) for p in rows))
+    index = torch.full((batch, width), length - 1, dtype=torch.long, device=key_mask.device)
+    valid = torch.zeros(batch, width, dtype=torch.bool, device=key_mask.device)
+    for row, positions in enumerate(rows):
+        index[row, : positions.numel()] = positions
+        valid[row, : positions.numel()] = True
+    return index, valid
+
+
+def query_rows_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    scale: float,
+    query_index: torch.Tensor,
+    key_mask: torch.Tensor,
+    chunk: int = 64,
+) -> torch.Tensor:
+    """Head-mean causal attention rows of chosen queries over all keys: (B, T, N) float32.
+
+    query: (B, H, T, d) post-RoPE queries of the tokens at `query_index` (B, T); keys: (B, H_kv, N, d)
+    post-RoPE; key_mask: (B, N) bool real tokens. Query t of row b sees key j iff key_mask[b, j] and
+    j <= query_index[b, t] (the causal row the model itself computes). Streams over `chunk` queries:
+    memory O(H * chunk * N).
+    """
+    groups = query.shape[1] // keys.shape[1]
+    keys = keys.float() if groups == 1 else keys.float().repeat_interleave(groups, dim=1)
+    positions = torch.arange(keys.shape[2], device=keys.device)
+    out = []
+    for t0 in range(0, query.shape[2], chunk):
+        q = query[:, :, t0 : t0 + chunk].float()  # (B, H, c, d)
+        visible = key_mask[:, None, :] & (positions <= query_index[:, t0 : t0 + chunk, None])  # (B, c, N)
+        logits = (q @ keys.transpose(-1, -2)) * scale  # (B, H, c, N)
+        logits = logits.masked_fill(~visible[:, None], float("-inf"))
+        out.append(logits.softmax(-1).mean(1))
+    return torch.cat(out, dim=1)
+
+
+def text_query_scores(
+    attn: nn.Module,
+    normed: torch.Tensor,
+    position_embeddings,
+    query_positions: list[torch.Tensor],
+    key_mask: torch.Tensor,
+    keys: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention the chosen query tokens of each row (e.g. its instruction) pay every token: (B, N, T).
+
+    normed: (B, N, D) the attention module's input; query_positions: per row, ascending positions of its
+    query tokens (a row without any uses its last real token); key_mask: (B, N) bool real tokens; keys:
+    (B, H_kv, N, d) post-RoPE keys if at hand. Entry [b, j, t] = head mean over the softmax row of query
+    t (over all real keys up to its own position) at key j; columns t >= len(query_positions[b]) are 0
+    (except column 0 of a row without queries). Keys come first so that token slices give rows (n, T).
+    """
+    batch = normed.shape[0]
+    cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)  # a shared (1, N, d) table too
+    index, valid = _query_index(query_positions, key_mask)
+    gather = index[..., None]
+    rows = normed.gather(1, gather.expand(-1, -1, normed.shape[-1]))  # (B, T, D)
+    cos_q = cos.gather(1, gather.expand(-1, -1, cos.shape[-1]))
+    sin_q = sin.gather(1, gather.expand(-1, -1, sin.shape[-1]))
+    query = _rope(_heads(attn, attn.q_proj, "q_norm", rows), cos_q, sin_q)  # (B, H, T, d)
+    if keys is None:
+        keys = rotated_keys(attn, normed, position_embeddings)
+    weights = query_rows_attention(query, keys, attn.scaling, index, key_mask)  # (B, T, N)
+    return (weights * valid[..., None]).transpose(1, 2)

@@ -23,7 +23,7 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 def toy_processor():
     """LlavaProcessor with the toy's word-level tokenizer and a 112 px CLIP image processor."""
-    tok = make_tokenizer(["<image>"], words=["USER:", "ASSISTANT:", *vocabulary()])
+    tok = make_tokenizer(["<image>"], words=["USER:", "ASSISTANT:", *vocabulary()], split_punctuation=False)
     return llava_processor(tok, SIZE, PATCH, image_mean=CLIP_MEAN.tolist(), image_std=CLIP_STD.tolist())
 
 

@@ -24,17 +24,23 @@ COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "
 SHAPES = ("square", "circle", "triangle")
 COUNTS = ("zero", "one", "two", "three", "four", "five")
 QUESTION_TYPES = ("color", "shape", "count", "exists", "left")
+PAIRS = tuple((c, s) for c in COLORS for s in SHAPES)  # the 12 colour-shape pairs
 
 
 @dataclass
 class Sample:
-    """One question about one scene. image: (112, 112, 3) uint8; objects: (color, shape, cx, cy)."""
+    """One question about one scene.
+
+    image: (112, 112, 3) uint8; objects: (color, shape, cx, cy); owner: (112, 112) uint8, 0 for background
+    and 1 + the colour-shape pair index (see `PAIRS`) on each object's pixels.
+    """
 
     image: np.ndarray
     question: str
     answer: str
     kind: str
     objects: list[tuple[str, str, int, int]]
+    owner: np.ndarray
 
 
 def _background(rng: np.random.Generator) -> np.ndarray:
@@ -71,19 +77,23 @@ def _place(rng: np.random.Generator, n: int) -> list[tuple[int, int]]:
     return centres
 
 
-def draw_scene(rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[str, str, int, int]]]:
+def draw_scene(rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[str, str, int, int]], np.ndarray]:
+    """(image (112, 112, 3) uint8, objects, owner (112, 112) uint8); see `Sample`."""
     n = int(rng.integers(2, 6))
-    pairs = [(c, s) for c in COLORS for s in SHAPES]
-    chosen = [pairs[i] for i in rng.choice(len(pairs), n, replace=False)]
+    chosen = rng.choice(len(PAIRS), n, replace=False)
     img = _background(rng)
+    owner = np.zeros((SIZE, SIZE), dtype=np.uint8)
     objects = []
-    for (color, shape), (cx, cy) in zip(chosen, _place(rng, n)):
-        img[_shape_mask(shape, cx, cy, rng.uniform(5.0, 7.5))] = np.array(COLORS[color]) + rng.normal(0, 8, 3)
+    for pair, (cx, cy) in zip(chosen, _place(rng, n)):
+        color, shape = PAIRS[pair]
+        mask = _shape_mask(shape, cx, cy, rng.uniform(5.0, 7.5))
+        img[mask] = np.array(COLORS[color]) + rng.normal(0, 8, 3)
+        owner[mask] = pair + 1
         objects.append((color, shape, cx, cy))
-    return np.clip(img, 0, 255).astype(np.uint8), objects
+    return np.clip(img, 0, 255).astype(np.uint8), objects, owner
 
 
-def _ask(rng: np.random.Generator, kind: str, objects) -> tuple[str, str] | None:
+def ask(rng: np.random.Generator, kind: str, objects) -> tuple[str, str] | None:
     colors = [o[0] for o in objects]
     shapes = [o[1] for o in objects]
     if kind == "color":
@@ -120,12 +130,26 @@ def generate(n: int, seed: int) -> list[Sample]:
     rng = np.random.default_rng(seed)
     samples: list[Sample] = []
     while len(samples) < n:
-        image, objects = draw_scene(rng)
+        image, objects, owner = draw_scene(rng)
         kind = QUESTION_TYPES[len(samples) % len(QUESTION_TYPES)]
-        asked = _ask(rng, kind, objects)
+        asked = ask(rng, kind, objects)
         if asked is not None:
-            samples.append(Sample(image, asked[0], asked[1], kind, objects))
+            samples.append(Sample(image, asked[0], asked[1], kind, objects, owner))
     return samples
+
+
+def generate_scenes(n: int, seed: int) -> list[tuple[Sample, list[tuple[str, str]]]]:
+    """n scenes for training, each with every question type it can answer, in a seeded random order:
+    [(first question as a Sample, [(question, answer), ...] for the others)]. Deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    scenes = []
+    for _ in range(n):
+        image, objects, owner = draw_scene(rng)
+        asked = [(kind, ask(rng, kind, objects)) for kind in QUESTION_TYPES]
+        asked = [asked[i] for i in rng.permutation(len(asked)) if asked[i][1] is not None]
+        (kind, (question, answer)), rest = asked[0], [qa for _, qa in asked[1:]]
+        scenes.append((Sample(image, question, answer, kind, objects, owner), rest))
+    return scenes
 
 
 def vocabulary() -> list[str]:
@@ -151,6 +175,21 @@ def vocabulary() -> list[str]:
 
 def presence_labels(objects) -> np.ndarray:
     """(12,) 0/1 presence of every colour-shape pair (the [CLS] auxiliary target)."""
-    pairs = [(c, s) for c in COLORS for s in SHAPES]
     present = {(o[0], o[1]) for o in objects}
-    return np.array([p in present for p in pairs], dtype=np.float32)
+    return np.array([p in present for p in PAIRS], dtype=np.float32)
+
+
+def patch_labels(sample: Sample, patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-patch targets in raster order, ((P,), (P,)) int64 with P = (112 / patch)^2.
+
+    The first is the pair (1 + index into `PAIRS`) covering at least a quarter of the patch, else 0; the
+    second is 1 on the patch that holds an object's centre pixel, else 0.
+    """
+    g = SIZE // patch
+    blocks = sample.owner.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, patch * patch)
+    counts = np.stack([(blocks == k).sum(1) for k in range(1, len(PAIRS) + 1)], axis=1)
+    covered = np.where(counts.max(1) * 4 >= patch * patch, counts.argmax(1) + 1, 0)
+    centre = np.zeros(g * g, dtype=np.int64)
+    for _, _, cx, cy in sample.objects:
+        centre[(cy // patch) * g + cx // patch] = 1
+    return covered.astype(np.int64), centre

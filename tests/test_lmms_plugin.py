@@ -1,0 +1,382 @@
+"""The lmms-eval plugin (`--model tokprune`) and the packaged `tokprune_toyvqa` tasks, offline on CPU.
+
+An untrained toy VLM is enough: these tests check the pipeline (requests in, answers, losses, stats and
+metrics out), not accuracy.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lmms_eval")
+
+from lmms_eval.api.instance import GenerationResult, Instance  # noqa: E402
+from lmms_eval.evaluator import simple_evaluate  # noqa: E402
+from lmms_eval.models import get_model  # noqa: E402
+from lmms_eval.models.model_utils.gen_metrics import reset_logged_metrics, summarize_logged_metrics  # noqa: E402
+from lmms_eval.tasks import TaskManager  # noqa: E402
+
+import tokprune  # noqa: E402
+from tokprune.errors import BudgetError, MethodOptionError, UnknownMethodError  # noqa: E402
+from tokprune.eval import task_dir  # noqa: E402
+from tokprune.eval.args import ModelArgsError, option_value, parse_methods, run_args  # noqa: E402
+from tokprune.eval.lmms import TokpruneChat, TokpruneSimple  # noqa: E402
+from tokprune.eval.prompting import Turn, plain_prompt, render, turns_from_messages  # noqa: E402
+from tokprune.eval.toyvqa import DATA, build_docs, doc_to_visual, normalize, process_results  # noqa: E402
+from tokprune.toy.model import N_VISUAL, WEIGHTS, prompt, toy_config, toy_processor  # noqa: E402
+
+TASK = "tokprune_toyvqa"
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+KEEP = math.ceil(0.25 * N_VISUAL)  # 49 of 196
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline():
+    saved = {k: os.environ.get(k) for k in OFFLINE}
+    os.environ.update(OFFLINE)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory) -> Path:
+    """An untrained toy VLM saved like the packaged weights (config, safetensors, processor files)."""
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    processor = toy_processor()
+    model = LlavaForConditionalGeneration(toy_config(processor))
+    path = tmp_path_factory.mktemp("toy")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy(toy_dir):
+    """(model, processor) of the untrained toy, loaded as the plugin loads a folder."""
+    from tokprune.eval.loading import load_pretrained
+
+    return load_pretrained(str(toy_dir), "auto", "sdpa")
+
+
+@pytest.fixture(scope="module")
+def task_manager() -> TaskManager:
+    return TaskManager(include_path=str(task_dir()), include_defaults=False)
+
+
+def docs(n: int) -> dict:
+    """A task_dict entry as lmms-eval builds it: {split: docs}."""
+    return {"test": build_docs(n)}
+
+
+def request(kind: str, args: tuple, doc_id: int = 0) -> Instance:
+    return Instance(
+        request_type=kind, arguments=args, idx=0, metadata={"task": TASK, "doc_id": doc_id, "repeats": 1}
+    )
+
+
+def simple_lm(toy, **kwargs) -> TokpruneSimple:
+    model, processor = toy
+    lm = TokpruneSimple(model=model, processor=processor, **kwargs)
+    lm.task_dict[TASK] = docs(4)
+    return lm
+
+
+# ----------------------------------------------------------------------------------------- arguments
+def test_entry_point_registers_chat_and_simple_classes():
+    assert get_model("tokprune") is TokpruneChat
+    assert get_model("tokprune", force_simple=True) is TokpruneSimple
+
+
+def test_option_values_are_parsed():
+    assert option_value("[8,16,24]") == (8, 16, 24)
+    assert option_value("(0.5, 0.25)") == (0.5, 0.25)
+    assert option_value("none") is None and option_value("True") is True
+    assert option_value("rank") == "rank" and option_value(3) == 3 and option_value("0.5") == 0.5
+    assert parse_methods("visionzip+fastv") == ["visionzip", "fastv"]
+    assert parse_methods("none") == [] and parse_methods(None) == []
+    args = run_args(
+        pretrained="toy", method="fastv", budget="64", layer=3, batch_size="auto", max_new_tokens="4"
+    )
+    assert (args.budget, args.options, args.batch_size, args.max_new_tokens) == (64, {"layer": 3}, 1, 4)
+
+
+def test_model_args_string_with_cli_defaults(toy_dir):
+    """model_args win over the CLI's --batch_size (lmms-eval would otherwise pass both and fail)."""
+    lm = TokpruneSimple.create_from_arg_string(
+        f"pretrained={toy_dir},method=random,keep_ratio=0.5,seed=3,batch_size=3,dtype=float32",
+        {"batch_size": "1", "max_batch_size": None, "device": "cpu"},
+    )
+    assert lm.batch_size == 3 and lm.run_args.options == {"seed": 3} and lm.run_args.keep_ratio == 0.5
+    assert lm.session.device.type == "cpu"
+    with lm.session.pruning() as pruner:
+        assert pruner.methods[0].seed == 3
+    assert not hasattr(lm.session.model, "_tokprune_pruner")  # only patched while requests run
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"method": "nope"}, UnknownMethodError, "available methods: .*divprune"),
+        ({"method": "divprune", "foo": 1}, MethodOptionError, "no option foo"),
+        ({"method": "divprune", "budget": 8, "keep_ratio": 0.5}, BudgetError, "not both"),
+        ({"method": "divprune", "keep_ratio": 1.5}, BudgetError, "keep_ratio must be in"),
+        ({"keep_ratio": 0.5}, ModelArgsError, "without a method"),
+        ({"method": "divprune", "dtype": "float8"}, ModelArgsError, "dtype must be one of"),
+        ({"method": "divprune", "batch_size": 0}, ModelArgsError, "batch_size must be a positive integer"),
+        ({"pretrained": "x"}, ModelArgsError, "not both"),
+    ],
+)
+def test_bad_arguments_fail_early(toy, kwargs, error, match):
+    model, processor = toy
+    with pytest.raises(error, match=match):
+        TokpruneSimple(model=model, processor=processor, **kwargs)
+    assert not hasattr(model, "_tokprune_pruner")
+
+
+def test_model_needs_processor_and_pretrained_toy(toy):
+    with pytest.raises(ModelArgsError, match="processor"):
+        TokpruneSimple(model=toy[0])
+    with pytest.raises(ModelArgsError, match="pretrained="):
+        TokpruneSimple(method="divprune")
+    if (WEIGHTS / "model.safetensors").exists():
+        assert TokpruneSimple("toy", method="divprune").session.model.config.image_seq_length == N_VISUAL
+    else:
+        with pytest.raises(FileNotFoundError, match="no trained toy weights"):
+            TokpruneSimple("toy")
+
+
+# ----------------------------------------------------------------------------------------- prompts
+def test_toy_prompt_format_without_chat_template(toy):
+    """The toy tokenizer has no chat template: simple and chat requests get the toy's training prompt."""
+    processor, question, image = toy[1], "what color is the square ?", object()
+    assert render(processor, [Turn("user", question, [image])]) == (prompt(question), [image])
+    message = {
+        "role": "user",
+        "content": [{"type": "image", "url": image}, {"type": "text", "text": question}],
+    }
+    with pytest.raises(TypeError, match="images only"):
+        turns_from_messages([message])  # object() is no image
+    image = doc_to_visual(build_docs(1)[0])[0]
+    message["content"][0]["url"] = image
+    assert render(processor, turns_from_messages([message]))[0] == prompt(question)
+    assert plain_prompt([Turn("user", f"<image> {question}", [image])], "<image>") == prompt(question)
+
+
+# ----------------------------------------------------------------------------------------- task
+def test_task_docs_are_the_held_out_questions():
+    import json
+
+    from tokprune.toy.task import generate
+    from tokprune.toy.train import HELD_OUT_SEED
+
+    shipped = json.loads(DATA.read_text())
+    samples = generate(len(shipped), HELD_OUT_SEED)
+    assert len(shipped) == 500 and DATA.stat().st_size < 3e6
+    assert [(d["index"], d["question"], d["answer"], d["kind"]) for d in shipped] == [
+        (i, s.question, s.answer, s.kind) for i, s in enumerate(samples)
+    ]
+    image = doc_to_visual(shipped[7])[0]
+    assert (
+        image.size == (112, 112)
+        and (torch.tensor(list(image.getdata())).view(112, 112, 3).numpy() == samples[7].image).all()
+    )
+    with pytest.raises(ValueError, match="rebuild"):
+        doc_to_visual({**shipped[7], "question": "how many red objects ?"})
+
+
+def test_exact_match_normalises_the_first_word():
+    doc = {"answer": "green"}
+    assert normalize("Green.") == "green" and normalize("  ") == ""
+    assert process_results(doc, ["Green, the square"]) == {"exact_match": 1.0}
+    assert process_results(doc, ["red"]) == {"exact_match": 0.0}
+    assert process_results(doc, [""]) == {"exact_match": 0.0}
+
+
+def test_task_is_found_by_include_path(task_manager):
+    assert {"tokprune_toyvqa", "tokprune_toyvqa_mc"} <= set(task_manager.all_tasks)
+
+
+# ----------------------------------------------------------------------------------------- requests
+def generate_request(doc_id: int, max_new_tokens: int = 2) -> Instance:
+    doc = build_docs(doc_id + 1)[doc_id]
+    gen = {"max_new_tokens": max_new_tokens, "temperature": 0, "until": ["\n"]}
+    return request("generate_until", (doc["question"], gen, doc_to_visual, doc_id, TASK, "test"), doc_id)
+
+
+def test_generate_until_logs_pruning_stats(toy):
+    reset_logged_metrics()
+    results = simple_lm(toy, method="divprune", keep_ratio=0.25, batch_size=2).generate_until(
+        [generate_request(i) for i in range(3)]
+    )
+    assert all(isinstance(r, GenerationResult) and isinstance(r.text, str) for r in results)
+    assert all(r.token_counts.output_tokens == 2 and r.token_counts.input_tokens > KEEP for r in results)
+    pruned = summarize_logged_metrics()
+    assert pruned["avg_visual_tokens_in"] == N_VISUAL and pruned["avg_visual_tokens_kept"] == KEEP
+    assert pruned["avg_ttft_s"] > 0 and pruned["total_gen_tokens"] == 6 and pruned["avg_latency"] > 0
+
+    reset_logged_metrics()
+    simple_lm(toy).generate_until([generate_request(i) for i in range(3)])
+    full = summarize_logged_metrics()
+    assert full["avg_visual_tokens_kept"] == N_VISUAL
+    assert full["avg_llm_input_tokens"] - pruned["avg_llm_input_tokens"] == N_VISUAL - KEEP
+    assert pruned["avg_prefill_flops"] < full["avg_prefill_flops"] and full["avg_scoring_flops"] == 0
+
+
+def test_batching_does_not_change_greedy_answers(toy):
+    requests = [generate_request(i, max_new_tokens=3) for i in range(3)]
+    one = simple_lm(toy, method="divprune", keep_ratio=0.25).generate_until(requests)
+    batched = simple_lm(toy, method="divprune", keep_ratio=0.25, batch_size=3).generate_until(requests)
+    assert [r.text for r in one] == [r.text for r in batched]
+
+
+def test_loglikelihood_returns_a_loss_consistent_with_generation(toy):
+    lm = simple_lm(toy, method="divprune", keep_ratio=0.25)
+    greedy = lm.generate_until([generate_request(0, max_new_tokens=2)])[0].text
+    question = build_docs(1)[0]["question"]
+    args = (question, f" {greedy}", doc_to_visual, 0, TASK, "test")
+    other = (question, " zebra" if greedy.split()[0] != "zebra" else " red", doc_to_visual, 0, TASK, "test")
+    scored, wrong = lm.loglikelihood([request("loglikelihood", args), request("loglikelihood", other)])
+    assert isinstance(scored, GenerationResult) and isinstance(scored.text, tuple)
+    loss, is_greedy = scored.text
+    assert isinstance(loss, float) and loss > 0 and is_greedy is True and wrong.text[1] is False
+    assert scored.token_counts.input_tokens < N_VISUAL  # the prompt was pruned before the continuation
+
+    # the same loss by hand: pruned prefill, then the continuation's tokens one decode step at a time
+    model, processor = toy
+    ids = processor.tokenizer(greedy).input_ids
+    inputs = processor(text=[prompt(question)], images=doc_to_visual(build_docs(1)[0]), return_tensors="pt")
+    with tokprune.apply(model, "divprune", keep_ratio=0.25), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=len(ids), do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)  # fmt: skip
+    logprobs = [torch.log_softmax(step[0].float(), -1)[t] for step, t in zip(out.logits, ids)]
+    assert loss == pytest.approx(-float(sum(logprobs)), rel=1e-4)
+
+
+def test_multi_round_generation(toy):
+    lm = simple_lm(toy, method="divprune", keep_ratio=0.25, max_new_tokens=1)
+    doc = build_docs(1)[0]
+
+    def doc_to_text(doc, previous_output=None, round_idx=None, previous_round_info=None):
+        return doc_to_visual(doc), doc["question"], round_idx >= 3, previous_output, {"round": round_idx}
+
+    result = lm.generate_until_multi_round(
+        [
+            request(
+                "generate_until_multi_round",
+                (doc["question"], {}, doc_to_visual, doc_to_text, 0, TASK, "test"),
+            )
+        ]
+    )[0]
+    assert isinstance(result.text, list) and len(result.text) == 3 and result.token_counts.output_tokens == 3
+
+    def doc_to_messages(doc, round_idx=None, previous_output=None, previous_round_info=None):
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "url": doc_to_visual(doc)[0]},
+                    {"type": "text", "text": doc["question"]},
+                ],
+            }
+        ]
+        return messages if round_idx is None else (messages, round_idx >= 2, previous_output, None)
+
+    chat = TokpruneChat(model=toy[0], processor=toy[1], method="divprune", keep_ratio=0.25, max_new_tokens=1)
+    chat.task_dict[TASK] = docs(1)
+    rounds = chat.generate_until_multi_round(
+        [request("generate_until_multi_round", ("", doc_to_messages, {}, 0, TASK, "test"))]
+    )
+    assert len(rounds[0].text) == 2 and rounds[0].text[0] == result.text[0]
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %} {% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template", [None, CHAT_TEMPLATE])
+def test_qwen_with_and_without_a_chat_template(tiny, template):
+    """A Qwen2.5-VL (tiny, random): the processor's chat template when it has one, else the plain format."""
+    model, processor = tiny("qwen2_5_vl")
+    processor = copy.copy(processor)
+    processor.chat_template = template
+    lm = TokpruneSimple(model=model, processor=processor, method="divprune", keep_ratio=0.5, batch_size=2)
+    lm.task_dict[TASK] = docs(2)
+    text, _ = render(processor, [Turn("user", "what ?", [object()])])
+    expected = "user: <|vision_start|><|image_pad|><|vision_end|>what ? assistant:"
+    assert text == (
+        expected if template else "USER: <|vision_start|><|image_pad|><|vision_end|> what ? ASSISTANT:"
+    )
+    reset_logged_metrics()
+    results = lm.generate_until([generate_request(0), generate_request(1)])
+    logged = summarize_logged_metrics()
+    assert len(results) == 2 and logged["avg_visual_tokens_in"] == 16  # 112 px: 8x8 patches, 2x2 merged
+    assert logged["avg_visual_tokens_kept"] == 8 and logged["avg_prefill_flops"] > 0
+
+
+# ----------------------------------------------------------------------------------------- end to end
+def check_results(results: dict, n: int, kept: int) -> None:
+    assert 0 <= results["results"][TASK]["exact_match,none"] <= 1
+    assert results["throughput"]["avg_visual_tokens_in"] == N_VISUAL
+    assert results["throughput"]["avg_visual_tokens_kept"] == kept
+    assert results["throughput"]["avg_ttft_s"] > 0 and results["throughput"]["avg_prefill_flops"] > 0
+    efficiency = results["efficiency"]["by_task"][TASK]
+    assert efficiency["docs"] == n and efficiency["docs_with_token_counts"] == n
+    assert efficiency["total_output_tokens"] > 0 and efficiency["total_input_tokens"] > n * kept
+
+
+@pytest.mark.slow
+def test_simple_evaluate_with_a_built_model(toy, task_manager):
+    model, processor = toy
+    for cls in (TokpruneSimple, TokpruneChat):
+        lm = cls(model=model, processor=processor, method="divprune", keep_ratio=0.25, max_new_tokens=2)
+        results = simple_evaluate(
+            model=lm, tasks=[TASK], task_manager=task_manager, limit=3, bootstrap_iters=0
+        )
+        check_results(results, 3, KEEP)
+        assert (
+            f"{cls.__name__} ({'simple' if lm.is_simple else 'chat'})" in results["config"]["model_backend"]
+        )
+        assert not hasattr(model, "_tokprune_pruner") and lm.session is not None  # left usable, unpatched
+
+
+@pytest.mark.slow
+def test_simple_evaluate_with_the_registered_model_id(toy_dir, task_manager):
+    model_args = f"pretrained={toy_dir},method=divprune,keep_ratio=0.25,max_new_tokens=2"
+    results = simple_evaluate(model="tokprune", model_args=model_args, tasks=[TASK], task_manager=task_manager,
+                              limit=3, bootstrap_iters=0, batch_size=1)  # fmt: skip
+    check_results(results, 3, KEEP)
+    assert "TokpruneChat (chat)" in results["config"]["model_backend"]
+
+    choice = simple_evaluate(model="tokprune", model_args=f"pretrained={toy_dir}", tasks=["tokprune_toyvqa_mc"],
+                             task_manager=task_manager, limit=2, bootstrap_iters=0, force_simple=True)  # fmt: skip
+    assert choice["results"]["tokprune_toyvqa_mc"]["acc,none"] in (0.0, 0.5, 1.0)
+    assert choice["throughput"]["avg_visual_tokens_kept"] == N_VISUAL
+
+
+@pytest.mark.slow
+def test_cli_end_to_end(toy_dir):
+    """The documented command line, offline; DEBUG makes the CLI fail on errors instead of exiting 0."""
+    cli = Path(sys.executable).with_name("lmms-eval")
+    command = [str(cli), "--model", "tokprune", "--model_args", f"pretrained={toy_dir},method=divprune,keep_ratio=0.25",
+               "--tasks", TASK, "--include_path", str(task_dir()), "--limit", "2", "--verbosity", "DEBUG"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, **OFFLINE})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "|tokprune_toyvqa|" in done.stdout and "avg_visual_tokens_kept" in done.stdout
+    assert f"avg_visual_tokens_kept     |{KEEP:>14.4f}" in done.stdout
