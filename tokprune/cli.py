@@ -240,12 +240,13 @@ def _device_name(device: str) -> str:
 def run_demo(args) -> int:
     import torch
 
-    from tokprune.methods import make_method
+    from tokprune.methods import REGISTRY, make_method
+    from tokprune.patches import adapter_for
     from tokprune.toy import demo
     from tokprune.toy.task import generate
     from tokprune.toy.train import HELD_OUT_SEED
 
-    methods = split_list(args.methods) or tokprune.available_methods()
+    methods = split_list(args.methods)
     for method in methods:
         make_method(method, demo.TOY_OPTIONS.get(method, {}) if args.model == "toy" else {})
     budgets = [parse_budget(b) for b in split_list(args.budgets)] or [
@@ -255,6 +256,14 @@ def run_demo(args) -> int:
         if value < 1:
             raise CliError(f"{name} must be >= 1")
     answerer = _demo_answerer(args)
+    if not methods:  # every registered method this model can run (AnyRes-only ones need tiles)
+        tiles = adapter_for(answerer.model).tiles
+        methods = [m for m in tokprune.available_methods() if tiles or not REGISTRY[m].needs_tiles]
+        skipped = sorted(set(tokprune.available_methods()) - set(methods))
+        if skipped:
+            print(f"skipped (need AnyRes tiles, which this model has not): {', '.join(skipped)}")
+    if not split_list(args.methods):
+        methods = _runnable(methods, answerer.model)
     samples = generate(args.questions, HELD_OUT_SEED)
     settings = [(None, {})] + [(m, b) for m in methods for b in budgets]
     print(
@@ -303,6 +312,8 @@ def run_robustness(args) -> int:
     budget = parse_budget(args.budget)
     methods = split_list(args.methods) or tokprune.available_methods()
     model, make_inputs = load_model(args.model, args.layers, args.attn, args.dtype, args.device)
+    if not split_list(args.methods):
+        methods = _runnable(methods, model)
     inputs = make_inputs(1)
     print(
         f"kept-set stability: mean Jaccard over {args.trials} noisy copies (std {args.noise_std}), {args.budget}"
@@ -313,6 +324,16 @@ def run_robustness(args) -> int:
         )
         print(f"  {method:<11} mean {result['mean_jaccard']:.3f}  min {result['min_jaccard']:.3f}")
     return 0
+
+
+def _runnable(methods: list[str], model) -> list[str]:
+    """`methods` without those the model refuses: AnyRes-only methods (`needs_tiles`) on models whose
+    images have no tiles. For the default "every method" lists; named methods fail with the reason."""
+    from tokprune.methods import REGISTRY
+    from tokprune.patches import adapter_for
+
+    tiles = adapter_for(model).tiles
+    return [m for m in methods if tiles or not REGISTRY[m].needs_tiles]
 
 
 def print_methods() -> int:

@@ -70,6 +70,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from tokprune.flops.parts import (
+    CLIP_FAMILIES,
     Images,
     images_of,
     llava_vision,
@@ -163,7 +164,7 @@ def _vision_scoring(model, inputs: dict, images: Images, signals: set[str]) -> f
     if not images.vit_tokens or not layers:
         return 0.0
     total = 0.0
-    if model_family(model) == "llava":
+    if model_family(model) in CLIP_FAMILIES:
         c = model.config.vision_config.hidden_size
         for bases in layers.values():
             for n in images.vit_tokens:
@@ -224,7 +225,7 @@ def prefill_flops(
     family = model_family(model)
     text_config = model.config.text_config
     images = images_of(model, inputs)
-    if family == "llava":
+    if family in CLIP_FAMILIES:
         vision, projector = llava_vision(model, images)
     else:
         vision, projector = qwen_vision(model, inputs, images) if images.vit_tokens else (0.0, 0.0)

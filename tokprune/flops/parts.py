@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-SUPPORTED = ("llava", "qwen2_vl", "qwen2_5_vl")
+SUPPORTED = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+CLIP_FAMILIES = ("llava", "llava_next")  # CLIP-style towers run once per image / AnyRes tile
 
 # model_type of text configs whose decoder MLP is a plain fc1/fc2 pair (everything else is taken as gated)
 _UNGATED_TEXT_MODELS = frozenset(
@@ -75,11 +76,14 @@ def vocab_size(model) -> int:
 # --------------------------------------------------------------------------------------------- vision
 @dataclass
 class Images:
-    """Per image: ViT tokens (incl. [CLS]), the attention-block sizes of full blocks, LLM tokens."""
+    """Per vision pass (an image; an AnyRes tile): ViT tokens (incl. [CLS]) and the attention-block sizes of
+    full blocks; per image: its LLM tokens; per vision pass: the tokens the projector maps (None: as
+    `llm_tokens`)."""
 
     vit_tokens: list[int]
-    full_blocks: list[list[int]]  # per image, the attention blocks of a full-attention layer
+    full_blocks: list[list[int]]  # per vision pass, the attention blocks of a full-attention layer
     llm_tokens: list[int]
+    projector_tokens: list[int] | None = None
 
 
 def _llava_images(model, inputs: dict) -> Images:
@@ -107,8 +111,36 @@ def _qwen_images(model, inputs: dict) -> Images:
     return Images(vit, blocks, llm)
 
 
+def _llava_next_images(model, inputs: dict) -> Images:
+    """One ViT pass per AnyRes tile (base view included); LLM tokens = the packed image (newlines too)."""
+    sizes = inputs.get("image_sizes")
+    if inputs.get("pixel_values") is None or sizes is None:
+        return Images([], [], [])
+    from tokprune.patches import adapter_for
+
+    layout, _ = adapter_for(model).packing(sizes)
+    tiles = sum(_tiles_per_image(model, sizes))  # tiles wholly unpadded away still run through the tower
+    vc = model.config.vision_config
+    n = (vc.image_size // vc.patch_size) ** 2 + 1
+    return Images([n] * tiles, [[n]] * tiles, list(layout.counts), [n - 1] * tiles)
+
+
+def _tiles_per_image(model, sizes) -> list[int]:
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    cfg = model.config
+    return [
+        image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in sizes
+    ]
+
+
 def images_of(model, inputs: dict) -> Images:
-    return _llava_images(model, inputs) if model_family(model) == "llava" else _qwen_images(model, inputs)
+    family = model_family(model)
+    if family == "llava":
+        return _llava_images(model, inputs)
+    if family == "llava_next":
+        return _llava_next_images(model, inputs)
+    return _qwen_images(model, inputs)
 
 
 def _vit_attention(width: int, blocks: Iterable[int]) -> float:
@@ -125,10 +157,11 @@ def llava_vision(model, images: Images) -> tuple[float, float]:
     n_feature = len(fl) if isinstance(fl, (list, tuple)) else 1
     d = model.config.text_config.hidden_size
     vision = projector = 0.0
-    for n, rows in zip(images.vit_tokens, images.llm_tokens):
+    for n in images.vit_tokens:
         patches = n - 1
         vision += 2 * patches * c * channels * p * p
         vision += layers * (8 * n * c * c + 2 * 2 * n * n * c + 2 * 2 * n * c * m)
+    for rows in images.projector_tokens if images.projector_tokens is not None else images.llm_tokens:
         projector += 2 * rows * (c * n_feature * d + d * d)
     return vision, projector
 
