@@ -7,11 +7,26 @@ from torch import nn
 from tokprune.errors import UnsupportedModelError
 
 from .base import Adapter, ImageLayout, VisionSignalStore
+from .gemma3 import Gemma3Adapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
+from .smolvlm import SmolVLMAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (
+    LlavaAdapter,
+    LlavaNextAdapter,
+    LlavaOnevisionAdapter,
+    Qwen2VLAdapter,
+    Qwen2_5_VLAdapter,
+    Qwen3VLAdapter,
+    InternVLAdapter,
+    SmolVLMAdapter,
+    Gemma3Adapter,
+)
 
 
 def supported_model_classes() -> list[str]:

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from tokprune.core.layout import ImageLayout, VisionSignalStore  # noqa: F401 (re-exported)
+from tokprune.core.masks import build_layer_mask
+from tokprune.core.state import TokenMap
 from tokprune.errors import MethodOptionError
 
 
@@ -25,6 +27,11 @@ class Adapter:
     # from the end), "name@object" at the family's object-centric middle layer (HiPrune), plain "name"
     # at the layer whose output feeds the projector
     vision_signals: ClassVar[tuple[str, ...]] = ("cls_attention", "received_attention", "vit_keys")
+    # images come as AnyRes units: a "base" view of the whole image and "tile"s whose tokens follow the
+    # raster order of the whole tile mosaic (LLaVA-NeXT's packing; `methods.anyres` rebuilds the mosaic
+    # from that). Methods with `needs_tiles` (HiRED, GlobalCom²) are refused on adapters without it.
+    # Tiles laid out one after another (InternVL) do not say where each tile sits, so they do not qualify.
+    tiles: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -60,15 +67,47 @@ class Adapter:
         pruning. The default has nothing to do.
         """
 
+    def compact_stage(self, keep: torch.Tensor, visual: torch.Tensor) -> None:
+        """An in-LLM stage is about to compact the sequence: layers from its boundary on see only `keep`.
+
+        keep: (B, L_cur) bool tokens kept; visual: (B, L_cur) bool visual positions of the current sequence.
+        For state the language model applies to visual tokens inside its layer loop (Qwen3-VL's deepstack
+        adds after layers 0-2). The default has nothing to do.
+        """
+
+    def install_lm_hooks(self) -> list:
+        """Hooks / instance wraps on the language model this family needs (removed with the pruner)."""
+        return []
+
+    def layer_mask(
+        self,
+        hidden_states: torch.Tensor,
+        mask_2d: torch.Tensor,
+        past_key_values,
+        layer_idx: int,
+        kind: str,
+        tokens: TokenMap | None = None,
+    ):
+        """The mask decoder layers of type `kind` get for the (possibly compacted) sequence, sized against
+        the cache of `layer_idx` (the first layer of that type that sees this sequence).
+
+        hidden_states: (B, Q, D) queries (batch, length, dtype); mask_2d: (B, past + Q) padding mask;
+        tokens: the current prefill's token map (which slots hold which image), None in decode steps.
+        The default is the causal (sliding-window) mask; families that attend within images
+        bidirectionally (Gemma 3) override it.
+        """
+        return build_layer_mask(self.text_config, hidden_states, mask_2d, past_key_values, layer_idx, kind)
+
     # ---- per-forward facts ------------------------------------------------------------------------
     def image_layout(self, inner_kwargs: dict) -> ImageLayout | None:
         """Images of this forward from the inner model's kwargs; None when there are no images."""
         raise NotImplementedError
 
     @staticmethod
-    def precomputed_counts(inner_kwargs: dict) -> list[int] | None:
-        """Tokens per image when generate() passes precomputed `mm_encoder_outputs` instead of pixels."""
-        outputs = (inner_kwargs.get("mm_encoder_outputs") or {}).get("image")
+    def precomputed_counts(inner_kwargs: dict, kind: str = "image") -> list[int] | None:
+        """Tokens per image (per video: kind="video") when generate() passes precomputed
+        `mm_encoder_outputs` instead of pixels."""
+        outputs = (inner_kwargs.get("mm_encoder_outputs") or {}).get(kind)
         if outputs is None:
             return None
         return [int(features.shape[0]) for features in outputs.pooler_output]

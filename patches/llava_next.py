@@ -24,6 +24,7 @@ from .llava import LlavaAdapter
 class LlavaNextAdapter(LlavaAdapter):
     model_classes = ("LlavaNextForConditionalGeneration",)
     family = "llava_next"
+    tiles = True
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -1,8 +1,18 @@
-"""Qwen2-VL and Qwen2.5-VL: a CLS-free ViT over flattened patches, 2x2 patch merging, M-RoPE positions.
+"""Qwen2-VL and Qwen2.5-VL: a CLS-free ViT over flattened patches, 2x2 patch merging, M-RoPE positions,
+images and videos.
 
 The ViT has no [CLS] token, so the "cls_attention" signal is the attention each patch *receives* (column
 mean of the softmax map, streamed) at the scoring block, averaged over the patches merged into one LLM
 token. Qwen2.5-VL runs its blocks in window order (`window_index`); signals are put back in raster order.
+
+Videos (`pixel_values_videos`, `video_grid_thw`, placeholder `video_token_id`) are visual items like
+images: transformers scatters image features into the image placeholders and video features into the
+video placeholders separately, each in its own order; the adapter describes all items of a forward in
+the order their tokens appear in the sequence (rows in order, left to right), which is the order of the
+engine's visual mask (image | video placeholders), and assembles the ViT signals of the image pass and the
+video pass in that same order. A video of grid (t, h, w) gives t*h*w/4 LLM tokens, temporal slice by
+temporal slice; it is one item (the budget counts the whole clip) made of t frame units, each an
+(h/2, w/2) grid, so that spatial methods work frame by frame.
 """
 
 from __future__ import annotations
@@ -14,14 +24,23 @@ from torch import nn
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_window_index
 
+from tokprune.core.layout import Unit
 from tokprune.core.timing import timed
+from tokprune.errors import UnsupportedInputError
 from tokprune.signals import received_attention
 
 from .base import Adapter, ImageLayout, InstanceWrap, VisionSignalStore
 
+KINDS = ("image", "video")  # visual item kinds, in the order their ViT parts are kept
+_PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
+
+# one visual item of a forward: (kind, index among the items of its kind)
+Item = tuple[str, int]
+
 
 class Qwen2VLAdapter(Adapter):
-    """Qwen2-VL: every block attends within each image (cu_seqlens); the last block feeds the merger."""
+    """Qwen2-VL: every block attends within each image / video frame (cu_seqlens); the last block feeds the
+    merger."""
 
     model_classes = ("Qwen2VLForConditionalGeneration",)
     family = "qwen2_vl"
@@ -31,8 +50,13 @@ class Qwen2VLAdapter(Adapter):
         self.visual = self.inner.visual
         self.merge = self.visual.spatial_merge_size
         self.score_layer = self.default_score_layer()
-        self._image_grid: torch.Tensor | None = None  # grid_thw of the latest get_image_features call
-        self._in_image_call = False
+        self._grids: dict[str, torch.Tensor | None] = dict.fromkeys(KINDS)  # of the latest pass of each kind
+        self._encoding: str | None = None  # the kind whose vision pass is running
+        self._parts: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in KINDS}  # per-kind ViT signals
+        self._order: list[tuple[str, int, int]] | None = None  # (kind, start in its part, count) per item
+        self._totals: dict[str, int] = {}  # visual tokens of each kind in the current forward
+        self._kinds: tuple[str, ...] = ("image",)  # kinds present in the current forward
+        self._store: VisionSignalStore | None = None
 
     def default_score_layer(self) -> int:
         """The block whose output feeds the patch merger (the analogue of LLaVA's feature layer)."""
@@ -45,24 +69,106 @@ class Qwen2VLAdapter(Adapter):
         """Half the depth: the 16th of Qwen2.5-VL's 32 blocks (HiPrune's setting, counted from 1), index 15."""
         return max(0, num_layers // 2 - 1)
 
+    @property
+    def video_token_id(self) -> int:
+        return self.model.config.video_token_id
+
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: image placeholders, and video placeholders when the forward has videos."""
+        mask = input_ids == self.image_token_id
+        if "video" in self._kinds:
+            mask = mask | (input_ids == self.video_token_id)
+        return mask
+
+    # ---- layout -----------------------------------------------------------------------------------
     def image_layout(self, inner_kwargs: dict) -> ImageLayout | None:
-        if inner_kwargs.get("pixel_values") is None and self.precomputed_counts(inner_kwargs) is None:
+        """Images and videos of this forward in sequence order; also fixes the order of the ViT signals."""
+        grids = {kind: self._grid(kind, inner_kwargs) for kind in KINDS if self._present(kind, inner_kwargs)}
+        self._kinds, self._order = tuple(grids) or ("image",), None
+        if not grids:
             return None
-        grid_thw = inner_kwargs.get("image_grid_thw")
-        if grid_thw is None:  # generate() encoded the images before the prefill and passes only features
-            grid_thw = self._image_grid
-        if grid_thw is None:
-            raise RuntimeError("precomputed image features without image_grid_thw: pass image_grid_thw")
-        counts, grids = [], []
-        for t, h, w in grid_thw.tolist():
-            h, w = h // self.merge, w // self.merge
-            counts.append(t * h * w)
-            grids.append((h, w) if t == 1 else None)
-        layout = ImageLayout(counts=counts, grids=grids)
-        expanded = self.precomputed_counts(inner_kwargs)
-        if expanded is not None and len(expanded) != len(counts):  # generate() repeated rows (beams, n>1)
-            layout = layout.expanded(self.visual_mask(inner_kwargs["input_ids"]), expanded)
+        counts = {kind: self._token_counts(grid) for kind, grid in grids.items()}
+        precomputed = {kind: self.precomputed_counts(inner_kwargs, kind) for kind in grids}
+        expand = _expansion(counts, precomputed)
+        input_ids = inner_kwargs.get("input_ids")
+        if input_ids is None:  # the engine rejects this forward (it needs input_ids); any order will do
+            items = [(kind, i) for kind in grids for i in range(len(counts[kind]))]
+        else:  # generate() repeats every row `expand` times: the originals are rows 0, e, 2e, ...
+            items = sequence_order(input_ids[::expand], self._token_ids(), counts)
+        self._set_signal_order(items, counts)
+        layout = self._items_layout(items, grids)
+        if expand > 1:
+            counts = {kind: precomputed[kind] or counts[kind] for kind in grids}
+            expanded = sequence_order(input_ids, self._token_ids(), counts)
+            layout = layout.expanded(self.visual_mask(input_ids), [counts[k][i] for k, i in expanded])
         return layout
+
+    def _present(self, kind: str, inner_kwargs: dict) -> bool:
+        return (
+            inner_kwargs.get(_PIXELS[kind]) is not None
+            or self.precomputed_counts(inner_kwargs, kind) is not None
+        )
+
+    def _grid(self, kind: str, inner_kwargs: dict) -> torch.Tensor:
+        grid = inner_kwargs.get(f"{kind}_grid_thw")
+        if grid is None:  # generate() encoded the pixels before the prefill and passes only features
+            grid = self._grids[kind]
+        if grid is None:
+            raise UnsupportedInputError(
+                f"precomputed {kind} features without {kind}_grid_thw: pass {kind}_grid_thw"
+            )
+        return grid
+
+    def _token_counts(self, grid_thw: torch.Tensor) -> list[int]:
+        """LLM tokens of every item of one kind: t * h * w / merge**2."""
+        return [int(t * h * w) // self.merge**2 for t, h, w in grid_thw.tolist()]
+
+    def _token_ids(self) -> dict[str, int]:
+        return {"image": self.image_token_id, "video": self.video_token_id}
+
+    def _items_layout(self, items: list[Item], grids: dict[str, torch.Tensor]) -> ImageLayout:
+        """counts, grids and (for videos) frame units of the items, in the given order."""
+        layout = ImageLayout(units=[])
+        for kind, index in items:
+            t, h, w = (int(v) for v in grids[kind][index].tolist())
+            h, w = h // self.merge, w // self.merge
+            layout.counts.append(t * h * w)
+            layout.grids.append((h, w) if t == 1 else None)
+            layout.units.append(_frames(t, h, w) if kind == "video" else None)
+        if all(units is None for units in layout.units):
+            layout.units = None
+        return layout
+
+    # ---- ViT signals ------------------------------------------------------------------------------
+    def _set_signal_order(self, items: list[Item], counts: dict[str, list[int]]) -> None:
+        starts = {kind: [sum(n[:i]) for i in range(len(n))] for kind, n in counts.items()}
+        self._order = [(kind, starts[kind][i], counts[kind][i]) for kind, i in items]
+        self._totals = {kind: sum(n) for kind, n in counts.items()}
+        self._publish(None)
+
+    def _publish(self, encoded: str | None) -> None:
+        """Write the ViT signals of the current forward into the store, in sequence order.
+
+        Before any forward fixed the order (a direct vision call), the pass of kind `encoded` is written as
+        is. A signal whose parts do not all match the forward's items is left out (a later pass of this
+        forward completes it).
+        """
+        store = self._store
+        if store is None:
+            return
+        if self._order is None:
+            if encoded is not None:
+                store.values.update(self._parts[encoded])
+            return
+        names = set().union(*(self._parts[kind] for kind in self._kinds))
+        for name in names:
+            parts = [self._parts[kind].get(name) for kind, _, _ in self._order]
+            if any(p is None or p.shape[0] != self._totals[k] for p, (k, _, _) in zip(parts, self._order)):
+                store.values.pop(name, None)
+                continue
+            store.values[name] = torch.cat(
+                [p[start : start + n] for p, (_, start, n) in zip(parts, self._order)]
+            )
 
     def merged_order(self, grid_thw: torch.Tensor) -> torch.Tensor | None:
         """Permutation taking the block order of merged units back to raster order (None: identity)."""
@@ -70,7 +176,8 @@ class Qwen2VLAdapter(Adapter):
 
     def install_vision_hooks(self, names: set[str], store: VisionSignalStore) -> list:
         by_layer = self.signals_by_layer(names, len(self.visual.blocks), self.score_layer)  # validates first
-        handles = [_wrap_image_features(self, store)]
+        self._store = store
+        handles = [_wrap_features(self, kind) for kind in KINDS]
         for index, wanted in by_layer.items():
             hook = self._hook(wanted, store)
             handles.append(self.visual.blocks[index].attn.register_forward_hook(hook, with_kwargs=True))
@@ -78,20 +185,22 @@ class Qwen2VLAdapter(Adapter):
 
     def _hook(self, wanted: dict[str, str], store: VisionSignalStore):
         """Forward hook on one ViT block's attention computing `wanted` ({full name: base name}), per LLM
-        token (pooled over the merged patches) in raster order. The ViT has no [CLS]: "cls_attention" is
-        the attention each patch receives within its block's attention pattern."""
+        token (pooled over the merged patches) in raster order, for the images or the videos of the running
+        pass. The ViT has no [CLS]: "cls_attention" is the attention each patch receives within its block's
+        attention pattern (an image, a video's temporal slice, or a window)."""
         group = self.merge**2
 
         def hook(module, args, kwargs, output):
-            if not self._in_image_call:
-                return  # the vision tower encoding videos
+            kind = self._encoding
+            if kind is None:
+                return  # the tower called outside get_image_features / get_video_features
             with timed(store.seconds, output.device):
                 hidden = kwargs.get("hidden_states", args[0] if args else None)  # (S, C)
                 seq = hidden.shape[0]
                 q, k, _ = (
                     module.qkv(hidden).reshape(seq, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
                 )
-                order = self.merged_order(self._image_grid)
+                order = self.merged_order(self._grids[kind])
                 received = None
                 for name, base in wanted.items():
                     if base == "vit_keys":  # content keys (before RoPE), head mean, pooled per merged unit
@@ -100,7 +209,7 @@ class Qwen2VLAdapter(Adapter):
                         if received is None:
                             received = self._received(module, q, k, kwargs).view(seq // group, group).mean(1)
                         value = received
-                    store.values[name] = value if order is None else value[order]
+                    self._parts[kind][name] = value if order is None else value[order]
 
         return hook
 
@@ -133,18 +242,81 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
         return torch.argsort(window_index)
 
 
-def _wrap_image_features(adapter: Qwen2VLAdapter, store: VisionSignalStore) -> InstanceWrap:
-    """Mark vision passes that encode *images* (not videos) and remember their grid; each starts afresh."""
-    original = adapter.inner.get_image_features
+def sequence_order(
+    input_ids: torch.Tensor, token_ids: dict[str, int], counts: dict[str, list[int]]
+) -> list[Item]:
+    """The visual items of a batch in the order their tokens appear (rows in order, left to right).
 
-    @functools.wraps(original)  # generate() inspects the signature to pre-encode images
-    def get_image_features(*args, **kwargs):
-        adapter._image_grid = kwargs.get("image_grid_thw", args[1] if len(args) > 1 else None)
-        adapter._in_image_call = True
-        store.clear()
-        try:
+    input_ids: (B, L); token_ids: placeholder id of each kind; counts: tokens of every item of a kind, in
+    the order transformers scatters that kind's features. An item's tokens must be consecutive among the
+    visual tokens of one row (text may separate them, as Qwen3-VL's frame timestamps do).
+    """
+    kinds = [kind for kind in counts if counts[kind]]
+    codes = torch.full_like(input_ids, -1)
+    for code, kind in enumerate(kinds):
+        codes[input_ids == token_ids[kind]] = code
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
+    flat, flat_rows = codes[codes >= 0], rows[codes >= 0]  # every visual token, row-major
+    items: list[Item] = []
+    used = dict.fromkeys(kinds, 0)
+    pos = 0
+    while pos < flat.numel():
+        kind = kinds[int(flat[pos])]
+        if used[kind] == len(counts[kind]):
+            raise UnsupportedInputError(f"the prompt holds more {kind} tokens than its {kind}s give features")
+        n = counts[kind][used[kind]]
+        span = slice(pos, pos + n)
+        if flat[span].numel() != n or bool(
+            (flat[span] != flat[pos]).any() or (flat_rows[span] != flat_rows[pos]).any()
+        ):
+            raise UnsupportedInputError(
+                f"{kind} {used[kind]} needs {n} consecutive {kind} tokens in one row of the prompt, "
+                "interrupted by another image or video, the row end, or the prompt end"
+            )
+        items.append((kind, used[kind]))
+        used[kind] += 1
+        pos += n
+    missing = [kind for kind in kinds if used[kind] != len(counts[kind])]
+    if missing:
+        raise UnsupportedInputError(
+            f"the prompt holds fewer {missing[0]} tokens than its {missing[0]}s give features"
+        )
+    return items
+
+
+def _expansion(counts: dict[str, list[int]], precomputed: dict[str, list[int] | None]) -> int:
+    """How many times generate() repeated every row (num_beams, num_return_sequences): 1 if it did not."""
+    factors = {len(pre) // len(counts[kind]) for kind, pre in precomputed.items() if pre is not None}
+    if not factors:
+        return 1
+    if len(factors) > 1 or any(
+        pre is not None and len(pre) % len(counts[kind]) for kind, pre in precomputed.items()
+    ):
+        raise RuntimeError(f"precomputed features {precomputed} do not repeat the items {counts}")
+    return factors.pop()
+
+
+def _frames(t: int, h: int, w: int) -> list[Unit]:
+    """The t temporal slices of a video, each an (h, w) grid of LLM tokens."""
+    return [Unit(index=torch.arange(f * h * w, (f + 1) * h * w), grid=(h, w), kind="frame") for f in range(t)]
+
+
+def _wrap_features(adapter: Qwen2VLAdapter, kind: str) -> InstanceWrap:
+    """Mark the vision pass of `get_{kind}_features`, remember its grid, then publish its ViT signals."""
+    name = f"get_{kind}_features"
+    original = getattr(adapter.inner, name)
+
+    @functools.wraps(original)  # generate() inspects the signature to pre-encode images and videos
+    def get_features(*args, **kwargs):
+        if adapter._encoding is not None:  # Qwen3-VL encodes videos through get_image_features
             return original(*args, **kwargs)
+        adapter._grids[kind] = kwargs.get(f"{kind}_grid_thw", args[1] if len(args) > 1 else None)
+        adapter._encoding = kind
+        try:
+            out = original(*args, **kwargs)
         finally:
-            adapter._in_image_call = False
+            adapter._encoding = None
+        adapter._publish(kind)
+        return out
 
-    return InstanceWrap(adapter.inner, "get_image_features", get_image_features)
+    return InstanceWrap(adapter.inner, name, get_features)

@@ -6,23 +6,29 @@ the unpatched model on the full sequence without a cache, with:
   * for pre-LLM stages, the LLM input embeddings of kept tokens replaced by what the pruned run fed the
     LLM (merging methods change them; their values are checked against their definitions elsewhere) and
     dropped tokens masked out in every layer;
-  * for an in-LLM stage at boundary b, dropped tokens masked out in layers >= b only.
+  * for an in-LLM stage at boundary b, dropped tokens masked out in layers >= b only;
+  * the model's own attention pattern on what is left: bidirectional blocks where the model builds them
+    from token_type_ids (Gemma 3's images, by the model module's own rule), and on sliding-window
+    layers the window counted in slots of the pruned sequence, i.e. in tokens still present (the
+    pruned run's cache holds only those).
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import blockwise_overlay, create_causal_mask
 
 
 def original_positions(model, inputs: dict) -> torch.Tensor:
     """Position ids generate() gives the unpruned prompt (+ any appended text tokens)."""
     mask = inputs["attention_mask"]
-    if "image_grid_thw" in inputs:
+    if "image_grid_thw" in inputs or "video_grid_thw" in inputs:
         pos, _ = model.model.get_rope_index(
             inputs["input_ids"],
-            image_grid_thw=inputs["image_grid_thw"],
-            video_grid_thw=None,
+            image_grid_thw=inputs.get("image_grid_thw"),
+            video_grid_thw=inputs.get("video_grid_thw"),
             attention_mask=mask,
             mm_token_type_ids=inputs["mm_token_type_ids"],
         )
@@ -30,8 +36,16 @@ def original_positions(model, inputs: dict) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
+def language_model(model):
+    """The decoder stack of a VLM: `model.model.language_model`, or `text_model` (Idefics3, SmolVLM)."""
+    inner = model.model
+    return inner.language_model if hasattr(inner, "language_model") else inner.text_model
+
+
 def visual_mask(model, input_ids: torch.Tensor) -> torch.Tensor:
-    return input_ids == model.config.image_token_id
+    """Image placeholders, and video placeholders on models that have them (Qwen)."""
+    video = getattr(model.config, "video_token_id", None)
+    return (input_ids == model.config.image_token_id) | (video is not None and input_ids == video)
 
 
 def keep_mask(visual: torch.Tensor, valid: torch.Tensor, kept: list[torch.Tensor]) -> torch.Tensor:
@@ -50,7 +64,7 @@ class LMInputRecorder:
 
     def __init__(self, model):
         self.embeds = None
-        self.handle = model.model.language_model.register_forward_pre_hook(self, with_kwargs=True)
+        self.handle = language_model(model).register_forward_pre_hook(self, with_kwargs=True)
 
     def __call__(self, module, args, kwargs):
         if self.embeds is None:
@@ -66,9 +80,30 @@ def _extend(inputs: dict, new_tokens: torch.Tensor) -> dict:
     n = new_tokens.shape[1]
     out["input_ids"] = torch.cat([inputs["input_ids"], new_tokens], 1)
     out["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(new_tokens)], 1)
-    if "mm_token_type_ids" in inputs:
-        out["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(new_tokens)], 1)
+    for key in ("mm_token_type_ids", "token_type_ids"):
+        if inputs.get(key) is not None:
+            out[key] = torch.cat([inputs[key], torch.zeros_like(new_tokens)], 1)
     return out, n
+
+
+def attention_blocks(model, inputs: dict) -> torch.Tensor | None:
+    """(B, L) bidirectional block id of every token (-1: causal only), where the unpatched model builds such
+    blocks from token_type_ids (Gemma 3: each run of image tokens), by its own module's rule; else None."""
+    block_ids = getattr(sys.modules[type(model.model).__module__], "get_block_sequence_ids_for_mask", None)
+    token_types = inputs.get("token_type_ids")
+    return None if block_ids is None or token_types is None else block_ids(token_types)
+
+
+def _slot_window(mask: torch.Tensor, window: int):
+    """Mask function of a sliding window counted in tokens still present (mask (B, L) bool): key kv is
+    visible from query q when fewer than `window` present tokens lie in (kv, q], as cache slots of the
+    pruned sequence count them."""
+    rank = mask.long().cumsum(1)
+
+    def inner(batch_idx, head_idx, q_idx, kv_idx):
+        return rank[batch_idx, kv_idx] > rank[batch_idx, q_idx] - window
+
+    return inner
 
 
 @torch.no_grad()
@@ -80,7 +115,8 @@ def reference_logits(model, inputs: dict, stats, pre_embeds: torch.Tensor | None
     visual = visual_mask(model, inputs["input_ids"])
     valid = inputs["attention_mask"].bool()
     stage_keeps = [(s.where, keep_mask(visual, valid, s.kept)) for s in stats.stages]
-    lm = model.model.language_model
+    lm = language_model(model)
+    layer_types = getattr(lm.config, "layer_types", None)
     handles = []
     state = {}
 
@@ -89,7 +125,8 @@ def reference_logits(model, inputs: dict, stats, pre_embeds: torch.Tensor | None
         length = embeds.shape[1]
         extra = length - visual.shape[1]
         ones = torch.ones(visual.shape[0], extra, dtype=torch.bool)
-        mask = kwargs["attention_mask"].bool()
+        given = kwargs["attention_mask"]  # a dict per layer type where the model builds one (Gemma 3)
+        mask = (state["input_mask"] if isinstance(given, dict) else given).bool()
         for where, keep in stage_keeps:
             if where == "pre":
                 if pre_embeds is not None:
@@ -110,8 +147,14 @@ def reference_logits(model, inputs: dict, stats, pre_embeds: torch.Tensor | None
                 if j >= int(where.split("@")[1]):
                     mask = mask & keep
             hidden = args[0] if args else kwargs["hidden_states"]
+            sliding = layer_types is not None and layer_types[j] == "sliding_attention"
             kwargs["attention_mask"] = create_causal_mask(
-                config=lm.config, inputs_embeds=hidden, attention_mask=mask.long(), past_key_values=None
+                config=lm.config,
+                inputs_embeds=hidden,
+                attention_mask=mask.long(),
+                past_key_values=None,
+                or_mask_function=blockwise_overlay(state["blocks"]) if state["blocks"] is not None else None,
+                and_mask_function=_slot_window(mask, lm.config.sliding_window) if sliding else None,
             )
             return args, kwargs
 
@@ -125,6 +168,7 @@ def reference_logits(model, inputs: dict, stats, pre_embeds: torch.Tensor | None
         for step in range(new_tokens.shape[1] + 1):
             ext, _ = _extend(inputs, new_tokens[:, :step])
             ext["position_ids"] = original_positions(model, ext)
+            state["input_mask"], state["blocks"] = ext["attention_mask"], attention_blocks(model, ext)
             logits = model(**ext, use_cache=False).logits
             outputs.append(logits if step == 0 else logits[:, -1])
         return outputs

@@ -4,13 +4,18 @@ A new method or model joins this matrix automatically (methods from the registry
 tiny_models.BUILDERS).
 """
 
+import math
+
 import pytest
 import torch
-from reference import LMInputRecorder, original_positions, reference_logits
+from reference import LMInputRecorder, language_model, original_positions, reference_logits
 from tiny_models import BUILDERS, batch_inputs, image_counts
+from tokprune.patches import adapter_for
 
 import tokprune
 from tokprune.core.layout import image_rows
+from tokprune.errors import UnsupportedModelError
+from tokprune.methods import REGISTRY
 
 METHODS = tokprune.available_methods()
 FAMILIES = list(BUILDERS)
@@ -19,6 +24,19 @@ NEW_TOKENS = 3
 # options a method needs on the tiny models (2-3 layer vision towers); defaults everywhere else
 TINY_OPTIONS = {"vtc_cls": {"start_layer": -2, "end_layer": -1}}
 TOL = 1e-5  # relative to the largest |logit| of the compared tensors (float32 summation-order noise)
+
+
+def _refuses_without_tiles(model, method) -> bool:
+    """AnyRes-only methods (`needs_tiles`) on a model without tiles: apply() must refuse them early,
+    naming the models that have tiles, and install nothing. True when that was the case checked."""
+    if not REGISTRY[method].needs_tiles or adapter_for(model).tiles:
+        return False
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    with pytest.raises(UnsupportedModelError, match="models with tiles: .*ForConditionalGeneration"):
+        tokprune.apply(model, method, keep_ratio=0.25, **TINY_OPTIONS.get(method, {}))
+    assert not hasattr(model, "_tokprune_pruner")
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
+    return True
 
 
 def _generate(model, inputs):
@@ -48,6 +66,8 @@ def _prefill(model, inputs):
 @pytest.mark.parametrize("method", METHODS)
 def test_keep_all_is_bit_identical(tiny, family, attn, method):
     model, proc = tiny(family, attn)
+    if _refuses_without_tiles(model, method):
+        return
     inputs = batch_inputs(family, proc, (1, 2))
     ref_logits = _prefill(model, inputs)
     ref_tokens, ref_steps = _generate(model, inputs)
@@ -67,7 +87,7 @@ def _expected_layer_tokens(pruner, inputs, model, ratio, family):
     """
     visual = inputs["input_ids"] == model.config.image_token_id
     valid = inputs["attention_mask"].bool()
-    n_layers = len(model.model.language_model.layers)
+    n_layers = len(language_model(model).layers)
     method = pruner.methods[-1]
     counts, content = image_counts(family, model, inputs)
     rows = image_rows(visual, counts)
@@ -100,7 +120,7 @@ class LayerLengthProbe:
         self.lengths = []
         self.handles = [
             layer.register_forward_pre_hook(self._hook(i), with_kwargs=True)
-            for i, layer in enumerate(model.model.language_model.layers)
+            for i, layer in enumerate(language_model(model).layers)
         ]
 
     def _hook(self, i):
@@ -126,6 +146,8 @@ LAYOUTS = {"1+2": (1, 2), "0+1": (0, 1)}
 def test_pruned_equals_masked_reference(tiny, family, attn, method, layout):
     """Prefill and every decode step equal the masked reference; token counts exact; remove() restores."""
     model, proc = tiny(family, attn)
+    if _refuses_without_tiles(model, method):
+        return
     inputs = batch_inputs(family, proc, LAYOUTS[layout])
     ref_logits = _prefill(model, inputs)
     ratio = 0.25
@@ -178,3 +200,39 @@ def _scale(reference) -> float:
 def _special_ids(model) -> list[int]:
     names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
     return [i for i in (getattr(model.config, n, None) for n in names) if i is not None]
+
+
+# a pre-LLM method, then two in-LLM methods one after the other; each with its own options
+COMPOSITION = ["divprune", ("fastv", {"layer": 1}), ("dart", {"layer": 3})]
+
+
+@pytest.mark.parametrize("attn", BACKENDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_composition_equals_masked_reference(tiny, family, attn):
+    """Three stages from three methods: each counts its budget on the tokens it receives; prefill and
+    every decode step equal the masked reference; stats report every stage; remove() restores."""
+    model, proc = tiny(family, attn)
+    inputs = batch_inputs(family, proc, (1, 2))
+    ref_logits = _prefill(model, inputs)
+    pruner = tokprune.apply(model, COMPOSITION, keep_ratio=0.5)
+    recorder = LMInputRecorder(model)
+    try:
+        tokens, steps = _generate(model, inputs)
+        stats, embeds = pruner.stats, recorder.embeds
+    finally:
+        recorder.remove()
+        pruner.remove()
+    assert [(s.method, s.where) for s in stats.stages] == [
+        ("divprune", "pre"), ("fastv", "llm@1"), ("dart", "llm@3")
+    ]  # fmt: skip
+    _, content = image_counts(family, model, inputs)
+    pre_kept = [math.ceil(0.098 * n - 1e-9) for n in content]  # divprune's default keep_ratio
+    fastv_kept = [math.ceil(0.5 * n - 1e-9) for n in pre_kept]  # fastv's default, on what it receives
+    dart_kept = [math.ceil(0.5 * n - 1e-9) for n in fastv_kept]  # the user's keep_ratio, last method
+    for stage, per_image in zip(stats.stages, (pre_kept, fastv_kept, dart_kept)):
+        assert sorted(int(k.numel()) for k in stage.kept) == sorted([per_image[0], sum(per_image[1:])])
+    reference = reference_logits(model, inputs, stats, embeds, tokens)
+    torch.testing.assert_close(steps[0], reference[0][:, -1], atol=TOL * _scale(reference), rtol=0)
+    for step in range(1, len(steps)):
+        torch.testing.assert_close(steps[step], reference[step], atol=TOL * _scale(reference), rtol=0)
+    assert torch.equal(_prefill(model, inputs), ref_logits)

@@ -8,6 +8,11 @@ drop its video processor, which needs torchvision.
 from __future__ import annotations
 
 import torch
+from tiny_gemma3 import GEMMA3_IMAGE, gemma3_counts, tiny_gemma3
+from tiny_internvl import internvl_counts, tiny_internvl
+from tiny_onevision import onevision_counts, tiny_onevision
+from tiny_qwen3 import tiny_qwen3vl, tiny_qwen3vl_moe
+from tiny_smolvlm import SMOLVLM_SIZES, smolvlm_counts, tiny_idefics3, tiny_smolvlm
 
 from tokprune.bench.synthetic import (  # noqa: F401
     QWEN_SPECIALS,
@@ -19,9 +24,20 @@ from tokprune.bench.synthetic import (  # noqa: F401
 
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 # the text a prompt holds for one image, by family (default '<image>', which the processor expands)
-IMAGE_PLACEHOLDER = {"qwen2_vl": QWEN_IMAGE, "qwen2_5_vl": QWEN_IMAGE}
+IMAGE_PLACEHOLDER = {
+    "qwen2_vl": QWEN_IMAGE,
+    "qwen2_5_vl": QWEN_IMAGE,
+    "qwen3_vl": QWEN_IMAGE,
+    "qwen3_vl_moe": QWEN_IMAGE,
+    "internvl": "<IMG_CONTEXT>",
+    "gemma3": GEMMA3_IMAGE,
+}
 # families whose processor resizes every image to one size (others get images of different sizes)
 FIXED_SIZE = ("llava",)
+# families whose images get other sizes than batch_inputs' default (to get different tilings in a batch)
+IMAGE_SIZES = {"smolvlm": SMOLVLM_SIZES}
+# families whose processor takes the images grouped per prompt (a list of lists)
+NESTED_IMAGES = ("gemma3",)
 
 
 def _text_config(tok, **extra) -> dict:
@@ -170,8 +186,15 @@ def tiny_qwen25vl(attn: str = "sdpa"):
 BUILDERS = {
     "llava": tiny_llava,
     "llava_next": tiny_llava_next,
+    "llava_onevision": tiny_onevision,
     "qwen2_vl": tiny_qwen2vl,
     "qwen2_5_vl": tiny_qwen25vl,
+    "qwen3_vl": tiny_qwen3vl,
+    "qwen3_vl_moe": tiny_qwen3vl_moe,
+    "internvl": tiny_internvl,
+    "smolvlm": tiny_smolvlm,
+    "idefics3": tiny_idefics3,
+    "gemma3": tiny_gemma3,
 }
 
 
@@ -188,9 +211,13 @@ def batch_inputs(family: str, proc, n_images_per_row=(1, 1), sizes=((112, 112), 
     for row, n in enumerate(n_images_per_row):
         texts.append(prompt_text(family, n, words[row % 2]))
         for _ in range(n):
-            h, w = sizes[seed % len(sizes)] if family not in FIXED_SIZE else (112, 112)
+            family_sizes = IMAGE_SIZES.get(family, sizes)
+            h, w = family_sizes[seed % len(family_sizes)] if family not in FIXED_SIZE else (112, 112)
             images.append(rand_image(h, w, seed))
             seed += 1
+    if family in NESTED_IMAGES:
+        flat = iter(images)
+        images = [[next(flat) for _ in range(n)] for n in n_images_per_row]
     inputs = proc(text=texts, images=images, return_tensors="pt", padding=True)
     return dict(inputs)
 
@@ -227,8 +254,15 @@ def _llava_counts(model, inputs) -> tuple[list[int], list[int]]:
 IMAGE_COUNTS = {
     "llava": _llava_counts,
     "llava_next": _llava_next_counts,
+    "llava_onevision": onevision_counts,
     "qwen2_vl": _qwen_counts,
     "qwen2_5_vl": _qwen_counts,
+    "qwen3_vl": _qwen_counts,
+    "qwen3_vl_moe": _qwen_counts,
+    "internvl": internvl_counts,
+    "smolvlm": smolvlm_counts,
+    "idefics3": smolvlm_counts,
+    "gemma3": gemma3_counts,
 }
 
 

@@ -7,10 +7,11 @@ from torch import nn
 from tokprune.core.budget import Budget
 from tokprune.core.engine import Engine
 from tokprune.core.stats import PruneStats
-from tokprune.errors import AlreadyPatchedError, MethodOptionError, UnknownMethodError
+from tokprune.errors import AlreadyPatchedError, MethodOptionError, UnknownMethodError, UnsupportedModelError
 from tokprune.methods import LLMMethod, Method, available_methods, make_method
 from tokprune.methods.attention_llm import reject_budget_conflict
-from tokprune.patches import adapter_for, supported_model_classes
+from tokprune.methods.base import CompositeMethod
+from tokprune.patches import ADAPTERS, Adapter, adapter_for, supported_model_classes
 
 _ATTRIBUTE = "_tokprune_pruner"
 
@@ -22,12 +23,14 @@ class Pruner:
     model that was never patched. `stats` describes the most recent prefill (None before the first).
     """
 
-    def __init__(self, model: nn.Module, methods: list[Method], budgets: dict[str, Budget]) -> None:
+    def __init__(self, model: nn.Module, methods: list[Method], budgets: list[Budget]) -> None:
         self.model = model
         self.methods = methods
-        pre = next((m for m in methods if not isinstance(m, LLMMethod)), None)
-        llm = next((m for m in methods if isinstance(m, LLMMethod)), None)
-        self._engine: Engine | None = Engine(adapter_for(model), pre, llm, budgets)
+        self.budgets = budgets
+        staged = list(zip(methods, budgets))
+        pre = next(((m, b) for m, b in staged if not isinstance(m, LLMMethod)), None)
+        llm = [(m, b) for m, b in staged if isinstance(m, LLMMethod)]
+        self._engine: Engine | None = Engine(adapter_for(model), pre, llm)
         self._final_stats: PruneStats | None = None
         setattr(model, _ATTRIBUTE, self)
 
@@ -58,7 +61,7 @@ class Pruner:
 
 
 def _resolve_methods(method, options: dict) -> list[Method]:
-    items = method if isinstance(method, (list, tuple)) else [method]
+    items = method if isinstance(method, list) else [method]
     if not items:
         raise UnknownMethodError(f"no method given; available methods: {', '.join(available_methods())}")
     if len(items) > 1 and options:
@@ -74,16 +77,28 @@ def _resolve_methods(method, options: dict) -> list[Method]:
             methods.append(item)
         elif isinstance(item, str):
             methods.append(make_method(item, options))
+        elif (
+            isinstance(item, tuple)
+            and len(item) == 2
+            and isinstance(item[0], str)
+            and isinstance(item[1], dict)
+        ):
+            if options:
+                raise MethodOptionError("give options inside the (name, options) pairs, not to apply()")
+            methods.append(make_method(*item))
         else:
             raise UnknownMethodError(
                 f"method must be a registered name or a tokprune Method, got {type(item).__name__}; "
                 f"available methods: {', '.join(available_methods())}"
             )
-    pre = [m for m in methods if not isinstance(m, LLMMethod)]
-    llm = [m for m in methods if isinstance(m, LLMMethod)]
-    if len(pre) > 1 or len(llm) > 1:
-        raise MethodOptionError("compose at most one pre-LLM method followed by one in-LLM method")
-    return pre + llm
+    parts = [part for m in methods for part in _parts(m)]  # a composite counts as its stages
+    pre = [m for m in parts if not isinstance(m, LLMMethod)]
+    if len(pre) > 1 or (pre and parts[0] is not pre[0]):
+        raise MethodOptionError(
+            "compose at most one pre-LLM method, first, followed by in-LLM methods in layer order, e.g. "
+            "['visionzip', 'fastv'] or ['visionzip', ('fastv', {'layer': 2}), ('pdrop', {'layers': (8, 16)})]"
+        )
+    return methods
 
 
 def apply(
@@ -91,12 +106,13 @@ def apply(
 ) -> Pruner:
     """Patch `model` in place to prune visual tokens with `method`; returns the `Pruner` handle.
 
-    method: a registered name (`available_methods()`), a Method object, or a list [pre-LLM, in-LLM] to
-        compose. budget: visual tokens kept per image at the method's final stage; keep_ratio: the kept
-        fraction, ceil(keep_ratio * n). Give at most one; neither = the method's published default. In a
-        composition both apply to the in-LLM stage (counted on the tokens entering the LLM) and the
-        pre-LLM method keeps its default.
-    options: the method's own options (e.g. layer=3 for fastv).
+    method: a registered name (`available_methods()`), a Method object, or a list to compose: at most one
+        pre-LLM method first, then in-LLM methods in layer order; each item a name, a Method object or a
+        (name, options) pair. budget: visual tokens kept per image at the method's final stage;
+        keep_ratio: the kept fraction, ceil(keep_ratio * n). Give at most one; neither = the method's
+        published default. In a composition they apply to the last method, counted on the tokens it
+        receives; every earlier method keeps its published default (or its own options).
+    options: the method's own options (e.g. layer=3 for fastv); with a single method only.
     """
     existing = getattr(model, _ATTRIBUTE, None)
     if existing is not None:
@@ -104,18 +120,39 @@ def apply(
             f"this model is already patched by {existing!r}; call .remove() on it first, or compose methods in "
             "one call: tokprune.apply(model, ['visionzip', 'fastv'])"
         )
-    adapter_for(model)  # unsupported classes fail before anything else
+    adapter = adapter_for(model)  # unsupported classes fail before anything else
     methods = _resolve_methods(method, options)
+    _reject_missing_tiles(adapter, methods)
     final = methods[-1]
     user_budget = Budget.from_args(budget, keep_ratio, final.default_budget)
     reject_budget_conflict(final, budget is not None or keep_ratio is not None)
-    budgets = {}
-    for m in methods:
-        key = "llm" if isinstance(m, LLMMethod) else "pre"
-        budgets[key] = user_budget if m is final else m.default_budget
-    return Pruner(model, methods, budgets)
+    budgets = [user_budget if m is final else m.default_budget for m in methods]
+    staged = [(part, b) for m, budget in zip(methods, budgets) for part, b in _staged(m, budget)]
+    return Pruner(model, [m for m, _ in staged], [b for _, b in staged])
+
+
+def _parts(method: Method) -> list[Method]:
+    return method.parts() if isinstance(method, CompositeMethod) else [method]
+
+
+def _staged(method: Method, budget: Budget) -> list[tuple[Method, Budget]]:
+    """A composite method as its parts, each with its share of `budget`; any other method as itself."""
+    if not isinstance(method, CompositeMethod):
+        return [(method, budget)]
+    return list(zip(method.parts(), method.part_budgets(budget), strict=True))
 
 
 def available_models() -> list[str]:
     """Class names of every supported model."""
     return supported_model_classes()
+
+
+def _reject_missing_tiles(adapter: Adapter, methods: list[Method]) -> None:
+    """AnyRes-only methods (`needs_tiles`) on a model whose images have no tiles: fail before installing."""
+    for m in methods:
+        if m.needs_tiles and not adapter.tiles:
+            tiled = [name for a in ADAPTERS if a.tiles for name in a.model_classes]
+            raise UnsupportedModelError(
+                f"{m.name} needs AnyRes images (a base view and high-resolution tiles), but "
+                f"{type(adapter.model).__name__} has no tiles; models with tiles: {', '.join(tiled)}"
+            )

@@ -262,8 +262,6 @@ def run_demo(args) -> int:
         skipped = sorted(set(tokprune.available_methods()) - set(methods))
         if skipped:
             print(f"skipped (need AnyRes tiles, which this model has not): {', '.join(skipped)}")
-    if not split_list(args.methods):
-        methods = _runnable(methods, answerer.model)
     samples = generate(args.questions, HELD_OUT_SEED)
     settings = [(None, {})] + [(m, b) for m in methods for b in budgets]
     print(

@@ -10,7 +10,7 @@ class UnknownMethodError(TokpruneError, ValueError):
 
 
 class UnsupportedModelError(TokpruneError, TypeError):
-    """The model class has no adapter."""
+    """The model class has no adapter, or lacks what the chosen method needs (AnyRes tiles)."""
 
 
 class BudgetError(TokpruneError, ValueError):

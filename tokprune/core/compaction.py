@@ -37,6 +37,12 @@ class Compaction:
         valid[rows[keep], slot[keep]] = True
         return cls(index=index, valid=valid)
 
+    def then(self, later: Compaction) -> Compaction:
+        """This compaction followed by `later` (which indexes this one's output), as one compaction of this
+        one's source: index (B, L'') into the source, valid = later.valid."""
+        index = later.take(self.index).masked_fill(~later.valid, 0)
+        return Compaction(index=index, valid=later.valid)
+
     @property
     def lengths(self) -> list[int]:
         """Real tokens per row after compaction."""

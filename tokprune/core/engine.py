@@ -22,17 +22,26 @@ from torch import nn
 from tokprune.core.budget import Budget
 from tokprune.core.compaction import Compaction
 from tokprune.core.layout import ImageLayout, VisionSignalStore, image_rows
-from tokprune.core.masks import build_layer_mask, layer_type
-from tokprune.core.selection import content_counts, select_llm, select_pre, text_after_images
+from tokprune.core.masks import layer_type
+from tokprune.core.selection import align_signals, content_counts, select_llm, select_pre, text_after_images
 from tokprune.core.state import PrefillState, TokenMap, max_position
 from tokprune.core.stats import PruneStats, StageStats
 from tokprune.core.timing import timed
-from tokprune.errors import UnsupportedInputError
+from tokprune.errors import MethodOptionError, UnsupportedInputError
 from tokprune.methods.base import LLMMethod, Method
-from tokprune.signals.llm import cached_keys, last_query_scores, rotated_keys, text_query_scores
+from tokprune.signals.llm import (
+    cached_keys,
+    last_query_scores,
+    rotated_keys,
+    text_query_scores,
+    visual_received_scores,
+)
 
 if TYPE_CHECKING:
     from tokprune.patches import Adapter
+
+# LLM signals computed from the layer's post-RoPE keys
+_NEEDS_KEYS = {"keys", "last_query_attention", "text_query_attention", "visual_attention"}
 
 
 @dataclass
@@ -47,7 +56,13 @@ class _Forward:
     tokens: TokenMap | None = None
     image_rows: list[int] = field(default_factory=list)
     entry_counts: list[int] = field(default_factory=list)  # per image, content tokens entering the LLM
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    image_counts: list[int] = field(default_factory=list)  # per image, content tokens before any pruning
+    # ViT signals in-LLM methods read, (N_visual, ...) in masked_scatter order, and each row's first index
+    vision_values: dict[str, torch.Tensor] = field(default_factory=dict)
+    visual_offsets: torch.Tensor | None = None
+    # per layer type (one RoPE table per type: Gemma 3's global and local bases), over the current sequence
+    position_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    source: Compaction | None = None  # the in-LLM compactions so far, composed (indexes the LM input)
     position_ids: torch.Tensor | None = None
     mask_2d: torch.Tensor | None = None
     layer_masks: dict[str, object] = field(default_factory=dict)
@@ -63,20 +78,25 @@ class Engine:
     def __init__(
         self,
         adapter: Adapter,
-        pre: Method | None,
-        llm: LLMMethod | None,
-        budgets: dict[str, Budget],
+        pre: tuple[Method, Budget] | None,
+        llm: list[tuple[LLMMethod, Budget]],
     ) -> None:
+        """pre: the pre-LLM method and its budget, or None; llm: the in-LLM methods in layer order, each
+        with its budget (counted on the content tokens of an image when the method's first stage starts)."""
         self.adapter = adapter
-        self.pre, self.llm, self.budgets = pre, llm, budgets
+        self.pre, self.pre_budget = pre if pre is not None else (None, None)
+        self.llm = llm
         self.store = VisionSignalStore()
         self.state: PrefillState | None = None
         self.fwd: _Forward | None = None
         self.last_stats: PruneStats | None = None
         self._decode_tail: torch.Tensor | None = None
         self._decode_masks: dict[tuple[int, str], object] = {}
-        num_layers = len(adapter.decoder_layers)
-        self.boundaries = llm.boundaries(num_layers) if llm is not None else []
+        # the attention_mask the inner model received this forward (2-D or None); {} = unknown. Families
+        # whose inner model hands the LM a dict of per-layer-type masks (Gemma 3) build it from this one.
+        self._inner_mask: torch.Tensor | dict | None = {}
+        self.stage_of = llm_stages(llm, len(adapter.decoder_layers))  # boundary -> (method index, stage)
+        self.boundaries = sorted(self.stage_of)
         self.handles: list = []
         try:
             self._install()
@@ -89,14 +109,16 @@ class Engine:
         a = self.adapter
         self.handles.append(a.inner.register_forward_pre_hook(self._on_inner, with_kwargs=True))
         vit_names = {n for n in self.pre.signals if a.is_vision_signal(n)} if self.pre is not None else set()
+        vit_names |= self._llm_vision_names()
         self.handles += a.install_vision_hooks(vit_names, self.store)
+        self.handles += a.install_lm_hooks()
         self.handles.append(a.language_model.register_forward_pre_hook(self._on_lm, with_kwargs=True))
         self.handles.append(a.language_model.register_forward_hook(self._on_lm_done))
         if not self.boundaries:
             return
         layers = a.decoder_layers
-        if self.llm.score_at == "previous":
-            for b in self.boundaries:
+        for b in self.boundaries:
+            if self._method_at(b).score_at == "previous":
                 hook = self._make_score_hook(b)
                 self.handles.append(layers[b - 1].self_attn.register_forward_hook(hook, with_kwargs=True))
         for j in range(self.boundaries[0], len(layers)):
@@ -112,6 +134,7 @@ class Engine:
 
     # ------------------------------------------------------------------ inner model
     def _on_inner(self, module, args, kwargs):
+        self._inner_mask = kwargs.get("attention_mask")
         past_key_values = kwargs.get("past_key_values")
         _reject_static_cache(past_key_values)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -123,7 +146,7 @@ class Engine:
                     "tokprune needs input_ids (not only inputs_embeds) to find the image tokens"
                 )
             self.fwd = _Forward(input_ids=input_ids, layout=layout)
-            if kwargs.get("pixel_values") is not None:
+            if kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None:
                 self.store.clear()  # the vision tower runs inside this forward (else generate() ran it)
             return None
         self.fwd = None
@@ -153,12 +176,11 @@ class Engine:
         past_key_values = kwargs.get("past_key_values")
         past = past_key_values.get_seq_length(0) if past_key_values is not None else 0
         mask = kwargs.get("attention_mask")
-        if isinstance(mask, dict):
-            raise UnsupportedInputError(
-                "pre-built attention-mask dicts are not supported; pass a 2-D attention_mask"
-            )
+        if isinstance(mask, dict):  # one mask per layer type, built by the inner model from its 2-D mask
+            mask = self._inner_mask_2d(mask)
+        self._inner_mask = {}  # used up: a direct call of the LM has no inner mask behind it
         if past > 0:
-            return self._on_lm_decode(args, kwargs, past)
+            return self._on_lm_decode(args, kwargs, past, mask)
         self.state, self._decode_tail = None, None
         fwd = self.fwd
         embeds = kwargs["inputs_embeds"]
@@ -170,10 +192,11 @@ class Engine:
         ):
             self.fwd = None
             return None
-        return self._on_lm_prefill(fwd, args, kwargs)
+        return self._on_lm_prefill(fwd, args, kwargs, mask)
 
-    def _on_lm_prefill(self, fwd: _Forward, args, kwargs):
-        embeds, mask = kwargs["inputs_embeds"], kwargs.get("attention_mask")
+    def _on_lm_prefill(self, fwd: _Forward, args, kwargs, mask: torch.Tensor | None):
+        """mask: (B, L) the 2-D padding mask (behind the LM's mask dict where the family builds one)."""
+        embeds = kwargs["inputs_embeds"]
         batch, length, _ = embeds.shape
         visual = self.adapter.visual_mask(fwd.input_ids)
         counts = fwd.layout.counts
@@ -184,6 +207,13 @@ class Engine:
         valid = mask.bool() if mask is not None else torch.ones_like(visual)
         fwd.tokens = TokenMap.initial(visual, counts, valid)
         fwd.image_rows = image_rows(visual, counts)
+        fwd.image_counts = content_counts(fwd.tokens, fwd.layout, fwd.image_rows)
+        if self._llm_vision_names():
+            wanted = self._llm_vision_names()
+            fwd.vision_values = align_signals(
+                {n: v for n, v in self.store.values.items() if n in wanted}, visual
+            )
+            fwd.visual_offsets = visual.sum(1).cumsum(0) - visual.sum(1)
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             position_ids = self._default_positions(batch, length, embeds.device)
@@ -200,7 +230,7 @@ class Engine:
                     text = text_after_images(fwd.tokens)
                     instruction = [embeds[row, text[row]] for row in fwd.image_rows]
                 keep, embeds = select_pre(
-                    self.pre, self.budgets["pre"], fwd.layout, embeds, visual, signals, instruction
+                    self.pre, self.pre_budget, fwd.layout, embeds, visual, signals, instruction
                 )
                 fwd.seconds[0] += self.store.seconds[0]
                 self.store.seconds[0] = 0.0  # the signals stay: generate(use_cache=False) reuses them
@@ -211,7 +241,14 @@ class Engine:
                 kwargs["inputs_embeds"] = compaction.take(embeds)
                 mask = compaction.take_mask(mask)
                 position_ids = compaction.take_positions(position_ids)
-                kwargs["attention_mask"], kwargs["position_ids"] = mask, position_ids
+                kwargs["attention_mask"] = self._lm_mask(
+                    kwargs.get("attention_mask"),
+                    mask,
+                    kwargs["inputs_embeds"],
+                    kwargs.get("past_key_values"),
+                    fwd.tokens,
+                )
+                kwargs["position_ids"] = position_ids
                 state.lm_mask = mask
                 changed = True
             stats.stages.append(StageStats.of(self.pre.name, "pre", fwd.tokens.kept_visual()))
@@ -226,7 +263,7 @@ class Engine:
         rows = self.adapter.position_rows()
         return positions if rows == 1 else positions[None].expand(rows, -1, -1)
 
-    def _on_lm_decode(self, args, kwargs, past: int):
+    def _on_lm_decode(self, args, kwargs, past: int, mask: torch.Tensor | None):
         state = self.state
         self._decode_masks.clear()
         if state is None or not state.pruned:
@@ -234,7 +271,6 @@ class Engine:
         embeds = kwargs["inputs_embeds"]
         batch, length, _ = embeds.shape
         n_after = past + length - state.cache_len_layer0()  # tokens after the prompt, this step included
-        mask = kwargs.get("attention_mask")
         if mask is None:
             tail = torch.ones(batch, n_after, dtype=torch.long, device=embeds.device)
         elif mask.shape[1] == state.orig_len + n_after:
@@ -247,8 +283,37 @@ class Engine:
         self._decode_tail = tail
         if state.lm_mask is None:
             return None
-        kwargs["attention_mask"] = torch.cat([state.lm_mask, tail.to(state.lm_mask.dtype)], dim=1)
+        mask_2d = torch.cat([state.lm_mask, tail.to(state.lm_mask.dtype)], dim=1)
+        kwargs["attention_mask"] = self._lm_mask(
+            kwargs.get("attention_mask"), mask_2d, embeds, kwargs.get("past_key_values"), None
+        )
         return args, kwargs
+
+    def _inner_mask_2d(self, given: dict) -> torch.Tensor | None:
+        """The 2-D mask behind the per-layer-type mask dict `given` to the LM: the inner model's."""
+        if isinstance(self._inner_mask, dict):
+            raise UnsupportedInputError(
+                f"the language model got pre-built attention masks ({', '.join(given)}) but the model was not "
+                "given a 2-D attention_mask to prune along; pass a 2-D attention_mask (and the default cache)"
+            )
+        return self._inner_mask
+
+    def _lm_mask(self, given, mask_2d: torch.Tensor, hidden: torch.Tensor, pkv, tokens: TokenMap | None):
+        """The LM's mask argument for the compacted 2-D mask (B, L): the 2-D mask itself, or, where the
+        LM was `given` a dict per layer type, that dict rebuilt by the adapter (tokens: None in decode)."""
+        if not isinstance(given, dict):
+            return mask_2d
+        first = self._first_layers(0)
+        return {
+            kind: self.adapter.layer_mask(hidden, mask_2d, pkv, i, kind, tokens) for kind, i in first.items()
+        }
+
+    def _first_layers(self, start: int) -> dict[str, int]:
+        """{layer type: index of its first decoder layer >= start} (the cache that sizes its masks)."""
+        first: dict[str, int] = {}
+        for i in range(start, len(self.adapter.decoder_layers)):
+            first.setdefault(layer_type(self.adapter.text_config, i), i)
+        return first
 
     def _on_lm_done(self, module, args, output):
         fwd = self.fwd
@@ -267,17 +332,20 @@ class Engine:
                 return None
             normed = kwargs.get("hidden_states", args[0] if args else None)
             with timed(fwd.seconds, normed.device):
-                fwd.llm_signals[boundary] = self._attention_signals(module, normed, kwargs, fwd)
+                fwd.llm_signals[boundary] = self._attention_signals(module, normed, kwargs, fwd, boundary)
             return None
 
         return hook
 
-    def _attention_signals(self, attn: nn.Module, normed: torch.Tensor, kwargs, fwd: _Forward) -> dict:
+    def _attention_signals(
+        self, attn: nn.Module, normed: torch.Tensor, kwargs, fwd: _Forward, boundary: int
+    ) -> dict:
         """The LLM signals the method asked for, from one attention module's input (B, L_cur, D)."""
-        wanted = set(self.llm.signals)
-        position_embeddings = fwd.position_embeddings or kwargs["position_embeddings"]
+        wanted = set(self._method_at(boundary).signals)
+        kind = layer_type(self.adapter.text_config, attn.layer_idx)
+        position_embeddings = fwd.position_embeddings.get(kind) or kwargs["position_embeddings"]
         keys = cached_keys(kwargs.get("past_key_values"), attn.layer_idx, normed.shape[1])
-        if keys is None and wanted & {"keys", "last_query_attention", "text_query_attention"}:
+        if keys is None and wanted & _NEEDS_KEYS:
             keys = rotated_keys(attn, normed, position_embeddings)
         out = {}
         if "last_query_attention" in wanted:
@@ -287,6 +355,10 @@ class Engine:
         if "text_query_attention" in wanted:  # (B, L_cur, T): the instruction's rows, keys first
             out["text_query_attention"] = text_query_scores(
                 attn, normed, position_embeddings, text_after_images(fwd.tokens), fwd.tokens.valid, keys=keys
+            )
+        if "visual_attention" in wanted:  # (B, L_cur): received from the visual tokens of the same image
+            out["visual_attention"] = visual_received_scores(
+                attn, normed, position_embeddings, fwd.tokens.image_id, fwd.tokens.valid, keys=keys
             )
         if "keys" in wanted:
             out["keys"] = keys.transpose(1, 2).flatten(2)  # (B, L_cur, H_kv * d), heads concatenated
@@ -305,14 +377,18 @@ class Engine:
     def _prefill_layer(self, j: int, layer: nn.Module, args, kwargs):
         fwd = self.fwd
         hidden = args[0] if args else kwargs["hidden_states"]
-        if fwd.position_embeddings is None:
-            fwd.position_embeddings = kwargs["position_embeddings"]
+        kind = layer_type(self.adapter.text_config, j)
+        if not fwd.position_embeddings:
             fwd.position_ids = kwargs.get("position_ids")
+        if kind not in fwd.position_embeddings:  # the LM's table of this type, over the LM input
+            cos, sin = kwargs["position_embeddings"]
+            gather = fwd.source.take if fwd.source is not None else (lambda table: table)
+            fwd.position_embeddings[kind] = (gather(cos), gather(sin))
         if j in self.boundaries:
             hidden = self._run_stage(j, layer, hidden, kwargs)
         if fwd.layer_masks:
-            kwargs["attention_mask"] = fwd.layer_masks[layer_type(self.adapter.text_config, j)]
-            kwargs["position_embeddings"] = fwd.position_embeddings
+            kwargs["attention_mask"] = fwd.layer_masks[kind]
+            kwargs["position_embeddings"] = fwd.position_embeddings[kind]
             kwargs["position_ids"] = fwd.position_ids
         if args:
             args = (hidden, *args[1:])
@@ -320,40 +396,67 @@ class Engine:
             kwargs["hidden_states"] = hidden
         return args, kwargs
 
+    def _method_at(self, boundary: int) -> LLMMethod:
+        return self.llm[self.stage_of[boundary][0]][0]
+
     def _run_stage(self, boundary: int, layer: nn.Module, hidden: torch.Tensor, kwargs) -> torch.Tensor:
         fwd = self.fwd
-        stage = self.boundaries.index(boundary)
+        index, stage = self.stage_of[boundary]
+        method, budget = self.llm[index]
         with timed(fwd.seconds, hidden.device):
-            if self.llm.score_at == "boundary":
+            if stage == 0 and index > 0:  # a later method counts its budget on the tokens it receives
+                fwd.entry_counts = content_counts(fwd.tokens, fwd.layout, fwd.image_rows)
+            if method.score_at == "boundary":
                 normed = layer.input_layernorm(hidden)
-                fwd.llm_signals[boundary] = self._attention_signals(layer.self_attn, normed, kwargs, fwd)
+                fwd.llm_signals[boundary] = self._attention_signals(
+                    layer.self_attn, normed, kwargs, fwd, boundary
+                )
             signals = dict(fwd.llm_signals.pop(boundary, {}))
-            if "hidden" in self.llm.signals:
+            if "hidden" in method.signals:
                 signals["hidden"] = self.adapter.language_model.norm(hidden)
+            signals.update(self._vision_signals_now(fwd, method))
+            counts = fwd.image_counts if method.counts_on_image else fwd.entry_counts
             keep, hidden = select_llm(
-                self.llm, self.budgets["llm"], stage, fwd.tokens, fwd.layout, fwd.image_rows, fwd.entry_counts,
-                hidden, signals,
-            )  # fmt: skip
+                method, budget, stage, fwd.tokens, fwd.layout, fwd.image_rows, counts, hidden, signals
+            )
         if keep is not None:
             hidden = self._compact_stage(boundary, keep, hidden, kwargs.get("past_key_values"))
-        fwd.stats.stages.append(StageStats.of(self.llm.name, f"llm@{boundary}", fwd.tokens.kept_visual()))
+        fwd.stats.stages.append(StageStats.of(method.name, f"llm@{boundary}", fwd.tokens.kept_visual()))
         return hidden
+
+    def _llm_vision_names(self) -> set[str]:
+        """ViT signals the in-LLM methods read (e.g. MustDrop's [CLS]-protected key tokens)."""
+        return {n for m, _ in self.llm for n in m.signals if self.adapter.is_vision_signal(n)}
+
+    def _vision_signals_now(self, fwd: _Forward, method: LLMMethod) -> dict[str, torch.Tensor]:
+        """The ViT signals `method` reads, for the tokens present now: (B, L_cur, ...), 0 at text/padding."""
+        rank = fwd.tokens.visual_rank  # (B, L_cur)
+        out = {}
+        for name in (n for n in method.signals if self.adapter.is_vision_signal(n)):
+            value = fwd.vision_values[name]
+            index = (fwd.visual_offsets.to(rank.device)[:, None] + rank).clamp(min=0)
+            present = (rank >= 0).reshape(*rank.shape, *[1] * (value.dim() - 1))
+            out[name] = value[index.to(value.device)] * present.to(value.device)
+        return out
 
     def _compact_stage(self, boundary: int, keep: torch.Tensor, hidden: torch.Tensor, pkv) -> torch.Tensor:
         """Layers >= boundary see only `keep` (B, L_cur): gather the stream, RoPE tables, positions, masks."""
         fwd = self.fwd
         compaction = Compaction.from_keep(keep)
+        self.adapter.compact_stage(keep, fwd.tokens.visual_rank >= 0)
         fwd.tokens = fwd.tokens.take(compaction)
-        cos, sin = fwd.position_embeddings
-        fwd.position_embeddings = (compaction.take(cos), compaction.take(sin))
+        fwd.position_embeddings = {
+            kind: (compaction.take(cos), compaction.take(sin))
+            for kind, (cos, sin) in fwd.position_embeddings.items()
+        }
+        fwd.source = compaction if fwd.source is None else fwd.source.then(compaction)
         if fwd.position_ids is not None:
             fwd.position_ids = compaction.take_positions(fwd.position_ids)
         fwd.mask_2d = compaction.take_mask(fwd.mask_2d)
         hidden = compaction.take(hidden)
-        config = self.adapter.text_config
-        kinds = {layer_type(config, i) for i in range(boundary, len(self.adapter.decoder_layers))}
         fwd.layer_masks = {
-            kind: build_layer_mask(config, hidden, fwd.mask_2d, pkv, boundary, kind) for kind in kinds
+            kind: self.adapter.layer_mask(hidden, fwd.mask_2d, pkv, i, kind, fwd.tokens)
+            for kind, i in self._first_layers(boundary).items()
         }
         self.state.stage_masks[boundary] = fwd.mask_2d
         fwd.segments.append((boundary, fwd.tokens.real_tokens(), fwd.tokens.valid.shape[1]))
@@ -371,9 +474,8 @@ class Engine:
             hidden = args[0] if args else kwargs["hidden_states"]
             mask_2d = torch.cat([stage_mask, self._decode_tail.to(stage_mask.dtype)], dim=1)
             pkv = kwargs.get("past_key_values")
-            self._decode_masks[key] = build_layer_mask(
-                self.adapter.text_config, hidden, mask_2d, pkv, boundary, kind
-            )
+            # the first layer of this type since the boundary sizes the mask (j, as layers run in order)
+            self._decode_masks[key] = self.adapter.layer_mask(hidden, mask_2d, pkv, j, kind)
         kwargs["attention_mask"] = self._decode_masks[key]
         return args, kwargs
 
@@ -400,3 +502,24 @@ def _reject_static_cache(past_key_values) -> None:
         raise UnsupportedInputError(
             f"{type(past_key_values).__name__} is not supported (pruned caches change length); use the default DynamicCache"
         )
+
+
+def llm_stages(llm: list[tuple[LLMMethod, Budget]], num_layers: int) -> dict[int, tuple[int, int]]:
+    """{boundary layer: (index of its method in `llm`, stage of that method)}.
+
+    Methods act one after the other: every boundary of a method lies after all boundaries of the methods
+    before it, so each later method prunes what the earlier ones kept.
+    """
+    stages: dict[int, tuple[int, int]] = {}
+    last = 0
+    for index, (method, _) in enumerate(llm):
+        bounds = method.boundaries(num_layers)
+        if bounds and bounds[0] <= last:
+            raise MethodOptionError(
+                f"in-LLM methods act one after the other: {method.name} prunes at layers {bounds}, which "
+                f"is not after layer {last} where the previous method prunes; set its layer(s) later"
+            )
+        for stage, boundary in enumerate(bounds):
+            stages[boundary] = (index, stage)
+        last = bounds[-1] if bounds else last
+    return stages

@@ -105,9 +105,10 @@ def image_view(
         position = torch.full((layout.counts[image],), -1, dtype=torch.long, device=local.device)
         position[local[content]] = torch.arange(int(content.sum()), device=local.device)
         units = [Unit(index=position[u.index.to(local.device)], grid=u.grid, kind=u.kind) for u in units]
+    full_n = layout.counts[image] - (int(separators.sum()) if separators is not None else 0)
     view = ImageTokens(
         embeds=embeds[content], grid=layout.grids[image] if whole else None,
-        signals=slice_signals(signals, content), text=text, units=units,
+        signals=slice_signals(signals, content), text=text, units=units, full_n=full_n,
     )  # fmt: skip
     return view, content
 

@@ -13,11 +13,15 @@ from tokprune.methods.cls_attention import FasterVLM, VisionZip
 from tokprune.methods.dart import DART
 from tokprune.methods.divprune import DivPrune
 from tokprune.methods.fopru import FoPru
+from tokprune.methods.globalcom2 import GlobalCom2
 from tokprune.methods.hiprune import HiPrune
+from tokprune.methods.hired import HiRED
 from tokprune.methods.holov import HoloV
+from tokprune.methods.mustdrop import MustDrop
 from tokprune.methods.prumerge import PruMerge, PruMergePlus
 from tokprune.methods.sparsevlm import SparseVLM
 from tokprune.methods.tome import ToMe
+from tokprune.methods.visiondrop import VisionDrop
 from tokprune.methods.vtc_cls import VTCCLS
 
 REGISTRY: dict[str, type[Method]] = {
@@ -34,12 +38,16 @@ REGISTRY: dict[str, type[Method]] = {
         CDPruner,
         HoloV,
         HiPrune,
+        HiRED,
+        GlobalCom2,
         ToMe,
         FoPru,
         FastV,
         PyramidDrop,
         SparseVLM,
         DART,
+        MustDrop,
+        VisionDrop,
     )
 }
 

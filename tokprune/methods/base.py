@@ -7,6 +7,7 @@ or the model class.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -29,6 +30,8 @@ class ImageTokens:
           inside the LLM, every requested signal of those text tokens (e.g. DART's text pivots).
     units: the image's spatial units (AnyRes base view and tiles, video frames), each with its token
           indices into these n tokens; None for a plain single-grid image (see `core.layout.Unit`).
+    full_n: the image's content tokens before any pruning (n while the image is whole); None outside
+          the engine.
     """
 
     embeds: torch.Tensor
@@ -36,6 +39,7 @@ class ImageTokens:
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
     text: dict[str, torch.Tensor] = field(default_factory=dict)
     units: list[Unit] | None = None
+    full_n: int | None = None
 
     @property
     def n(self) -> int:
@@ -64,7 +68,9 @@ class Method:
       default_budget: the published default when neither budget nor keep_ratio is given;
       paper: the citation shown by the catalogue;
       spatial: the method needs a token grid: on images made of several units (AnyRes tiles, video
-          frames) the engine runs it on each unit with the budget split by unit size.
+          frames) the engine runs it on each unit with the budget split by unit size;
+      needs_tiles: the method only works on AnyRes images (a base view and tiles, `ImageTokens.units`);
+          `tokprune.apply` refuses it on models whose adapter has no tiles (`Adapter.tiles`).
     """
 
     name: ClassVar[str] = ""
@@ -73,6 +79,7 @@ class Method:
     default_budget: ClassVar[Budget] = Budget(ratio=0.5)
     paper: ClassVar[str] = ""
     spatial: ClassVar[bool] = False
+    needs_tiles: ClassVar[bool] = False
 
     def select(self, image: ImageTokens, k: int) -> Selection:
         """Choose `k` < image.n tokens of one image. Must return exactly k sorted indices."""
@@ -87,10 +94,14 @@ class LLMMethod(Method):
     `score_at` says where the signals of the boundary come from:
       "previous": the attention module of layer b - 1 (FastV, DART);
       "boundary": layer b's own input layernorm and projections, before it runs (PyramidDrop).
+    `counts_on_image`: `stage_counts` gets the image's content tokens before any pre-LLM stage instead of
+    the tokens the method receives (the in-LLM part of a `CompositeMethod`, whose schedule starts
+    before the LLM).
     """
 
     where: ClassVar[str] = "llm"
     score_at: ClassVar[str] = "previous"
+    counts_on_image: ClassVar[bool] = False
 
     def boundaries(self, num_layers: int) -> list[int]:
         """Stage boundary layers, ascending, each in [1, num_layers - 1]."""
@@ -99,6 +110,45 @@ class LLMMethod(Method):
     def stage_counts(self, n: int, budget: Budget) -> list[int]:
         """Tokens of an image of n visual tokens kept after each boundary (non-increasing, last = final)."""
         return [budget.kept(n)]
+
+
+@dataclass(frozen=True)
+class ScaledBudget(Budget):
+    """An earlier stage of a multi-stage method: `factor` (>= 1) times the final stage's count.
+
+    kept(n) = min(n, max(f, ceil(factor * f))) with f = final.kept(n), so the stages of one image never
+    grow and the final stage keeps exactly what the user's budget says.
+    """
+
+    final: Budget = Budget(ratio=1.0)
+    factor: float = 1.0
+
+    def kept(self, n: int) -> int:
+        f = self.final.kept(n)
+        return min(n, max(f, math.ceil(self.factor * f - 1e-9)))
+
+    def __str__(self) -> str:
+        return f"{self.factor:g} x ({self.final})"
+
+
+@dataclass
+class CompositeMethod(Method):
+    """A method acting at several places (before and inside the LLM): `tokprune.apply` replaces it by its
+    `parts()` (at most one pre-LLM method first, then in-LLM methods) with `part_budgets(budget)`, so each
+    stage is one engine stage and the stats report every one under the composite's name."""
+
+    where: ClassVar[str] = "pre+llm"
+
+    def parts(self) -> list[Method]:
+        """The stages' methods in order: at most one pre-LLM method first, then in-LLM methods."""
+        raise NotImplementedError
+
+    def part_budgets(self, budget: Budget) -> list[Budget]:
+        """The budget of each part for the user's final `budget` (one per `parts()` entry)."""
+        raise NotImplementedError
+
+    def select(self, image: ImageTokens, k: int) -> Selection:
+        raise TypeError(f"{self.name} acts through its parts; apply it with tokprune.apply")
 
 
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -61,24 +61,39 @@ class VisionZip(Method):
 
     def select(self, image: ImageTokens, k: int) -> Selection:
         n_context = min(round(k * self.contextual_ratio), k - 1) if k > 1 else 0
-        dominant = topk_sorted(image.signals["cls_attention"], k - n_context)
-        if n_context == 0:
-            return Selection(keep=dominant)
-        rest = torch.ones(image.n, dtype=torch.bool, device=dominant.device)
-        rest[dominant] = False
-        rest = rest.nonzero().squeeze(1)  # remaining tokens, in order
-        step = max(1, rest.numel() // n_context)
-        is_target = torch.zeros(rest.numel(), dtype=torch.bool, device=rest.device)
-        is_target[torch.arange(0, rest.numel(), step, device=rest.device)[:n_context]] = True
-        targets, others = rest[is_target], rest[~is_target]
-        keys = F.normalize(image.signals["vit_keys"].float(), dim=-1)
-        owner = (keys[others] @ keys[targets].T).argmax(1)  # most similar target of every other token
-        embeds = image.embeds.float()
-        sums = embeds[targets].index_add(0, owner, embeds[others])
-        sizes = torch.ones(targets.numel(), device=rest.device).index_add(
-            0, owner, torch.ones_like(owner, dtype=torch.float)
+        return dominant_contextual(
+            image.embeds, image.signals["cls_attention"], image.signals["vit_keys"], k, n_context
         )
-        merged_targets = sums / sizes[:, None]
-        keep, order = torch.cat([dominant, targets]).sort()
-        merged = torch.cat([embeds[dominant], merged_targets])[order]
-        return Selection(keep=keep, merged=merged.to(image.embeds.dtype))
+
+
+def dominant_contextual(
+    embeds: torch.Tensor, scores: torch.Tensor, metric: torch.Tensor, k: int, n_context: int
+) -> Selection:
+    """VisionZip's rule: k - n_context dominant tokens by `scores`, n_context merged contextual tokens.
+
+    embeds: (n, D); scores: (n,) importance; metric: (n, d) features whose cosine similarity assigns the
+    merged tokens. Contextual targets: n_context tokens uniformly spaced (step max(1, n_rest // n_context))
+    over the remaining tokens in order; every other remaining token joins its most similar target (ties:
+    the first); a target's embedding becomes the mean of itself and the tokens it absorbed (float32, cast
+    back to embeds' dtype). Returns the k kept indices, sorted, with their embeddings.
+    """
+    dominant = topk_sorted(scores, k - n_context)
+    if n_context == 0:
+        return Selection(keep=dominant)
+    rest = torch.ones(embeds.shape[0], dtype=torch.bool, device=dominant.device)
+    rest[dominant] = False
+    rest = rest.nonzero().squeeze(1)  # remaining tokens, in order
+    step = max(1, rest.numel() // n_context)
+    is_target = torch.zeros(rest.numel(), dtype=torch.bool, device=rest.device)
+    is_target[torch.arange(0, rest.numel(), step, device=rest.device)[:n_context]] = True
+    targets, others = rest[is_target], rest[~is_target]
+    keys = F.normalize(metric.float(), dim=-1)
+    owner = (keys[others] @ keys[targets].T).argmax(1)  # most similar target of every other token
+    values = embeds.float()
+    sums = values[targets].index_add(0, owner, values[others])
+    sizes = torch.ones(targets.numel(), device=rest.device).index_add(
+        0, owner, torch.ones_like(owner, dtype=torch.float)
+    )
+    keep, order = torch.cat([dominant, targets]).sort()
+    merged = torch.cat([values[dominant], sums / sizes[:, None]])[order]
+    return Selection(keep=keep, merged=merged.to(embeds.dtype))

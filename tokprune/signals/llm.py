@@ -148,3 +148,55 @@ def text_query_scores(
         keys = rotated_keys(attn, normed, position_embeddings)
     weights = query_rows_attention(query, keys, attn.scaling, index, key_mask)  # (B, T, N)
     return (weights * valid[..., None]).transpose(1, 2)
+
+
+def visual_received_scores(
+    attn: nn.Module,
+    normed: torch.Tensor,
+    position_embeddings,
+    image_id: torch.Tensor,
+    key_mask: torch.Tensor,
+    keys: torch.Tensor | None = None,
+    chunk: int = 64,
+) -> torch.Tensor:
+    """Attention each visual token receives from the visual tokens of its own image: (B, N) float32.
+
+    normed: (B, N, D) the attention module's input; image_id: (B, N) image of every token (-1: text and
+    padding); key_mask: (B, N) bool real tokens; keys: (B, H_kv, N, d) post-RoPE keys if at hand. Entry
+    [b, j] of a visual token j = the mean, over the real tokens i of j's image in row b, of the head-mean
+    causal softmax row of query i (over all real keys up to i, as a causal decoder computes it) at key j;
+    0 for text and padding. Streams over `chunk` visual queries: memory O(H * chunk * N), never N x N.
+    """
+    batch, length, width = normed.shape
+    cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)  # a shared (1, N, d) table too
+    if keys is None:
+        keys = rotated_keys(attn, normed, position_embeddings)
+    visual = (image_id >= 0) & key_mask
+    per_row = visual.sum(1)
+    n_queries = max(1, int(per_row.max()))
+    index = torch.zeros(batch, n_queries, dtype=torch.long, device=normed.device)
+    valid = torch.arange(n_queries, device=normed.device) < per_row[:, None]  # (B, T)
+    for row in range(batch):
+        index[row, : int(per_row[row])] = visual[row].nonzero().squeeze(1)
+    keys = keys.float()
+    positions = torch.arange(length, device=normed.device)
+    received = torch.zeros(batch, length, dtype=torch.float32, device=normed.device)
+    for t0 in range(0, n_queries, chunk):
+        idx, ok = index[:, t0 : t0 + chunk], valid[:, t0 : t0 + chunk]  # (B, c)
+        gather = idx[..., None]
+        rows = normed.gather(1, gather.expand(-1, -1, width))
+        cos_q = cos.gather(1, gather.expand(-1, -1, cos.shape[-1]))
+        sin_q = sin.gather(1, gather.expand(-1, -1, sin.shape[-1]))
+        query = _rope(_heads(attn, attn.q_proj, "q_norm", rows), cos_q, sin_q).float()  # (B, H, c, d)
+        if query.shape[1] != keys.shape[1]:  # grouped-query attention: repeat the KV heads once
+            keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
+        visible = key_mask[:, None, :] & (positions <= idx[..., None])  # (B, c, N)
+        logits = (query @ keys.transpose(-1, -2)) * attn.scaling
+        probs = logits.masked_fill(~visible[:, None], float("-inf")).softmax(-1).mean(1)  # (B, c, N)
+        same = (image_id.gather(1, idx)[..., None] == image_id[:, None, :]) & ok[..., None]
+        received += (probs * same).sum(1)
+    ids = image_id.clamp(min=0)
+    per_image = torch.zeros(batch, int(image_id.max()) + 2, device=normed.device)
+    per_image.scatter_add_(1, ids, visual.float())  # real tokens of every image in the row
+    count = per_image.gather(1, ids).clamp(min=1)
+    return torch.where(visual, received / count, torch.zeros_like(received))

@@ -1,0 +1,166 @@
+"""Gemma 3 (Gemma3ForConditionalGeneration): SigLIP tower, average-pooling projector, Gemma 3 text model.
+
+Vision side. SigLIP has no [CLS]; its last layer (after `post_layernorm`) feeds the projector, which
+average-pools the P x P patch grid with an `AvgPool2d` of kernel P / sqrt(mm_tokens_per_image) into
+the LLM tokens of the image (4096 patches -> 256 tokens on the released models), one square grid per
+image. "cls_attention" is therefore the attention each patch *receives* (column mean of the softmax
+map, streamed), and every ViT signal ("received_attention", "vit_keys" = head-mean keys too) is pooled
+by the projector's own pooling module, so one value belongs to exactly the patches averaged into one
+LLM token.
+
+Language side (DESIGN §4). `Gemma3Model.forward` turns the 2-D `attention_mask` and `token_type_ids`
+into a dict of 4-D masks, one per layer type, before it calls the language model:
+  * "full_attention": causal OR same image block (every run of image tokens attends to itself
+    bidirectionally), AND padding;
+  * "sliding_attention": the same AND a sliding window over cache slots (a key is visible when it
+    sits less than `sliding_window` slots before the query).
+The engine keeps the 2-D mask it sees at the inner model, compacts it, and asks this adapter for the
+family's masks (`layer_mask`): the kept image tokens of an image still form one bidirectional block,
+dropped ones are gone. Decode steps have no image queries, so their masks are the plain causal and
+sliding ones (as `generate()` does without `token_type_ids`). Each layer type has its own RoPE table
+(global and local bases); the engine gathers every table on in-LLM compaction.
+
+Sliding window after pruning: the window counts cache *slots*, so a pruned sequence's window spans
+the last `sliding_window` kept tokens, which covers more of the original prompt. tokprune keeps the
+model's rule as is (no re-widening, no per-token positions in the window): the window applies to the
+compacted sequence, in prefill and decode (the sliding cache keeps the last window - 1 slots).
+
+`token_type_ids` must mark exactly the image tokens (what Gemma3Processor returns) or be absent (then
+the model's masks are plainly causal and so are tokprune's). Pan-and-scan crops are extra images of
+the same size to the model and are pruned as such, each on its own grid.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.masking_utils import blockwise_overlay, create_causal_mask, sliding_window_overlay
+from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+
+from tokprune.core.state import TokenMap
+from tokprune.core.timing import timed
+from tokprune.errors import UnsupportedInputError
+from tokprune.signals import received_attention
+
+from .base import Adapter, ImageLayout, VisionSignalStore
+from .llava import clip_encoder_layers
+
+
+class Gemma3Adapter(Adapter):
+    """Every image is one square grid of `mm_tokens_per_image` tokens, pooled from the SigLIP patches."""
+
+    model_classes = ("Gemma3ForConditionalGeneration",)
+    family = "gemma3"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.vision_layers = clip_encoder_layers(self.inner.vision_tower)
+        self.score_layer = len(self.vision_layers) - 1  # last_hidden_state feeds the projector
+        projector = self.inner.multi_modal_projector
+        self.pool: nn.Module = projector.avg_pool
+        self.patches_per_side: int = projector.patches_per_image
+        self.side: int = projector.tokens_per_side
+        self.tokens_per_image = model.config.mm_tokens_per_image
+        self._bidirectional = False  # the current prefill's token_type_ids ask for image blocks
+
+    # ---- per-forward facts ------------------------------------------------------------------------
+    def image_layout(self, inner_kwargs: dict) -> ImageLayout | None:
+        pixel_values = inner_kwargs.get("pixel_values")
+        if pixel_values is not None:
+            counts = [self.tokens_per_image] * int(pixel_values.shape[0])
+        else:
+            counts = self.precomputed_counts(inner_kwargs)
+            if counts is None:
+                return None
+        self._bidirectional = self._check_token_types(inner_kwargs)
+        grid = (self.side, self.side)
+        return ImageLayout(counts=counts, grids=[grid if n == self.side**2 else None for n in counts])
+
+    def _check_token_types(self, inner_kwargs: dict) -> bool:
+        """True when token_type_ids are given (the model then builds bidirectional image blocks); they must
+        mark exactly the image tokens, since the engine derives the blocks of a pruned sequence from them."""
+        token_types, input_ids = inner_kwargs.get("token_type_ids"), inner_kwargs.get("input_ids")
+        if token_types is None or input_ids is None:
+            return False
+        if not torch.equal(token_types == 1, self.visual_mask(input_ids)):
+            raise UnsupportedInputError(
+                "token_type_ids must be 1 exactly at the image tokens (as Gemma3Processor returns them): "
+                "tokprune rebuilds Gemma 3's bidirectional image blocks of a pruned prompt from them"
+            )
+        return True
+
+    # ---- language-model masks ---------------------------------------------------------------------
+    def layer_mask(
+        self,
+        hidden_states: torch.Tensor,
+        mask_2d: torch.Tensor,
+        past_key_values,
+        layer_idx: int,
+        kind: str,
+        tokens: TokenMap | None = None,
+    ):
+        """Gemma 3's mask for layers of type `kind` (sized against `layer_idx`'s cache), as
+        `create_masks_for_vision_model` builds it: with `tokens` (a prefill) each run of image tokens is a
+        bidirectional block; sliding layers AND the window over OR(causal, block)."""
+        if tokens is None or not self._bidirectional:
+            return super().layer_mask(hidden_states, mask_2d, past_key_values, layer_idx, kind, tokens)
+        blocks = get_block_sequence_ids_for_mask(tokens.image_id >= 0, device=hidden_states.device)  # (B, L)
+        common = dict(
+            config=self.text_config,
+            inputs_embeds=hidden_states,
+            attention_mask=mask_2d,
+            past_key_values=past_key_values,
+            position_ids=None,
+            layer_idx=layer_idx,
+        )
+        if kind == "sliding_attention":
+            return create_causal_mask(
+                **common,
+                or_mask_function=blockwise_overlay(blocks),
+                and_mask_function=sliding_window_overlay(self.text_config.sliding_window),
+            )
+        return create_causal_mask(**common, block_sequence_ids=blocks)
+
+    # ---- vision signals ---------------------------------------------------------------------------
+    def install_vision_hooks(self, names: set[str], store: VisionSignalStore) -> list:
+        by_layer = self.signals_by_layer(names, len(self.vision_layers), self.score_layer)
+        return [
+            self.vision_layers[index].self_attn.register_forward_hook(
+                self._hook(wanted, store), with_kwargs=True
+            )
+            for index, wanted in by_layer.items()
+        ]
+
+    def pooled(self, values: torch.Tensor) -> torch.Tensor:
+        """(n_img, P*P, C) per-patch values -> (n_img * T, C), averaged as the projector pools its input."""
+        n_img, _, channels = values.shape
+        side = self.patches_per_side
+        grid = values.transpose(1, 2).reshape(n_img, channels, side, side)
+        return self.pool(grid).flatten(2).transpose(1, 2).flatten(0, 1)
+
+    def _hook(self, wanted: dict[str, str], store: VisionSignalStore):
+        """Forward hook on one SigLIP attention module computing `wanted` ({full name: base name}), one
+        value per LLM token. No [CLS]: "cls_attention" is the attention each patch receives."""
+
+        def hook(module, args, kwargs, output):
+            with timed(store.seconds, output[0].device):
+                hidden = kwargs.get("hidden_states", args[0] if args else None)  # (n_img, P*P, C), normed
+                n_img, length, _ = hidden.shape
+                keys = module.k_proj(hidden).view(n_img, length, -1, module.head_dim).transpose(1, 2)
+                received = None
+                for name, base in wanted.items():
+                    if base == "vit_keys":  # head mean
+                        value = self.pooled(keys.float().mean(1))
+                    else:  # cls_attention / received_attention
+                        if received is None:
+                            query = (
+                                module.q_proj(hidden).view(n_img, length, -1, module.head_dim).transpose(1, 2)
+                            )
+                            per_patch = torch.stack(
+                                [received_attention(q, k, module.scale) for q, k in zip(query, keys)]
+                            )  # (n_img, P*P)
+                            received = self.pooled(per_patch[..., None])[:, 0]
+                        value = received
+                    store.values[name] = value
+
+        return hook

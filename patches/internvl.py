@@ -1,0 +1,184 @@
+"""InternVL (InternVLForConditionalGeneration): InternViT tiles with a [CLS] token, pixel shuffle, Qwen2 LLM.
+
+The processor cuts an image into 1..max_patches square tiles and, when there is more than one, appends a
+thumbnail (the whole image resized to one tile). The prompt holds, per image,
+`<img>` + `<IMG_CONTEXT>` x (tiles x tokens per tile) + `</img>`, and the model scatters the features of
+all tiles, in pixel_values order, into the `<IMG_CONTEXT>` positions (`config.image_token_id`). Every
+tile runs through InternViT (its [CLS] is dropped by the 'default' strategy), then `pixel_shuffle`
+(downsample_ratio 0.5: a 2x2 block of patches becomes one token) and the projector.
+
+Layout rules:
+  * an image is one contiguous run of image tokens in the prompt (the processor brackets every image
+    with `<img>` ... `</img>`, so two images never touch); its tiles are consecutive blocks of
+    tokens-per-tile; with more than one tile the last is the thumbnail (unit kind "base"), the others are
+    "tile" units; every unit is a full (h, w) grid of merged tokens; a one-tile image is a plain grid;
+  * the budget is per image, over all its tiles (spatial methods split it over the tiles by size);
+    video frames (one `<img>...</img>` of one tile each) are images.
+Signals: at the feature layer (`vision_feature_layer`, -1 = the last layer) of every tile: the [CLS]
+attention row, the attention each patch receives, the keys; each pooled (mean) over the patches that the
+pixel shuffle merges into one LLM token, found by replaying the model's own `pixel_shuffle` on indices.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tokprune.core.layout import Unit
+from tokprune.core.timing import timed
+from tokprune.errors import UnsupportedInputError, UnsupportedModelError
+from tokprune.signals import cls_attention, received_attention
+
+from .base import Adapter, ImageLayout, VisionSignalStore
+from .llava import feature_layer_index
+
+
+def visual_runs(visual: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(row, start, length) of every maximal run of True in visual (B, L), row by row, left to right
+    (the order masked_scatter fills the image positions in)."""
+    runs = []
+    for row, line in enumerate(visual.bool()):
+        padded = torch.cat([line.new_zeros(1), line, line.new_zeros(1)]).long()
+        edges = padded[1:] - padded[:-1]  # +1 where a run starts, -1 one past where it ends
+        starts, ends = (edges == 1).nonzero().squeeze(1), (edges == -1).nonzero().squeeze(1)
+        runs += [(row, int(s), int(e - s)) for s, e in zip(starts, ends)]
+    return runs
+
+
+def tile_units(n_tiles: int, tile_tokens: int, grid: tuple[int, int], last_kind: str) -> list[Unit]:
+    """Units of an image made of `n_tiles` consecutive equal tiles; the last one gets `last_kind`."""
+    return [
+        Unit(
+            index=torch.arange(t * tile_tokens, (t + 1) * tile_tokens),
+            grid=grid,
+            kind=last_kind if t == n_tiles - 1 else "tile",
+        )
+        for t in range(n_tiles)
+    ]
+
+
+def pool_groups(value: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Mean over merged patches. value: (n, P) or (n, P, d) per patch; groups: (G, r) patch indices of
+    every merged token -> (n * G) or (n * G, d)."""
+    pooled = value[:, groups.to(value.device)].float().mean(2)  # (n, G) or (n, G, d)
+    return pooled.flatten(0, 1)
+
+
+class InternVLAdapter(Adapter):
+    model_classes = ("InternVLForConditionalGeneration",)
+    family = "internvl"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        cfg = model.config
+        if cfg.vision_feature_select_strategy != "default":
+            raise UnsupportedModelError(
+                "InternVL with vision_feature_select_strategy='full' is not supported: the model cannot "
+                "pixel-shuffle a [CLS] token into its grid; use the 'default' strategy"
+            )
+        self.vision_layers: nn.ModuleList = self.inner.vision_tower.encoder.layer
+        self.score_layer = feature_layer_index(cfg.vision_feature_layer, len(self.vision_layers))
+        self.ratio = float(cfg.downsample_ratio)
+        patch = cfg.vision_config.patch_size
+        self.patch_size = int(patch[0] if isinstance(patch, (list, tuple)) else patch)
+        self._groups: dict[int, torch.Tensor] = {}  # patches per tile side -> (G, r) merged patch indices
+
+    # ---- pixel shuffle replay -------------------------------------------------------------------
+    def merge_groups(self, side: int) -> torch.Tensor:
+        """(G, r): for each LLM token of a tile of side x side patches (row-major), the indices of the
+        r = 1 / ratio^2 patches that the model's own `pixel_shuffle` merges into it, in LLM order."""
+        if side not in self._groups:
+            index = torch.arange(side * side, dtype=torch.float32).view(1, side, side, 1)
+            merged = self.inner.pixel_shuffle(index, scale_factor=self.ratio)  # (1, h, w, r)
+            self._groups[side] = merged.reshape(-1, merged.shape[-1]).round().long()
+        return self._groups[side]
+
+    def merged_side(self, side: int) -> int:
+        """Merged tokens per side of a tile of `side` patches per side."""
+        return int(side * self.ratio)
+
+    # ---- layout ----------------------------------------------------------------------------------
+    def image_layout(self, inner_kwargs: dict) -> ImageLayout | None:
+        pixel_values = inner_kwargs.get("pixel_values")
+        encoded = encoded_images(inner_kwargs)
+        if pixel_values is None and encoded is None:
+            return None
+        input_ids = inner_kwargs.get("input_ids")
+        if input_ids is None:
+            raise UnsupportedInputError(
+                "tokprune needs input_ids (as a keyword, not only inputs_embeds) to find the image tokens"
+            )
+        if pixel_values is not None:
+            side = self.merged_side(pixel_values.shape[-1] // self.patch_size)
+            n_tiles = pixel_values.shape[0]
+        else:
+            features = getattr(encoded, "pooler_output", encoded)  # (n_tiles, G, D)
+            side, n_tiles = round(features.shape[1] ** 0.5), None
+        layout = self.layout_from_ids(input_ids, side)
+        if n_tiles is not None and sum(layout.counts) != n_tiles * side * side:
+            raise UnsupportedInputError(
+                f"the prompt holds {sum(layout.counts)} image tokens but {n_tiles} tiles give "
+                f"{n_tiles * side * side}: expand every image with the processor"
+            )
+        return layout
+
+    def layout_from_ids(self, input_ids: torch.Tensor, side: int) -> ImageLayout:
+        """Images = runs of image tokens; tiles = blocks of side * side tokens; thumbnail last."""
+        tile_tokens = side * side
+        layout = ImageLayout(counts=[], grids=[], units=[])
+        for _, _, length in visual_runs(self.visual_mask(input_ids)):
+            if length % tile_tokens:
+                raise UnsupportedInputError(
+                    f"an image holds {length} image tokens, not a multiple of {tile_tokens} per tile: "
+                    "expand every image with the processor"
+                )
+            n_tiles = length // tile_tokens
+            layout.counts.append(length)
+            layout.grids.append((side, side) if n_tiles == 1 else None)
+            layout.units.append(
+                tile_units(n_tiles, tile_tokens, (side, side), "base") if n_tiles > 1 else None
+            )
+        return layout
+
+    # ---- vision signals --------------------------------------------------------------------------
+    def install_vision_hooks(self, names: set[str], store: VisionSignalStore) -> list:
+        by_layer = self.signals_by_layer(names, len(self.vision_layers), self.score_layer)
+        return [
+            self.vision_layers[index].attention.register_forward_hook(
+                self._hook(wanted, store), with_kwargs=True
+            )
+            for index, wanted in by_layer.items()
+        ]
+
+    def _hook(self, wanted: dict[str, str], store: VisionSignalStore):
+        """Forward hook on one InternViT attention module computing `wanted` ({full name: base name}) per
+        LLM token: per tile, the value of every patch ([CLS] dropped), pooled over the merged patches."""
+
+        def hook(module, args, kwargs, output):
+            with timed(store.seconds, output[0].device):
+                hidden = kwargs.get("hidden_states", args[0] if args else None)  # (n_tiles, 1 + P, C), normed
+                n, length, _ = hidden.shape
+                shape = (n, -1, module.num_heads, module.head_dim)
+                keys = module.k_norm(module.k_proj(hidden)).view(shape).transpose(1, 2)  # (n, H, 1 + P, d)
+                groups = self.merge_groups(round((length - 1) ** 0.5))
+                for name, base in wanted.items():
+                    if base == "cls_attention":
+                        query = module.q_norm(module.q_proj(hidden[:, :1])).view(shape).transpose(1, 2)
+                        value = cls_attention(query, keys, module.scale)  # (n, 1 + P)
+                    elif base == "received_attention":
+                        queries = module.q_norm(module.q_proj(hidden)).view(shape).transpose(1, 2)
+                        value = torch.stack(
+                            [received_attention(q, k, module.scale) for q, k in zip(queries, keys)]
+                        )
+                    else:  # vit_keys: head mean
+                        value = keys.float().mean(1)  # (n, 1 + P, d)
+                    store.values[name] = pool_groups(value[:, 1:], groups)
+
+        return hook
+
+
+def encoded_images(inner_kwargs: dict):
+    """The image encoder output generate() computed before the prefill (a model output, or a plain tensor
+    where a model still accepts one), or None."""
+    outputs = inner_kwargs.get("mm_encoder_outputs")
+    return outputs.get("image") if isinstance(outputs, dict) else outputs
