@@ -10,14 +10,16 @@ the same quantity and "vit_keys" the head-mean keys.
 Images (`pack_image_features`): a single image of a prompt is cut into a base view plus a grid of tiles;
 the tile grid is unpadded to the image's aspect ratio and, when it holds more than 1.1 x the
 `vision_aspect_ratio` ("anyres_max_9": 9 tiles) worth of tokens, bilinearly downsampled; an
-`image_newline` token ends every row. Images of a prompt with several images are one base view each,
-followed by one newline. Because the packing may interpolate, token indices cannot be replayed through
+`image_newline` token ends every row. Images of a prompt with several images are one base view each
+(a plain side x side grid, no units), followed by one newline. Because the packing may interpolate, token indices cannot be replayed through
 it (as `llava_next` does); instead the adapter replays the model's own `pack_image_features` on the
 signals themselves: a token made from several patches gets their bilinearly pooled signal, exactly as it
 got their pooled features (without downsampling the packing only moves values, so signals are copied
 exactly). The layout comes from replaying it on patch coordinates: units = the base view + every tile,
 where an interpolated token belongs to the tile holding its sampling point (so every tile's tokens are a
-rectangle of the packed grid); newline tokens are separators.
+rectangle of the packed grid, and the tiles a raster mosaic as on LLaVA-NeXT: `tiles = True`); newline
+tokens are separators. AnyRes-only methods (HiRED, GlobalCom²) raise a ValueError on a video clip or a
+base-only view, which have no tiles.
 
 Videos (`get_video_features`): every frame goes through the tower, its patch grid is bilinearly pooled to
 ceil(h/2) x ceil(w/2) (`apply_pooling`), the frames are concatenated and ONE `image_newline` token ends the
@@ -144,10 +146,11 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         layout = ImageLayout(counts=[], grids=[], units=[], separators=[])
         for n_frames in frames:
             count = n_frames * self.frame_tokens + 1
+            starts = range(0, n_frames * self.frame_tokens, self.frame_tokens)
             units = [
-                Unit(index=torch.arange(f * self.frame_tokens, (f + 1) * self.frame_tokens), grid=self.frame_grid, kind="frame")
-                for f in range(n_frames)
-            ]  # fmt: skip
+                Unit(index=torch.arange(s, s + self.frame_tokens), grid=self.frame_grid, kind="frame")
+                for s in starts
+            ]
             separators = torch.zeros(count, dtype=torch.bool)
             separators[-1] = True
             layout.counts.append(count)

@@ -100,13 +100,13 @@ class SmolVLMAdapter(Adapter):
         """Images from the prompt: frames = blocks of side * side image tokens; each image = the frames up
         to and including the next global view (see the module docstring)."""
         frames = self.frames(input_ids, side * side)
-        closers = {frames_of_row[-1][1] for frames_of_row in _by_row(frames).values()}
+        row_ends = [k + 1 == len(frames) or frames[k + 1][0] != row for k, (row, _) in enumerate(frames)]
+        closers = {marker for (_, marker), last in zip(frames, row_ends) if last}  # global-view markers
         layout = ImageLayout(counts=[], grids=[], units=[])
         current = 0
-        for k, (row, marker) in enumerate(frames):
+        for (_, marker), last in zip(frames, row_ends):
             current += 1
-            row_ends = k + 1 == len(frames) or frames[k + 1][0] != row
-            if marker in closers or row_ends:
+            if marker in closers or last:
                 self._append_image(layout, current, side)
                 current = 0
         return layout
@@ -193,10 +193,3 @@ def real_frames(pixel_values: torch.Tensor) -> torch.Tensor:
     """(B * max_frames,) bool: the frames the model encodes (padding frames are all zeros), by its rule."""
     flat = pixel_values.flatten(0, 1).flatten(1)  # (B * max_frames, 3 * H * W)
     return (flat == 0.0).sum(1) != flat.shape[1]
-
-
-def _by_row(frames: list[tuple[int, int | None]]) -> dict[int, list[tuple[int, int | None]]]:
-    rows: dict[int, list[tuple[int, int | None]]] = {}
-    for frame in frames:
-        rows.setdefault(frame[0], []).append(frame)
-    return rows

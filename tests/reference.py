@@ -6,7 +6,9 @@ the unpatched model on the full sequence without a cache, with:
   * for pre-LLM stages, the LLM input embeddings of kept tokens replaced by what the pruned run fed the
     LLM (merging methods change them; their values are checked against their definitions elsewhere) and
     dropped tokens masked out in every layer;
-  * for an in-LLM stage at boundary b, dropped tokens masked out in layers >= b only;
+  * for an in-LLM stage at boundary b, dropped tokens masked out in layers >= b only, and (given
+    `stage_hidden`) the kept visual tokens entering layer b with the states the pruned run gave them
+    (methods that merge inside the LLM change them; checked against their definitions elsewhere);
   * the model's own attention pattern on what is left: bidirectional blocks where the model builds them
     from token_type_ids (Gemma 3's images, by the model module's own rule), and on sliding-window
     layers the window counted in slots of the pruned sequence, i.e. in tokens still present (the
@@ -19,6 +21,8 @@ import sys
 
 import torch
 from transformers.masking_utils import blockwise_overlay, create_causal_mask
+
+from tokprune.methods import LLMMethod
 
 
 def original_positions(model, inputs: dict) -> torch.Tensor:
@@ -74,6 +78,50 @@ class LMInputRecorder:
         self.handle.remove()
 
 
+class StageInputRecorder:
+    """The stream the first forward after a reset feeds each in-LLM boundary layer, after the engine's
+    compaction (and merging): `hidden` = {boundary: (B, L_b, D)} (register after tokprune.apply)."""
+
+    def __init__(self, model, pruner):
+        layers = language_model(model).layers
+        bounds = [b for m in pruner.methods if isinstance(m, LLMMethod) for b in m.boundaries(len(layers))]
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.handles = [layers[b].register_forward_pre_hook(self._hook(b), with_kwargs=True) for b in bounds]
+
+    def _hook(self, boundary: int):
+        def hook(module, args, kwargs):
+            if boundary not in self.hidden:
+                self.hidden[boundary] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def stage_plan(pruner, content: list[int], n_layers: int) -> tuple[list[int], list[list[int]]]:
+    """(boundary of every installed stage, per stage the count each item keeps), from the methods' own
+    budget arithmetic, not from the engine. A pre-LLM stage sits at boundary 0; an in-LLM method counts on
+    the tokens each item has when it starts, a composite's in-LLM part (`counts_on_image`) on the whole
+    item. content: content tokens of every item (separators left out)."""
+    bounds: list[int] = []
+    stages: list[list[int]] = []
+    for method, budget in zip(pruner.methods, pruner.budgets):
+        if not isinstance(method, LLMMethod):
+            bounds, stages = [0], [[budget.kept(c) for c in content]]
+            continue
+        received = (
+            content
+            if method.counts_on_image or not stages
+            else [min(k, c) for k, c in zip(stages[-1], content)]
+        )
+        own = method.boundaries(n_layers)
+        bounds += own
+        stages += [[method.stage_counts(c, budget)[s] for c in received] for s in range(len(own))]
+    return bounds, stages
+
+
 def _extend(inputs: dict, new_tokens: torch.Tensor) -> dict:
     """The prompt with generated tokens appended (mask 1, text type)."""
     out = dict(inputs)
@@ -107,9 +155,29 @@ def _slot_window(mask: torch.Tensor, window: int):
 
 
 @torch.no_grad()
-def reference_logits(model, inputs: dict, stats, pre_embeds: torch.Tensor | None, new_tokens: torch.Tensor):
+def _with_states(hidden: torch.Tensor, recorded: torch.Tensor, present: torch.Tensor, visual: torch.Tensor):
+    """hidden (B, L, D) with its present visual tokens' states taken from the pruned run's stream
+    `recorded` (B, L_b, D), whose last present[row].sum() slots hold row's present tokens in order."""
+    hidden = hidden.clone()
+    for row in range(hidden.shape[0]):
+        where = present[row].nonzero().squeeze(1)
+        states = recorded[row, recorded.shape[1] - where.numel() :]
+        is_visual = visual[row, where]
+        hidden[row, where[is_visual]] = states[is_visual].to(hidden.dtype)
+    return hidden
+
+
+def reference_logits(
+    model,
+    inputs: dict,
+    stats,
+    pre_embeds: torch.Tensor | None,
+    new_tokens: torch.Tensor,
+    stage_hidden: dict[int, torch.Tensor] | None = None,
+):
     """Last-position logits of the masked reference for the prompt and each generated prefix.
 
+    stage_hidden: {boundary b: (B, L_b, D) the stream the pruned prefill fed layer b} for in-LLM stages.
     Returns a list: [prefill logits (B, L, V) over the prompt] + [(B, V) for each decode step].
     """
     visual = visual_mask(model, inputs["input_ids"])
@@ -147,6 +215,11 @@ def reference_logits(model, inputs: dict, stats, pre_embeds: torch.Tensor | None
                 if j >= int(where.split("@")[1]):
                     mask = mask & keep
             hidden = args[0] if args else kwargs["hidden_states"]
+            if stage_hidden is not None and j in stage_hidden:  # an in-LLM boundary of the pruned run
+                hidden = _with_states(hidden, stage_hidden[j], mask[:, : visual.shape[1]], visual)
+                args, kwargs = (
+                    ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+                )
             sliding = layer_types is not None and layer_types[j] == "sliding_attention"
             kwargs["attention_mask"] = create_causal_mask(
                 config=lm.config,

@@ -186,7 +186,7 @@ def test_compose_pre_then_llm(tiny):
     assert stages[1].visual_kept == [25, 50]
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("method", ["visionzip", "pdrop"])
 def test_beams_and_return_sequences_prune_every_copy_alike(tiny, family, method):
     """generate() encodes images once, then repeats rows: the ViT signals must follow the copies."""

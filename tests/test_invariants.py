@@ -8,7 +8,14 @@ import math
 
 import pytest
 import torch
-from reference import LMInputRecorder, language_model, original_positions, reference_logits
+from reference import (
+    LMInputRecorder,
+    StageInputRecorder,
+    language_model,
+    original_positions,
+    reference_logits,
+    stage_plan,
+)
 from tiny_models import BUILDERS, batch_inputs, image_counts
 from tokprune.patches import adapter_for
 
@@ -88,15 +95,10 @@ def _expected_layer_tokens(pruner, inputs, model, ratio, family):
     visual = inputs["input_ids"] == model.config.image_token_id
     valid = inputs["attention_mask"].bool()
     n_layers = len(language_model(model).layers)
-    method = pruner.methods[-1]
     counts, content = image_counts(family, model, inputs)
     rows = image_rows(visual, counts)
-    budget = tokprune.core.budget.Budget(ratio=ratio)
-    if isinstance(method, tokprune.methods.LLMMethod):
-        bounds = method.boundaries(n_layers)
-        stages = [[method.stage_counts(c, budget)[s] for c in content] for s in range(len(bounds))]
-    else:
-        bounds, stages = [0], [[budget.kept(c) for c in content]]
+    assert pruner.budgets[-1] == tokprune.core.budget.Budget(ratio=ratio)  # the user's, at the last stage
+    bounds, stages = stage_plan(pruner, content, n_layers)  # a composite method is installed as its stages
     expected = []
     for row in range(visual.shape[0]):
         text = int((valid[row] & ~visual[row]).sum())
@@ -153,6 +155,7 @@ def test_pruned_equals_masked_reference(tiny, family, attn, method, layout):
     ratio = 0.25
     pruner = tokprune.apply(model, method, keep_ratio=ratio, **TINY_OPTIONS.get(method, {}))
     recorder, probe = LMInputRecorder(model), LayerLengthProbe(model)
+    streams = StageInputRecorder(model, pruner)
     try:
         with torch.no_grad():  # the positions generate() would use, so that absolute RoPE angles match
             pruned_prefill = model(**inputs, position_ids=original_positions(model, inputs)).logits
@@ -163,22 +166,26 @@ def test_pruned_equals_masked_reference(tiny, family, attn, method, layout):
         probe.remove()
         assert prefill_stats.visual_kept == [int(k.numel()) for k in prefill_stats.kept]
         assert all(torch.equal(k, k.sort().values) for k in prefill_stats.kept)
+        prefill_hidden, streams.hidden = streams.hidden, {}
         recorder.embeds = None
         tokens, steps = _generate(model, inputs)  # a new prefill: its stats describe it
         generate_stats, generate_embeds = pruner.stats, recorder.embeds
     finally:
         recorder.remove()
+        streams.remove()
         probe.remove()
         pruner.remove()
     reference = reference_logits(
-        model, inputs, prefill_stats, _pre(prefill_stats, prefill_embeds), tokens[:, :0]
+        model, inputs, prefill_stats, _pre(prefill_stats, prefill_embeds), tokens[:, :0], prefill_hidden
     )
     # the text tail (after the images) is aligned from the right in the pruned and the full sequence
     tail = 4
     torch.testing.assert_close(
         pruned_prefill[:, -tail:], reference[0][:, -tail:], atol=TOL * _scale(reference), rtol=0
     )
-    reference = reference_logits(model, inputs, generate_stats, _pre(generate_stats, generate_embeds), tokens)
+    reference = reference_logits(
+        model, inputs, generate_stats, _pre(generate_stats, generate_embeds), tokens, streams.hidden
+    )
     # generate's first logits come from the prefill; step t >= 1 follows t generated tokens
     torch.testing.assert_close(steps[0], reference[0][:, -1], atol=TOL * _scale(reference), rtol=0)
     for step in range(1, len(steps)):

@@ -122,17 +122,18 @@ def onevision_video_counts(model, inputs) -> tuple[list[int], list[int]]:
     return [int(f.shape[0]) for f in features], [int((f != newline).any(-1).sum()) for f in features]
 
 
-# batches of two left-padded rows: "mixed" puts a video before an image in row 0 and after one in row 1 (the
-# model scatters all images, then all videos); "multi" gives row 0 two images (base views only, as the model
-# does for several images) and row 1 one AnyRes image
+# batches of two left-padded rows, each ending in at least 4 text tokens (the tests compare that tail):
+# "mixed" puts a video before an image in row 0 and after one in row 1 (the model scatters all images, then
+# all videos); "multi" gives row 0 two images (base views only, as the model does for several images) and
+# row 1 one AnyRes image
 VIDEO_LAYOUTS = {
     "mixed": (
-        ["USER: <video> w1 w2 <image> describe ASSISTANT:", "USER: <image> w3 w4 w5 w6 <video> describe the image please ASSISTANT:"],
+        ["USER: <video> w1 w2 <image> describe the image ASSISTANT:", "USER: <image> w3 w4 w5 w6 <video> describe the image please ASSISTANT:"],
         [(112, 112), (112, 168)],
         2,
     ),
     "multi": (
-        ["USER: <image> <image> describe ASSISTANT:", "USER: <image> w1 w2 w3 w4 w5 describe the image please ASSISTANT:"],
+        ["USER: <image> <image> describe the image ASSISTANT:", "USER: <image> w1 w2 w3 w4 w5 describe the image please ASSISTANT:"],
         [[(112, 168), (112, 112)], [(112, 168)]],
         0,
     ),

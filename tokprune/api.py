@@ -111,7 +111,9 @@ def apply(
         (name, options) pair. budget: visual tokens kept per image at the method's final stage;
         keep_ratio: the kept fraction, ceil(keep_ratio * n). Give at most one; neither = the method's
         published default. In a composition they apply to the last method, counted on the tokens it
-        receives; every earlier method keeps its published default (or its own options).
+        receives; every earlier method keeps its published default (or its own options). A multi-stage
+        method (a `CompositeMethod`: mustdrop, visiondrop) is installed as its stages: its budget is the
+        final count and `part_budgets` gives the earlier stages theirs.
     options: the method's own options (e.g. layer=3 for fastv); with a single method only.
     """
     existing = getattr(model, _ATTRIBUTE, None)

@@ -112,7 +112,7 @@ class LLMMethod(Method):
         return [budget.kept(n)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ScaledBudget(Budget):
     """An earlier stage of a multi-stage method: `factor` (>= 1) times the final stage's count.
 
@@ -122,6 +122,10 @@ class ScaledBudget(Budget):
 
     final: Budget = Budget(ratio=1.0)
     factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.tokens is not None or self.ratio is not None:
+            raise TypeError("ScaledBudget takes only final= and factor= (keywords)")
 
     def kept(self, n: int) -> int:
         f = self.final.kept(n)

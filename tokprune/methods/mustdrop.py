@@ -239,4 +239,4 @@ class MustDrop(CompositeMethod):
         ]
 
     def part_budgets(self, budget: Budget) -> list[Budget]:
-        return [ScaledBudget(budget, self.vision_factor), budget]
+        return [ScaledBudget(final=budget, factor=self.vision_factor), budget]

@@ -27,7 +27,7 @@ def stage_budgets(budget: Budget) -> list[Budget]:
     c = 48, 35, 26, 19 the published counts, so a final 19 of 576 gives exactly 48 / 35 / 26 / 19.
     """
     final = PUBLISHED_COUNTS[-1]
-    return [ScaledBudget(budget, c / final) for c in PUBLISHED_COUNTS[:-1]] + [budget]
+    return [ScaledBudget(final=budget, factor=c / final) for c in PUBLISHED_COUNTS[:-1]] + [budget]
 
 
 # contextual share of the kept tokens that reproduces every published split: round(48 / 8) = 6 before the
