@@ -106,10 +106,6 @@ def test_keep_all_is_bit_identical(tiny, method, attn, layout):
 @pytest.mark.parametrize("layout", list(VIDEO_LAYOUTS))
 @pytest.mark.parametrize("attn", BACKENDS)
 @pytest.mark.parametrize("method", [m for m in METHODS if not REGISTRY[m].needs_tiles])
-@pytest.mark.xfail(
-    reason="KNOWN FAILURE at the end of session 2 (work in progress, see the closing note): pruned video runs differ from the masked reference",
-    strict=False,
-)
 def test_pruned_equals_masked_reference(tiny, video_reference, method, attn, layout):
     """Prefill and every decode step equal the masked reference; exact per-layer token counts (the budget
     counts each clip's content tokens); left padding; remove() restores."""
