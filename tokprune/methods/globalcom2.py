@@ -11,7 +11,15 @@ import torch.nn.functional as F
 from tokprune.core.budget import Budget, split_budget
 from tokprune.errors import MethodOptionError
 from tokprune.methods.anyres import Mosaic, anyres_mosaic
-from tokprune.methods.base import ImageTokens, Method, Selection, topk_sorted, trivial_selection
+from tokprune.methods.base import (
+    ImageTokens,
+    Method,
+    Selection,
+    is_int,
+    topk_sorted,
+    trivial_selection,
+    vision_signal,
+)
 from tokprune.methods.holov import allocate_quotas
 
 
@@ -106,14 +114,14 @@ class GlobalCom2(Method):
             ):
                 kind = "a positive" if positive else "a non-negative"
                 raise MethodOptionError(f"globalcom2: {name} must be {kind} finite number, got {value!r}")
-        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
+        if self.layer is not None and not is_int(self.layer):
             raise MethodOptionError(
                 f"globalcom2: layer must be None (the feature layer) or an int vision-layer index, got {self.layer!r}"
             )
 
     @property
     def signals(self) -> tuple[str, ...]:  # type: ignore[override]
-        return ("cls_attention" if self.layer is None else f"cls_attention@{self.layer}",)
+        return (vision_signal("cls_attention", self.layer),)
 
     def select(self, image: ImageTokens, k: int) -> Selection:
         if (trivial := trivial_selection(image, k)) is not None:

@@ -8,7 +8,16 @@ import torch
 
 from tokprune.core.budget import Budget
 from tokprune.errors import MethodOptionError
-from tokprune.methods.base import ImageTokens, Method, Selection, grid_of, topk_sorted, trivial_selection
+from tokprune.methods.base import (
+    ImageTokens,
+    Method,
+    Selection,
+    grid_of,
+    is_int,
+    topk_sorted,
+    trivial_selection,
+    vision_signal,
+)
 
 _NEIGHBOURHOODS = (4, 8)
 _OFFSETS = {
@@ -127,15 +136,11 @@ class HiPrune(Method):
             or not 0 <= self.alpha <= 1
         ):
             raise MethodOptionError(f"hiprune: alpha must be a number in [0, 1], got {self.alpha!r}")
-        if self.object_layer != "object" and (
-            isinstance(self.object_layer, bool) or not isinstance(self.object_layer, int)
-        ):
+        if self.object_layer != "object" and not is_int(self.object_layer):
             raise MethodOptionError(
                 f"hiprune: object_layer must be 'object' or an int vision-layer index, got {self.object_layer!r}"
             )
-        if self.deep_layer is not None and (
-            isinstance(self.deep_layer, bool) or not isinstance(self.deep_layer, int)
-        ):
+        if self.deep_layer is not None and not is_int(self.deep_layer):
             raise MethodOptionError(
                 f"hiprune: deep_layer must be None (the feature layer) or an int, got {self.deep_layer!r}"
             )
@@ -150,7 +155,7 @@ class HiPrune(Method):
 
     @property
     def deep_signal(self) -> str:
-        return "received_attention" if self.deep_layer is None else f"received_attention@{self.deep_layer}"
+        return vision_signal("received_attention", self.deep_layer)
 
     @property
     def signals(self) -> tuple[str, ...]:  # type: ignore[override]

@@ -11,7 +11,15 @@ import torch
 from tokprune.core.budget import Budget
 from tokprune.errors import MethodOptionError
 from tokprune.methods.anyres import Mosaic, anyres_mosaic
-from tokprune.methods.base import ImageTokens, Method, Selection, topk_sorted, trivial_selection
+from tokprune.methods.base import (
+    ImageTokens,
+    Method,
+    Selection,
+    is_int,
+    topk_sorted,
+    trivial_selection,
+    vision_signal,
+)
 from tokprune.methods.holov import allocate_quotas
 
 
@@ -98,7 +106,7 @@ class HiRED(Method):
             value = getattr(self, name)
             if value is None and name == "final_layer":
                 continue
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not is_int(value):
                 raise MethodOptionError(
                     f"hired: {name} must be an int vision-layer index (negative from the end), got {value!r}"
                 )
@@ -109,7 +117,7 @@ class HiRED(Method):
 
     @property
     def final_signal(self) -> str:
-        return "cls_attention" if self.final_layer is None else f"cls_attention@{self.final_layer}"
+        return vision_signal("cls_attention", self.final_layer)
 
     @property
     def signals(self) -> tuple[str, ...]:  # type: ignore[override]

@@ -8,7 +8,7 @@ import torch
 
 from tokprune.core.budget import Budget
 from tokprune.errors import MethodOptionError
-from tokprune.methods.base import ImageTokens, Method, Selection, topk_sorted
+from tokprune.methods.base import ImageTokens, Method, Selection, is_int, topk_sorted
 
 
 @dataclass
@@ -49,7 +49,7 @@ class VTCCLS(Method):
     def __post_init__(self) -> None:
         for field in ("start_layer", "end_layer"):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not is_int(value):
                 raise MethodOptionError(f"vtc_cls: {field} must be an int layer index, got {value!r}")
         if (self.start_layer < 0) != (self.end_layer < 0):
             raise MethodOptionError(
