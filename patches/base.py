@@ -147,6 +147,20 @@ class Adapter:
         """Hooks that fill `store` with the requested ViT signals during the vision forward."""
         raise NotImplementedError
 
+    def hook_attention_layers(
+        self,
+        by_layer: dict[int, dict[str, str]],
+        layers: nn.ModuleList,
+        make_hook,
+        attention: str = "self_attn",
+    ) -> list:
+        """One forward hook per requested vision layer, on its attention module (`attention` attribute);
+        `make_hook(wanted)` builds the hook for that layer's {full name: base name} signals."""
+        return [
+            getattr(layers[index], attention).register_forward_hook(make_hook(wanted), with_kwargs=True)
+            for index, wanted in by_layer.items()
+        ]
+
 
 class InstanceWrap:
     """Removable wrapper of one bound method on one instance (never on the class)."""

@@ -124,12 +124,9 @@ class Gemma3Adapter(Adapter):
     # ---- vision signals ---------------------------------------------------------------------------
     def install_vision_hooks(self, names: set[str], store: VisionSignalStore) -> list:
         by_layer = self.signals_by_layer(names, len(self.vision_layers), self.score_layer)
-        return [
-            self.vision_layers[index].self_attn.register_forward_hook(
-                self._hook(wanted, store), with_kwargs=True
-            )
-            for index, wanted in by_layer.items()
-        ]
+        return self.hook_attention_layers(
+            by_layer, self.vision_layers, lambda wanted: self._hook(wanted, store)
+        )
 
     def pooled(self, values: torch.Tensor) -> torch.Tensor:
         """(n_img, P*P, C) per-patch values -> (n_img * T, C), averaged as the projector pools its input."""

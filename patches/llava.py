@@ -77,12 +77,9 @@ class LlavaAdapter(Adapter):
 
     def install_vision_hooks(self, names: set[str], store: VisionSignalStore) -> list:
         by_layer = self.signals_by_layer(names, len(self.vision_layers), self.score_layer)
-        return [
-            self.vision_layers[index].self_attn.register_forward_hook(
-                self._hook(wanted, store), with_kwargs=True
-            )
-            for index, wanted in by_layer.items()
-        ]
+        return self.hook_attention_layers(
+            by_layer, self.vision_layers, lambda wanted: self._hook(wanted, store)
+        )
 
     def _hook(self, wanted: dict[str, str], store: VisionSignalStore):
         """Forward hook on one CLIP attention module computing `wanted` ({full name: base name})."""

@@ -138,12 +138,9 @@ class SmolVLMAdapter(Adapter):
         if not by_layer:
             return []
         handles = [self.inner.vision_model.register_forward_pre_hook(self._remember_mask, with_kwargs=True)]
-        handles += [
-            self.vision_layers[index].self_attn.register_forward_hook(
-                self._hook(wanted, store), with_kwargs=True
-            )
-            for index, wanted in by_layer.items()
-        ]
+        handles += self.hook_attention_layers(
+            by_layer, self.vision_layers, lambda wanted: self._hook(wanted, store)
+        )
         return handles
 
     def _remember_mask(self, module, args, kwargs) -> None:
