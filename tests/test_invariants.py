@@ -75,7 +75,11 @@ def test_keep_all_is_bit_identical(tiny, family, attn, method):
     model, proc = tiny(family, attn)
     if _refuses_without_tiles(model, method):
         return
-    inputs = batch_inputs(family, proc, (1, 2))
+    assert_keep_all_identical(model, batch_inputs(family, proc, (1, 2)), method)
+
+
+def assert_keep_all_identical(model, inputs: dict, method: str) -> None:
+    """keep_ratio=1.0 gives bit-identical prefill logits, generated tokens and per-step logits."""
     ref_logits = _prefill(model, inputs)
     ref_tokens, ref_steps = _generate(model, inputs)
     with tokprune.apply(model, method, keep_ratio=1.0, **TINY_OPTIONS.get(method, {})):

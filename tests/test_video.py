@@ -20,7 +20,16 @@ import numpy as np
 import pytest
 import torch
 from reference import LMInputRecorder, StageInputRecorder, original_positions, reference_logits, stage_plan
-from test_invariants import TINY_OPTIONS, TOL, LayerLengthProbe, _generate, _pre, _prefill, _scale
+from test_invariants import (
+    TINY_OPTIONS,
+    TOL,
+    LayerLengthProbe,
+    _generate,
+    _pre,
+    _prefill,
+    _scale,
+    assert_keep_all_identical,
+)
 from test_signals import _capture_eager
 from tiny_models import rand_image
 from tokprune.patches import adapter_for
@@ -181,14 +190,7 @@ def test_keep_all_is_bit_identical_with_videos(tiny, family, attn, method):
         pytest.skip("AnyRes-only method")
     model, proc = tiny(family, attn)
     inputs, _ = video_batch(family, proc, LAYOUTS["video+image|image+video"])
-    ref_logits = _prefill(model, inputs)
-    ref_tokens, ref_steps = _generate(model, inputs)
-    with tokprune.apply(model, method, keep_ratio=1.0, **TINY_OPTIONS.get(method, {})):
-        assert torch.equal(_prefill(model, inputs), ref_logits)
-        tokens, steps = _generate(model, inputs)
-    assert torch.equal(tokens, ref_tokens)
-    for a, b in zip(steps, ref_steps):
-        assert torch.equal(a, b)
+    assert_keep_all_identical(model, inputs, method)
 
 
 def _expected_layer_tokens(model, inputs, pruner, row_counts: list[list[int]]) -> list[list[int]]:

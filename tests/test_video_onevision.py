@@ -13,7 +13,15 @@ import pytest
 import reference
 import torch
 from reference import LMInputRecorder, StageInputRecorder, original_positions, reference_logits, stage_plan
-from test_invariants import TINY_OPTIONS, LayerLengthProbe, _generate, _pre, _prefill, _scale
+from test_invariants import (
+    TINY_OPTIONS,
+    LayerLengthProbe,
+    _generate,
+    _pre,
+    _prefill,
+    _scale,
+    assert_keep_all_identical,
+)
 from tiny_onevision import VIDEO_LAYOUTS, onevision_batch, onevision_counts, onevision_video_counts
 from tokprune.patches import VisionSignalStore, adapter_for
 from tokprune.patches.llava import clip_encoder_layers
@@ -94,13 +102,7 @@ def _expected_layer_tokens(pruner, inputs, model, ratio: float) -> list[list[int
 @pytest.mark.parametrize("method", METHODS)
 def test_keep_all_is_bit_identical(tiny, method, attn, layout):
     model, proc = tiny(FAMILY, attn)
-    inputs = onevision_batch(proc, layout)
-    ref_logits, (ref_tokens, ref_steps) = _prefill(model, inputs), _generate(model, inputs)
-    with tokprune.apply(model, method, keep_ratio=1.0, **TINY_OPTIONS.get(method, {})):
-        assert torch.equal(_prefill(model, inputs), ref_logits)
-        tokens, steps = _generate(model, inputs)
-    assert torch.equal(tokens, ref_tokens)
-    assert all(torch.equal(a, b) for a, b in zip(steps, ref_steps))
+    assert_keep_all_identical(model, onevision_batch(proc, layout), method)
 
 
 @pytest.mark.parametrize("layout", list(VIDEO_LAYOUTS))
