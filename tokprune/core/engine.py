@@ -29,19 +29,12 @@ from tokprune.core.stats import PruneStats, StageStats
 from tokprune.core.timing import timed
 from tokprune.errors import MethodOptionError, UnsupportedInputError
 from tokprune.methods.base import LLMMethod, Method
-from tokprune.signals.llm import (
-    cached_keys,
-    last_query_scores,
-    rotated_keys,
-    text_query_scores,
-    visual_received_scores,
-)
+from tokprune.signals.llm import layer_signals
 
 if TYPE_CHECKING:
     from tokprune.patches import Adapter
 
 # LLM signals computed from the layer's post-RoPE keys
-_NEEDS_KEYS = {"keys", "last_query_attention", "text_query_attention", "visual_attention"}
 
 
 @dataclass
@@ -344,25 +337,11 @@ class Engine:
         wanted = set(self._method_at(boundary).signals)
         kind = layer_type(self.adapter.text_config, attn.layer_idx)
         position_embeddings = fwd.position_embeddings.get(kind) or kwargs["position_embeddings"]
-        keys = cached_keys(kwargs.get("past_key_values"), attn.layer_idx, normed.shape[1])
-        if keys is None and wanted & _NEEDS_KEYS:
-            keys = rotated_keys(attn, normed, position_embeddings)
-        out = {}
-        if "last_query_attention" in wanted:
-            out["last_query_attention"] = last_query_scores(
-                attn, normed, position_embeddings, fwd.tokens.valid, keys=keys
-            )
-        if "text_query_attention" in wanted:  # (B, L_cur, T): the instruction's rows, keys first
-            out["text_query_attention"] = text_query_scores(
-                attn, normed, position_embeddings, text_after_images(fwd.tokens), fwd.tokens.valid, keys=keys
-            )
-        if "visual_attention" in wanted:  # (B, L_cur): received from the visual tokens of the same image
-            out["visual_attention"] = visual_received_scores(
-                attn, normed, position_embeddings, fwd.tokens.image_id, fwd.tokens.valid, keys=keys
-            )
-        if "keys" in wanted:
-            out["keys"] = keys.transpose(1, 2).flatten(2)  # (B, L_cur, H_kv * d), heads concatenated
-        return out
+        tokens = fwd.tokens
+        return layer_signals(
+            wanted, attn, normed, position_embeddings, kwargs.get("past_key_values"),
+            tokens.valid, tokens.image_id, text_after_images(tokens),
+        )  # fmt: skip
 
     def _make_layer_hook(self, j: int):
         def hook(module, args, kwargs):

@@ -200,3 +200,43 @@ def visual_received_scores(
     per_image.scatter_add_(1, ids, visual.float())  # real tokens of every image in the row
     count = per_image.gather(1, ids).clamp(min=1)
     return torch.where(visual, received / count, torch.zeros_like(received))
+
+
+NEEDS_KEYS = {"keys", "last_query_attention", "text_query_attention", "visual_attention"}
+
+
+def layer_signals(
+    wanted: set[str],
+    attn: nn.Module,
+    normed: torch.Tensor,
+    position_embeddings,
+    past_key_values,
+    valid: torch.Tensor,
+    image_id: torch.Tensor,
+    instruction: list[torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The requested LLM signals of one attention module's input normed (B, L, D).
+
+    valid: (B, L) real tokens; image_id: (B, L) image of each visual token (-1 elsewhere); instruction:
+    per row, positions of the text after the row's images. Keys come from the KV cache when it holds
+    exactly this sequence, else from the module's own projections. Returns, as asked:
+    "last_query_attention" (B, L), "text_query_attention" (B, L, T) (the instruction's rows, keys first),
+    "visual_attention" (B, L) (received from the visual tokens of the same image), "keys" (B, L, H_kv*d).
+    """
+    keys = cached_keys(past_key_values, attn.layer_idx, normed.shape[1])
+    if keys is None and wanted & NEEDS_KEYS:
+        keys = rotated_keys(attn, normed, position_embeddings)
+    out = {}
+    if "last_query_attention" in wanted:
+        out["last_query_attention"] = last_query_scores(attn, normed, position_embeddings, valid, keys=keys)
+    if "text_query_attention" in wanted:
+        out["text_query_attention"] = text_query_scores(
+            attn, normed, position_embeddings, instruction, valid, keys=keys
+        )
+    if "visual_attention" in wanted:
+        out["visual_attention"] = visual_received_scores(
+            attn, normed, position_embeddings, image_id, valid, keys=keys
+        )
+    if "keys" in wanted:
+        out["keys"] = keys.transpose(1, 2).flatten(2)  # heads concatenated
+    return out
