@@ -37,6 +37,7 @@ from torch import nn
 from transformers.masking_utils import blockwise_overlay, create_causal_mask, sliding_window_overlay
 from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
 
+from tokprune.core.compat import CACHE_KWARG
 from tokprune.core.state import TokenMap
 from tokprune.core.timing import timed
 from tokprune.errors import UnsupportedInputError
@@ -109,7 +110,7 @@ class Gemma3Adapter(Adapter):
             config=self.text_config,
             inputs_embeds=hidden_states,
             attention_mask=mask_2d,
-            past_key_values=past_key_values,
+            **{CACHE_KWARG: past_key_values},
             position_ids=None,
             layer_idx=layer_idx,
         )

@@ -48,6 +48,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
     image_size_to_num_patches,
 )
 
+from tokprune.core.compat import cache_in
 from tokprune.core.layout import Unit
 from tokprune.core.selection import align_signals
 from tokprune.core.timing import timed
@@ -274,7 +275,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         videos, interleaved in sequence order, become the store's values."""
 
         def hook(module, args, kwargs) -> None:
-            cache = kwargs.get("past_key_values")
+            cache = cache_in(kwargs)
             input_ids = self._input_ids
             if input_ids is None or (cache is not None and cache.get_seq_length(0) > 0):
                 return

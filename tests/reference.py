@@ -22,6 +22,7 @@ import sys
 import torch
 from transformers.masking_utils import blockwise_overlay, create_causal_mask
 
+from tokprune.core.compat import CACHE_KWARG
 from tokprune.methods import LLMMethod
 
 
@@ -225,7 +226,7 @@ def reference_logits(
                 config=lm.config,
                 inputs_embeds=hidden,
                 attention_mask=mask.long(),
-                past_key_values=None,
+                **{CACHE_KWARG: None},
                 or_mask_function=blockwise_overlay(state["blocks"]) if state["blocks"] is not None else None,
                 and_mask_function=_slot_window(mask, lm.config.sliding_window) if sliding else None,
             )

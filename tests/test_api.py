@@ -7,6 +7,7 @@ from tiny_models import batch_inputs, text_inputs
 
 import tokprune
 from tokprune import errors
+from tokprune.core.compat import CACHE_KWARG
 
 
 def test_unknown_method_lists_available(tiny):
@@ -131,7 +132,7 @@ def test_hand_written_decode_loop_matches_generate(tiny, family, method):
         torch.testing.assert_close(out.logits[:, -1], gen.logits[0], atol=1e-5, rtol=0)
         for step in range(1, 3):
             mask = torch.cat([mask, torch.ones_like(token)], 1)
-            step_out = model(input_ids=token, attention_mask=mask, past_key_values=past, use_cache=True)
+            step_out = model(input_ids=token, attention_mask=mask, use_cache=True, **{CACHE_KWARG: past})
             torch.testing.assert_close(step_out.logits[:, -1], gen.logits[step], atol=1e-5, rtol=0)
             past = step_out.past_key_values
             token = gen.sequences[:, inputs["input_ids"].shape[1] + step][:, None]
@@ -171,7 +172,7 @@ def test_static_cache_is_rejected(tiny):
     inputs = batch_inputs("llava", proc, (1, 1))
     cache = StaticCache(config=model.config.text_config, max_cache_len=256)
     with tokprune.apply(model, "random"), pytest.raises(errors.UnsupportedInputError, match="StaticCache"):
-        model(**inputs, past_key_values=cache)
+        model(**inputs, **{CACHE_KWARG: cache})
 
 
 def test_compose_pre_then_llm(tiny):

@@ -21,6 +21,7 @@ from torch import nn
 
 from tokprune.core.budget import Budget
 from tokprune.core.compaction import Compaction
+from tokprune.core.compat import cache_in
 from tokprune.core.layout import ImageLayout, VisionSignalStore, image_rows
 from tokprune.core.masks import layer_type
 from tokprune.core.selection import align_signals, content_counts, select_llm, select_pre, text_after_images
@@ -128,7 +129,7 @@ class Engine:
     # ------------------------------------------------------------------ inner model
     def _on_inner(self, module, args, kwargs):
         self._inner_mask = kwargs.get("attention_mask")
-        past_key_values = kwargs.get("past_key_values")
+        past_key_values = cache_in(kwargs)
         _reject_static_cache(past_key_values)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if past == 0:
@@ -166,7 +167,7 @@ class Engine:
 
     # ------------------------------------------------------------------ language model
     def _on_lm(self, module, args, kwargs):
-        past_key_values = kwargs.get("past_key_values")
+        past_key_values = cache_in(kwargs)
         past = past_key_values.get_seq_length(0) if past_key_values is not None else 0
         mask = kwargs.get("attention_mask")
         if isinstance(mask, dict):  # one mask per layer type, built by the inner model from its 2-D mask
@@ -238,7 +239,7 @@ class Engine:
                     kwargs.get("attention_mask"),
                     mask,
                     kwargs["inputs_embeds"],
-                    kwargs.get("past_key_values"),
+                    cache_in(kwargs),
                     fwd.tokens,
                 )
                 kwargs["position_ids"] = position_ids
@@ -278,7 +279,7 @@ class Engine:
             return None
         mask_2d = torch.cat([state.lm_mask, tail.to(state.lm_mask.dtype)], dim=1)
         kwargs["attention_mask"] = self._lm_mask(
-            kwargs.get("attention_mask"), mask_2d, embeds, kwargs.get("past_key_values"), None
+            kwargs.get("attention_mask"), mask_2d, embeds, cache_in(kwargs), None
         )
         return args, kwargs
 
@@ -339,7 +340,7 @@ class Engine:
         position_embeddings = fwd.position_embeddings.get(kind) or kwargs["position_embeddings"]
         tokens = fwd.tokens
         return layer_signals(
-            wanted, attn, normed, position_embeddings, kwargs.get("past_key_values"),
+            wanted, attn, normed, position_embeddings, cache_in(kwargs),
             tokens.valid, tokens.image_id, text_after_images(tokens),
         )  # fmt: skip
 
@@ -399,7 +400,7 @@ class Engine:
                 method, budget, stage, fwd.tokens, fwd.layout, fwd.image_rows, counts, hidden, signals
             )
         if keep is not None:
-            hidden = self._compact_stage(boundary, keep, hidden, kwargs.get("past_key_values"))
+            hidden = self._compact_stage(boundary, keep, hidden, cache_in(kwargs))
         fwd.stats.stages.append(StageStats.of(method.name, f"llm@{boundary}", fwd.tokens.kept_visual()))
         return hidden
 
@@ -452,7 +453,7 @@ class Engine:
         if key not in self._decode_masks:
             hidden = args[0] if args else kwargs["hidden_states"]
             mask_2d = torch.cat([stage_mask, self._decode_tail.to(stage_mask.dtype)], dim=1)
-            pkv = kwargs.get("past_key_values")
+            pkv = cache_in(kwargs)
             # the first layer of this type since the boundary sizes the mask (j, as layers run in order)
             self._decode_masks[key] = self.adapter.layer_mask(hidden, mask_2d, pkv, j, kind)
         kwargs["attention_mask"] = self._decode_masks[key]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from tokprune.core.compat import CACHE_KWARG
+
 
 def layer_type(config, layer_idx: int) -> str:
     """'full_attention' or 'sliding_attention' for decoder layer `layer_idx`."""
@@ -30,7 +32,7 @@ def build_layer_mask(
         config=config,
         inputs_embeds=hidden_states,
         attention_mask=mask_2d,
-        past_key_values=past_key_values,
+        **{CACHE_KWARG: past_key_values},
         position_ids=None,
         layer_idx=layer_idx,
     )

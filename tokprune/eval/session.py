@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import tokprune
+from tokprune.core.compat import CACHE_KWARG
 from tokprune.eval.args import RunArgs
 from tokprune.eval.measure import FirstTokenClock, RowReport, row_reports, synchronize
 from tokprune.eval.prompting import Turn, render
@@ -208,7 +209,7 @@ class EvalSession:
         for token in cont[:-1]:
             mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
             out = self.model(
-                input_ids=token.view(1, 1), attention_mask=mask, past_key_values=past, use_cache=True
+                input_ids=token.view(1, 1), attention_mask=mask, use_cache=True, **{CACHE_KWARG: past}
             )
             logits.append(out.logits[0, -1])
             past = out.past_key_values
