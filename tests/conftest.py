@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -6,6 +7,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(2)
+# without a GPU, Triton kernels run in Triton's CPU interpreter; this must be set before anything imports
+# Triton (the transformers model classes do)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tiny_models import BUILDERS  # noqa: E402
 

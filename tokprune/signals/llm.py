@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tokprune.signals.attention import last_query_attention
+from tokprune.signals.attention import attention_rows, last_query_attention
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -92,34 +92,6 @@ def _query_index(
     return index, valid
 
 
-def query_rows_attention(
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    scale: float,
-    query_index: torch.Tensor,
-    key_mask: torch.Tensor,
-    chunk: int = 64,
-) -> torch.Tensor:
-    """Head-mean causal attention rows of chosen queries over all keys: (B, T, N) float32.
-
-    query: (B, H, T, d) post-RoPE queries of the tokens at `query_index` (B, T); keys: (B, H_kv, N, d)
-    post-RoPE; key_mask: (B, N) bool real tokens. Query t of row b sees key j iff key_mask[b, j] and
-    j <= query_index[b, t] (the causal row the model itself computes). Streams over `chunk` queries:
-    memory O(H * chunk * N).
-    """
-    groups = query.shape[1] // keys.shape[1]
-    keys = keys.float() if groups == 1 else keys.float().repeat_interleave(groups, dim=1)
-    positions = torch.arange(keys.shape[2], device=keys.device)
-    out = []
-    for t0 in range(0, query.shape[2], chunk):
-        q = query[:, :, t0 : t0 + chunk].float()  # (B, H, c, d)
-        visible = key_mask[:, None, :] & (positions <= query_index[:, t0 : t0 + chunk, None])  # (B, c, N)
-        logits = (q @ keys.transpose(-1, -2)) * scale  # (B, H, c, N)
-        logits = logits.masked_fill(~visible[:, None], float("-inf"))
-        out.append(logits.softmax(-1).mean(1))
-    return torch.cat(out, dim=1)
-
-
 def text_query_scores(
     attn: nn.Module,
     normed: torch.Tensor,
@@ -146,7 +118,7 @@ def text_query_scores(
     query = _rope(_heads(attn, attn.q_proj, "q_norm", rows), cos_q, sin_q)  # (B, H, T, d)
     if keys is None:
         keys = rotated_keys(attn, normed, position_embeddings)
-    weights = query_rows_attention(query, keys, attn.scaling, index, key_mask)  # (B, T, N)
+    weights = attention_rows(query, keys, attn.scaling, index, key_mask)  # (B, T, N), causal rows
     return (weights * valid[..., None]).transpose(1, 2)
 
 
@@ -178,8 +150,6 @@ def visual_received_scores(
     valid = torch.arange(n_queries, device=normed.device) < per_row[:, None]  # (B, T)
     for row in range(batch):
         index[row, : int(per_row[row])] = visual[row].nonzero().squeeze(1)
-    keys = keys.float()
-    positions = torch.arange(length, device=normed.device)
     received = torch.zeros(batch, length, dtype=torch.float32, device=normed.device)
     for t0 in range(0, n_queries, chunk):
         idx, ok = index[:, t0 : t0 + chunk], valid[:, t0 : t0 + chunk]  # (B, c)
@@ -187,12 +157,8 @@ def visual_received_scores(
         rows = normed.gather(1, gather.expand(-1, -1, width))
         cos_q = cos.gather(1, gather.expand(-1, -1, cos.shape[-1]))
         sin_q = sin.gather(1, gather.expand(-1, -1, sin.shape[-1]))
-        query = _rope(_heads(attn, attn.q_proj, "q_norm", rows), cos_q, sin_q).float()  # (B, H, c, d)
-        if query.shape[1] != keys.shape[1]:  # grouped-query attention: repeat the KV heads once
-            keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
-        visible = key_mask[:, None, :] & (positions <= idx[..., None])  # (B, c, N)
-        logits = (query @ keys.transpose(-1, -2)) * attn.scaling
-        probs = logits.masked_fill(~visible[:, None], float("-inf")).softmax(-1).mean(1)  # (B, c, N)
+        query = _rope(_heads(attn, attn.q_proj, "q_norm", rows), cos_q, sin_q)  # (B, H, c, d)
+        probs = attention_rows(query, keys, attn.scaling, idx, key_mask)  # (B, c, N) causal rows
         same = (image_id.gather(1, idx)[..., None] == image_id[:, None, :]) & ok[..., None]
         received += (probs * same).sum(1)
     ids = image_id.clamp(min=0)
