@@ -32,6 +32,11 @@ class Adapter:
     # from that). Methods with `needs_tiles` (HiRED, GlobalCom²) are refused on adapters without it.
     # Tiles laid out one after another (InternVL) do not say where each tile sits, so they do not qualify.
     tiles: ClassVar[bool] = False
+    # a follow-up turn that reuses the KV cache may bring new images, pruned as they arrive: families whose
+    # positions of a continued prompt are plain 1-D numbers that generate() derives from the 2-D mask.
+    # Qwen (M-RoPE: transformers recomputes 3-D positions from the whole conversation's input_ids) and
+    # Gemma 3 (bidirectional image blocks across cache and new tokens) set it False: they refuse it.
+    follow_up_images: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

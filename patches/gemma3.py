@@ -52,6 +52,7 @@ class Gemma3Adapter(Adapter):
 
     model_classes = ("Gemma3ForConditionalGeneration",)
     family = "gemma3"
+    follow_up_images = False
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -44,6 +44,7 @@ class Qwen2VLAdapter(Adapter):
 
     model_classes = ("Qwen2VLForConditionalGeneration",)
     family = "qwen2_vl"
+    follow_up_images = False
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -47,6 +47,11 @@ class _Forward:
 
     input_ids: torch.Tensor | None
     layout: ImageLayout | None
+    # a follow-up turn on a reused KV cache: the 2-D mask of what the cache holds (earlier turns as they
+    # were pruned) and the unpruned length of that conversation; None / 0 for a fresh prefill
+    prefix: torch.Tensor | None = None
+    orig_past: int = 0
+    follow_up: bool = False
     tokens: TokenMap | None = None
     image_rows: list[int] = field(default_factory=list)
     entry_counts: list[int] = field(default_factory=list)  # per image, content tokens entering the LLM
@@ -140,13 +145,42 @@ class Engine:
                     "tokprune needs input_ids (not only inputs_embeds) to find the image tokens"
                 )
             self.fwd = _Forward(input_ids=input_ids, layout=layout)
-            if kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None:
+            if _runs_vision_tower(kwargs):
                 self.store.clear()  # the vision tower runs inside this forward (else generate() ran it)
             return None
         self.fwd = None
+        if _brings_images(kwargs):
+            self._begin_follow_up(args, kwargs)
         if self.state is None or not self.state.pruned:
             return None
         return self._continue_positions(args, kwargs)
+
+    def _begin_follow_up(self, args, kwargs) -> None:
+        """A forward on a non-empty cache that brings images: a follow-up turn whose new images are pruned
+        as in a prefill (the earlier turns keep the cache they were pruned to)."""
+        layout = self.adapter.image_layout(kwargs)
+        if layout is None:
+            return
+        if not self.adapter.follow_up_images:
+            raise UnsupportedInputError(
+                f"{type(self.adapter.model).__name__}: a follow-up turn that brings new images on a reused KV "
+                "cache is not supported for this family; run the turn without past_key_values (the whole "
+                "conversation as one prompt)"
+            )
+        if self.llm:
+            names = ", ".join(sorted({m.name for m, _ in self.llm}))
+            raise UnsupportedInputError(
+                f"a follow-up turn with new images on a reused KV cache is pruned by pre-LLM methods only; {names} "
+                "acts inside the LLM: run the turn without past_key_values or use a pre-LLM method"
+            )
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise UnsupportedInputError(
+                "tokprune needs input_ids (not only inputs_embeds) to find the image tokens"
+            )
+        self.fwd = _Forward(input_ids=input_ids, layout=layout, follow_up=True)
+        if _runs_vision_tower(kwargs):
+            self.store.clear()
 
     def _continue_positions(self, args, kwargs):
         """Decode step: track the original numbering; supply it if the caller passed no position ids."""
@@ -174,6 +208,8 @@ class Engine:
             mask = self._inner_mask_2d(mask)
         self._inner_mask = {}  # used up: a direct call of the LM has no inner mask behind it
         if past > 0:
+            if self.fwd is not None and self.fwd.follow_up:
+                return self._on_lm_follow_up(self.fwd, args, kwargs, past, mask)
             return self._on_lm_decode(args, kwargs, past, mask)
         self.state, self._decode_tail = None, None
         fwd = self.fwd
@@ -188,8 +224,35 @@ class Engine:
             return None
         return self._on_lm_prefill(fwd, args, kwargs, mask)
 
+    def _on_lm_follow_up(self, fwd: _Forward, args, kwargs, past: int, mask: torch.Tensor | None):
+        """New tokens of a follow-up turn on a cache of `past` slots (layer 0): their images are pruned like
+        a prefill's, and the LLM attends to the cache through the mask it was pruned to.
+
+        mask: (B, P + L) 2-D mask of the whole unpruned conversation (P tokens before this turn's L), as
+        generate() carries it; None = no padding anywhere."""
+        state = self.state
+        embeds = kwargs["inputs_embeds"]
+        batch, length, _ = embeds.shape
+        if fwd.input_ids.shape != embeds.shape[:2]:
+            raise UnsupportedInputError("the new turn's input_ids and inputs_embeds differ in shape")
+        orig_past = past if state is None else state.orig_len + past - state.cache_len_layer0()
+        if mask is None:
+            mask = torch.ones(batch, orig_past + length, dtype=torch.long, device=embeds.device)
+        if mask.shape[1] != orig_past + length:
+            raise UnsupportedInputError(
+                f"attention_mask has {mask.shape[1]} columns but the unpruned conversation with this turn has "
+                f"{orig_past + length}: pass only the new tokens as input_ids and the mask of the whole "
+                "(unpruned) conversation"
+            )
+        prefix = mask[:, :orig_past]
+        if state is not None and state.lm_mask is not None:  # the cache of the earlier turns was pruned
+            prefix = torch.cat([state.lm_mask, prefix[:, state.orig_len :].to(state.lm_mask.dtype)], dim=1)
+        fwd.prefix, fwd.orig_past = prefix, orig_past
+        return self._on_lm_prefill(fwd, args, kwargs, mask[:, orig_past:])
+
     def _on_lm_prefill(self, fwd: _Forward, args, kwargs, mask: torch.Tensor | None):
-        """mask: (B, L) the 2-D padding mask (behind the LM's mask dict where the family builds one)."""
+        """mask: (B, L) the 2-D padding mask of the new tokens (behind the LM's mask dict where the family
+        builds one); a follow-up turn also has `fwd.prefix`, the mask of the cache it continues."""
         embeds = kwargs["inputs_embeds"]
         batch, length, _ = embeds.shape
         visual = self.adapter.visual_mask(fwd.input_ids)
@@ -210,11 +273,11 @@ class Engine:
             fwd.visual_offsets = visual.sum(1).cumsum(0) - visual.sum(1)
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
-            position_ids = self._default_positions(batch, length, embeds.device)
+            position_ids = self._default_positions(batch, length, embeds.device, fwd.orig_past)
         stats = fwd.stats
         stats.visual_in = visual.sum(1).tolist()
         stats.text_tokens = (valid & ~visual).sum(1).tolist()
-        state = PrefillState(orig_len=length, next_position=max_position(position_ids) + 1)
+        state = PrefillState(orig_len=fwd.orig_past + length, next_position=max_position(position_ids) + 1)
         changed = False
         if self.pre is not None:
             with timed(fwd.seconds, embeds.device):
@@ -235,25 +298,28 @@ class Engine:
                 kwargs["inputs_embeds"] = compaction.take(embeds)
                 mask = compaction.take_mask(mask)
                 position_ids = compaction.take_positions(position_ids)
-                kwargs["attention_mask"] = self._lm_mask(
-                    kwargs.get("attention_mask"),
-                    mask,
-                    kwargs["inputs_embeds"],
-                    cache_in(kwargs),
-                    fwd.tokens,
-                )
                 kwargs["position_ids"] = position_ids
-                state.lm_mask = mask
                 changed = True
             stats.stages.append(StageStats.of(self.pre.name, "pre", fwd.tokens.kept_visual()))
+        if (
+            changed or fwd.prefix is not None
+        ):  # the LLM input (or the cache it continues) is not the given one
+            lm_mask = (
+                mask if fwd.prefix is None else torch.cat([fwd.prefix, mask.to(fwd.prefix.dtype)], dim=1)
+            )
+            kwargs["attention_mask"] = self._lm_mask(
+                kwargs.get("attention_mask"), lm_mask, kwargs["inputs_embeds"], cache_in(kwargs), fwd.tokens
+            )
+            state.lm_mask = lm_mask
+            changed = True
         fwd.position_ids, fwd.mask_2d = position_ids, mask
         fwd.entry_counts = content_counts(fwd.tokens, fwd.layout, fwd.image_rows)
         fwd.segments.append((0, fwd.tokens.real_tokens(), fwd.tokens.valid.shape[1]))
         self.state = state
         return (args, kwargs) if changed else None
 
-    def _default_positions(self, batch: int, length: int, device) -> torch.Tensor:
-        positions = torch.arange(length, device=device)[None].expand(batch, -1)
+    def _default_positions(self, batch: int, length: int, device, start: int = 0) -> torch.Tensor:
+        positions = torch.arange(start, start + length, device=device)[None].expand(batch, -1)
         rows = self.adapter.position_rows()
         return positions if rows == 1 else positions[None].expand(rows, -1, -1)
 
@@ -474,6 +540,16 @@ class Engine:
                 stats.layer_tokens[row] += [n] * (end - start)
         self.last_stats = stats
         self.fwd = None
+
+
+def _runs_vision_tower(inner_kwargs: dict) -> bool:
+    """The inner model will encode pixels itself in this forward."""
+    return inner_kwargs.get("pixel_values") is not None or inner_kwargs.get("pixel_values_videos") is not None
+
+
+def _brings_images(inner_kwargs: dict) -> bool:
+    """Pixels, or the image features generate() encoded before calling the model."""
+    return _runs_vision_tower(inner_kwargs) or bool(inner_kwargs.get("mm_encoder_outputs"))
 
 
 def _reject_static_cache(past_key_values) -> None:
