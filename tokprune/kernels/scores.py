@@ -35,6 +35,20 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(base, rows, row_stride, offs_d, row_ok, d_ok):
+    """(len(rows), BLOCK_D) tile of rows of a (.., N, d) tensor whose last dim is contiguous; 0 outside."""
+    return tl.load(
+        base + rows[:, None] * row_stride + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+    )
+
+
+@triton.jit
+def _segment_of(tile_start_ptr, seg_start_ptr, seg_end_ptr, tile):
+    """(first token, segment start, segment end) of a tile."""
+    return tl.load(tile_start_ptr + tile), tl.load(seg_start_ptr + tile), tl.load(seg_end_ptr + tile)
+
+
+@triton.jit
 def _online_lse_step(row_max, row_sum, s):
     """One tile of an online log-sum-exp: running max row_max and sum row_sum (BLOCK,) with logits s (BLOCK, N)."""
     m_new = tl.maximum(row_max, tl.max(s, 1))
@@ -65,10 +79,7 @@ def _rows_lse_kernel(
     offs_t = tt * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     t_ok, d_ok = offs_t < T, offs_d < D
-    q = tl.load(
-        q_ptr + b * sq_b + h * sq_h + offs_t[:, None] * sq_t + offs_d[None, :],
-        mask=t_ok[:, None] & d_ok[None, :], other=0.0,
-    )  # fmt: skip
+    q = _load_rows(q_ptr + b * sq_b + h * sq_h, offs_t, sq_t, offs_d, t_ok, d_ok)  # fmt: skip
     limit = tl.load(limit_ptr + b * T + offs_t, mask=t_ok, other=-1)
     k_base = k_ptr + b * sk_b + (h // GROUPS) * sk_h
     row_max = tl.full([BLOCK_T], float("-inf"), tl.float32)
@@ -76,9 +87,7 @@ def _rows_lse_kernel(
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        k = tl.load(
-            k_base + offs_n[:, None] * sk_n + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
-        )
+        k = _load_rows(k_base, offs_n, sk_n, offs_d, n_ok, d_ok)
         valid = tl.load(valid_ptr + b * N + offs_n, mask=n_ok, other=0) != 0
         s = _dot(q, tl.trans(k), IEEE) * scale
         s = tl.where(valid[None, :] & (offs_n[None, :] <= limit[:, None]), s, float("-inf"))
@@ -103,14 +112,8 @@ def _rows_mean_kernel(
     visible = valid[None, :] & (offs_n[None, :] <= limit[:, None]) & t_ok[:, None]
     acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
     for h in range(0, H):
-        q = tl.load(
-            q_ptr + b * sq_b + h * sq_h + offs_t[:, None] * sq_t + offs_d[None, :],
-            mask=t_ok[:, None] & d_ok[None, :], other=0.0,
-        )  # fmt: skip
-        k = tl.load(
-            k_ptr + b * sk_b + (h // GROUPS) * sk_h + offs_n[:, None] * sk_n + offs_d[None, :],
-            mask=n_ok[:, None] & d_ok[None, :], other=0.0,
-        )  # fmt: skip
+        q = _load_rows(q_ptr + b * sq_b + h * sq_h, offs_t, sq_t, offs_d, t_ok, d_ok)  # fmt: skip
+        k = _load_rows(k_ptr + b * sk_b + (h // GROUPS) * sk_h, offs_n, sk_n, offs_d, n_ok, d_ok)  # fmt: skip
         lse = tl.load(lse_ptr + (b * H + h) * T + offs_t, mask=t_ok, other=float("inf"))
         s = _dot(q, tl.trans(k), IEEE) * scale
         acc += tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
@@ -160,27 +163,17 @@ def _segment_lse_kernel(
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     tile, h = tl.program_id(0), tl.program_id(1)
-    r0 = tl.load(tile_start_ptr + tile)
-    s0 = tl.load(seg_start_ptr + tile)
-    s1 = tl.load(seg_end_ptr + tile)
+    r0, s0, s1 = _segment_of(tile_start_ptr, seg_start_ptr, seg_end_ptr, tile)
     offs_m = r0 + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok, d_ok = offs_m < s1, offs_d < D
-    q = tl.load(
-        q_ptr + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :],
-        mask=m_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
+    q = _load_rows(q_ptr + h * sq_h, offs_m, sq_n, offs_d, m_ok, d_ok)
     row_max = tl.full([BLOCK], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK], tl.float32)
     for n0 in range(s0, s1, BLOCK):
         offs_n = n0 + tl.arange(0, BLOCK)
         n_ok = offs_n < s1
-        k = tl.load(
-            k_ptr + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :],
-            mask=n_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        k = _load_rows(k_ptr + h * sk_h, offs_n, sk_n, offs_d, n_ok, d_ok)
         s = tl.where(n_ok[None, :], _dot(q, tl.trans(k), IEEE) * scale, float("-inf"))
         row_max, row_sum = _online_lse_step(row_max, row_sum, s)
     tl.store(lse_ptr + h * N + offs_m, _finish_lse(row_max, row_sum), mask=m_ok)
@@ -193,26 +186,16 @@ def _segment_columns_kernel(
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     tile, h = tl.program_id(0), tl.program_id(1)
-    c0 = tl.load(tile_start_ptr + tile)
-    s0 = tl.load(seg_start_ptr + tile)
-    s1 = tl.load(seg_end_ptr + tile)
+    c0, s0, s1 = _segment_of(tile_start_ptr, seg_start_ptr, seg_end_ptr, tile)
     offs_n = c0 + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok, d_ok = offs_n < s1, offs_d < D
-    k = tl.load(
-        k_ptr + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :],
-        mask=n_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
+    k = _load_rows(k_ptr + h * sk_h, offs_n, sk_n, offs_d, n_ok, d_ok)
     acc = tl.zeros([BLOCK], tl.float32)
     for m0 in range(s0, s1, BLOCK):
         offs_m = m0 + tl.arange(0, BLOCK)
         m_ok = offs_m < s1
-        q = tl.load(
-            q_ptr + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :],
-            mask=m_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        q = _load_rows(q_ptr + h * sq_h, offs_m, sq_n, offs_d, m_ok, d_ok)
         lse = tl.load(lse_ptr + h * N + offs_m, mask=m_ok, other=float("inf"))
         s = _dot(q, tl.trans(k), IEEE) * scale
         acc += tl.sum(tl.where(m_ok[:, None] & n_ok[None, :], tl.exp(s - lse[:, None]), 0.0), 0)
