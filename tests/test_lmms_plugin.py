@@ -244,24 +244,27 @@ def test_batching_does_not_change_greedy_answers(toy):
 
 
 def test_loglikelihood_returns_a_loss_consistent_with_generation(toy):
+    """The pruned model's own greedy continuation scores as greedy, with the loss of its logits."""
+    model, processor = toy
+    doc = build_docs(1)[0]
+    inputs = processor(text=[prompt(doc["question"])], images=doc_to_visual(doc), return_tensors="pt")
+    with tokprune.apply(model, "divprune", keep_ratio=0.25), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)  # fmt: skip
+    ids = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    # the generated tokens as text (an untrained toy may emit special tokens; they tokenize back to themselves)
+    greedy = " ".join(processor.tokenizer.convert_ids_to_tokens(ids))
+    assert processor.tokenizer(f" {greedy}", add_special_tokens=False).input_ids == ids
     lm = simple_lm(toy, method="divprune", keep_ratio=0.25)
-    greedy = lm.generate_until([generate_request(0, max_new_tokens=2)])[0].text
-    question = build_docs(1)[0]["question"]
-    args = (question, f" {greedy}", doc_to_visual, 0, TASK, "test")
-    other = (question, " zebra" if greedy.split()[0] != "zebra" else " red", doc_to_visual, 0, TASK, "test")
+    args = (doc["question"], f" {greedy}", doc_to_visual, 0, TASK, "test")
+    other_word = "zebra" if ids[0] != processor.tokenizer.convert_tokens_to_ids("zebra") else "red"
+    other = (doc["question"], f" {other_word}", doc_to_visual, 0, TASK, "test")
     scored, wrong = lm.loglikelihood([request("loglikelihood", args), request("loglikelihood", other)])
     assert isinstance(scored, GenerationResult) and isinstance(scored.text, tuple)
     loss, is_greedy = scored.text
     assert isinstance(loss, float) and loss > 0 and is_greedy is True and wrong.text[1] is False
     assert scored.token_counts.input_tokens < N_VISUAL  # the prompt was pruned before the continuation
-
     # the same loss by hand: pruned prefill, then the continuation's tokens one decode step at a time
-    model, processor = toy
-    ids = processor.tokenizer(greedy).input_ids
-    inputs = processor(text=[prompt(question)], images=doc_to_visual(build_docs(1)[0]), return_tensors="pt")
-    with tokprune.apply(model, "divprune", keep_ratio=0.25), torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=len(ids), do_sample=False, output_logits=True,
-                             return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)  # fmt: skip
     logprobs = [torch.log_softmax(step[0].float(), -1)[t] for step, t in zip(out.logits, ids)]
     assert loss == pytest.approx(-float(sum(logprobs)), rel=1e-4)
 

@@ -53,4 +53,29 @@ def test_cli_robustness_on_a_preset(monkeypatch, capsys):
     ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "random      mean 1.000" in out and "fastervlm" in out
+    assert "random        mean 1.000" in out and "fastervlm" in out
+
+
+def test_cli_robustness_on_the_shipped_toy(capsys):
+    """`--model toy` runs on the trained toy VLM and a held-out scene of its task."""
+    from tokprune import cli
+
+    code = cli.main(
+        [
+            "robustness",
+            "--model",
+            "toy",
+            "--methods",
+            "random",
+            "fastervlm",
+            "--budget",
+            "0.25",
+            "--trials",
+            "2",
+        ]
+    )
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "random        mean 1.000" in "\n".join(lines)
+    fastervlm = next(line for line in lines if "fastervlm" in line)
+    assert 0.0 <= float(fastervlm.split("mean")[1].split()[0]) <= 1.0

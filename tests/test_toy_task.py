@@ -6,7 +6,18 @@ from PIL import Image
 
 from tokprune.toy import train
 from tokprune.toy.model import N_VISUAL, prompt, toy_processor
-from tokprune.toy.task import COLORS, COUNTS, SHAPES, generate, vocabulary
+from tokprune.toy.task import (
+    COLORS,
+    PAIRS,
+    QUESTION_TYPES,
+    SHAPES,
+    ask,
+    draw_scene,
+    generate,
+    generate_scenes,
+    scenes_only,
+    vocabulary,
+)
 
 
 def test_deterministic_for_a_seed():
@@ -24,25 +35,46 @@ def test_answers_follow_from_the_objects():
             assert s.answer == colors[shapes.index(words[4])] and shapes.count(words[4]) == 1
         elif s.kind == "shape":
             assert s.answer == shapes[colors.index(words[4])] and colors.count(words[4]) == 1
-        elif s.kind == "count":
-            assert s.answer == COUNTS[colors.count(words[2])]
         elif s.kind == "exists":
             assert (s.answer == "yes") == ((words[3], words[4]) in set(zip(colors, shapes)))
         else:
-            first = s.objects[[(o[0], o[1]) for o in s.objects].index((words[2], words[3]))]
-            second = s.objects[[(o[0], o[1]) for o in s.objects].index((words[7], words[8]))]
-            assert (s.answer == "yes") == (first[2] < second[2])
+            raise AssertionError(f"unexpected question kind {s.kind}")
         assert set(s.question.split()) <= set(vocabulary()) and s.answer in vocabulary()
-        # objects are drawn in their colour at their centre
-        for color, _, cx, cy in s.objects:
-            assert np.abs(s.image[cy, cx].astype(int) - COLORS[color]).max() < 40
+        # objects are drawn in their colour on the pixels they own (a ring's hole is background)
+        for color, shape, _, _ in s.objects:
+            pixels = s.image[s.owner == 1 + PAIRS.index((color, shape))].astype(int)
+            assert len(pixels) > 40 and np.abs(pixels - COLORS[color]).max() < 40
 
 
 def test_every_question_type_and_answer_occurs():
     samples = generate(500, 1)
-    assert {s.kind for s in samples} == {"color", "shape", "count", "exists", "left"}
+    assert {s.kind for s in samples} == set(QUESTION_TYPES) == {"color", "shape", "exists"}
     answers = {s.answer for s in samples}
-    assert set(COLORS) <= answers and set(SHAPES) <= answers and {"yes", "no", "zero", "one"} <= answers
+    assert set(COLORS) <= answers and set(SHAPES) <= answers and {"yes", "no"} <= answers
+
+
+def test_the_side_question_names_a_unique_object():
+    """`ask` keeps the side question (not asked by the shipped task): by colour or by shape, never ambiguous."""
+    rng = np.random.default_rng(0)
+    named = set()
+    for _ in range(200):
+        _, objects, _ = draw_scene(rng)
+        asked = ask(rng, "left", objects)
+        if asked is None:
+            continue
+        word = asked[0].split()[2]
+        attribute = [o[0] for o in objects] if word in COLORS else [o[1] for o in objects]
+        assert attribute.count(word) == 1
+        x = objects[attribute.index(word)][2]
+        assert asked[1] == ("yes" if x < 56 else "no") and abs(x - 56) >= 8
+        named.add(word in COLORS)
+    assert named == {True, False}
+
+
+def test_vision_phase_scenes_do_not_depend_on_the_questions():
+    a, b = scenes_only(3, 9), scenes_only(3, 9)
+    assert all(np.array_equal(x.image, y.image) and x.objects == y.objects for x, y in zip(a, b))
+    assert all(s.question == "" and s.owner.shape == (112, 112) for s in a)
 
 
 def test_training_inputs_equal_the_processor_output():
@@ -58,3 +90,16 @@ def test_training_inputs_equal_the_processor_output():
     assert (
         int((ours["input_ids"][0] == processor.tokenizer.convert_tokens_to_ids("<image>")).sum()) == N_VISUAL
     )
+
+
+def test_training_scenes_ask_distinct_questions_the_scene_answers():
+    for first, rest in generate_scenes(30, 7, per_type=2):
+        questions = [first.question] + [q for q, _ in rest]
+        assert len(set(questions)) == len(questions) >= 3
+        colors = [o[0] for o in first.objects]
+        for q, a in [(first.question, first.answer), *rest]:
+            words = q.split()
+            if words[:2] == ["what", "shape"]:
+                assert a == first.objects[colors.index(words[4])][1] and colors.count(words[4]) == 1
+            elif words[:2] == ["is", "there"]:
+                assert (a == "yes") == ((words[3], words[4]) in {o[:2] for o in first.objects})

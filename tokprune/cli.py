@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench-results", help="output folder")
     bench.add_argument("--no-progress", action="store_true")
     robust = sub.add_parser("robustness", help="how stable each method's kept set is under input noise")
-    robust.add_argument("--model", required=True, help="a preset, a local path or an HF id")
+    robust.add_argument(
+        "--model", required=True, help="a preset, 'toy' (the shipped trained VLM), a local path or an HF id"
+    )
     robust.add_argument("--methods", nargs="+", default=[], help="methods (default: every registered one)")
     robust.add_argument("--budget", default="64", help="tokens per image (64), keep ratio (0.25) or 33.3%%")
     robust.add_argument("--noise-std", type=float, default=0.01, help="Gaussian noise in normalised pixels")
@@ -124,9 +126,11 @@ def load_model(name: str, layers: int | None, attn: str, dtype: str, device: str
         return PRESETS[name].build(layers, attn, torch_dtype, torch.device(device))
     if layers is not None:
         raise CliError("--layers applies to presets only")
+    if name == "toy":
+        return _toy_model(attn, torch_dtype, device)
     if not Path(name).exists() and name.count("/") != 1:
         raise CliError(
-            f"unknown model {name!r}: not a preset ({', '.join(PRESETS)}), a local folder or an HF id"
+            f"unknown model {name!r}: not a preset ({', '.join(PRESETS)}), 'toy', a local folder or an HF id"
         )
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -146,6 +150,32 @@ def load_model(name: str, layers: int | None, attn: str, dtype: str, device: str
         batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
         return {
             k: v.to(device=device, dtype=torch_dtype) if v.is_floating_point() else v.to(device)
+            for k, v in batch.items()
+        }
+
+    return model, make_inputs
+
+
+def _toy_model(attn: str, dtype, device: str):
+    """The shipped trained toy VLM, with held-out scenes of its task as inputs."""
+    import numpy as np
+    from PIL import Image
+
+    from tokprune.toy.model import load_toy, prompt
+    from tokprune.toy.task import generate
+    from tokprune.toy.train import HELD_OUT_SEED
+
+    model, processor = load_toy(attn=attn)
+    model = model.to(device=device, dtype=dtype)
+
+    def make_inputs(batch_size: int = 1) -> dict:
+        samples = generate(batch_size, HELD_OUT_SEED)
+        batch = processor(
+            text=[prompt(s.question) for s in samples], images=[Image.fromarray(np.asarray(s.image)) for s in samples],
+            return_tensors="pt", padding=True,
+        )  # fmt: skip
+        return {
+            k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
             for k, v in batch.items()
         }
 
@@ -316,11 +346,14 @@ def run_robustness(args) -> int:
     print(
         f"kept-set stability: mean Jaccard over {args.trials} noisy copies (std {args.noise_std}), {args.budget}"
     )
+    from tokprune.toy.demo import TOY_OPTIONS
+
     for method in methods:
+        options = TOY_OPTIONS.get(method, {}) if args.model == "toy" else {}  # the toy's 4-layer ViT
         result = kept_set_stability(
-            model, inputs, method, noise_std=args.noise_std, trials=args.trials, **budget
+            model, inputs, method, noise_std=args.noise_std, trials=args.trials, **budget, **options
         )
-        print(f"  {method:<11} mean {result['mean_jaccard']:.3f}  min {result['min_jaccard']:.3f}")
+        print(f"  {method:<13} mean {result['mean_jaccard']:.3f}  min {result['min_jaccard']:.3f}")
     return 0
 
 

@@ -91,9 +91,9 @@ def doc_to_target(doc: dict) -> str:
 
 def doc_to_choice(doc: dict) -> list[str]:
     """Every answer a question of the doc's kind can have."""
-    from tokprune.toy.task import COLORS, COUNTS, SHAPES
+    from tokprune.toy.task import COLORS, SHAPES
 
-    choices = {"color": list(COLORS), "shape": list(SHAPES), "count": list(COUNTS)}
+    choices = {"color": list(COLORS), "shape": list(SHAPES)}
     return choices.get(doc["kind"], ["yes", "no"])
 
 

@@ -1,14 +1,20 @@
 """A procedural visual question-answering task where answers depend on small regions of the image.
 
-Each 112x112 scene holds 2-5 small objects (square, circle, triangle; red, green, blue, yellow), each a
-distinct colour-shape pair, on a cluttered background (noise, grey strokes, pale distractor blobs).
-Questions have one-word answers:
+Each 112x112 scene holds 2-5 small objects (filled square, ring, plus-shaped cross; red, green, blue,
+yellow; 16-22 px across, about 3x3 of the 14x14 patches of 8 px), each a distinct colour-shape pair, on a
+cluttered background (noise, grey strokes, pale distractor blobs). The three shapes differ inside every
+patch they cover (solid, curved band with a hole, thin bars), so a small ViT learns them quickly; with
+convex outlines only (circle / triangle) it did not within a CPU budget. Questions have one-word answers:
 
   what color is the <shape> ?            -> colour        (the shape occurs once)
   what shape is the <color> object ?     -> shape         (the colour occurs once)
-  how many <color> objects ?             -> zero..three
   is there a <color> <shape> ?           -> yes / no
-  is the <c1> <s1> left of the <c2> <s2> ?  -> yes / no
+
+Every answer needs the object's own patches: which colour or shape is where. `ask` also knows a side
+question ("left": is the <color> object / the <shape> on the left ?) that QUESTION_TYPES leaves out: within
+a CPU budget (~30 min) the 4-layer LLM kept it at 46-61 % after 1700 steps while the other kinds reached
+85-100 % (the projector drops the patch positions the ViT encodes), so the shipped toy does not ask it.
+Counting questions were dropped for the same reason.
 
 Everything is drawn from one numpy Generator, so a seed fixes the data set exactly.
 """
@@ -21,9 +27,8 @@ import numpy as np
 
 SIZE = 112
 COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (235, 210, 40)}
-SHAPES = ("square", "circle", "triangle")
-COUNTS = ("zero", "one", "two", "three", "four", "five")
-QUESTION_TYPES = ("color", "shape", "count", "exists", "left")
+SHAPES = ("square", "ring", "cross")
+QUESTION_TYPES = ("color", "shape", "exists")
 PAIRS = tuple((c, s) for c in COLORS for s in SHAPES)  # the 12 colour-shape pairs
 
 
@@ -58,21 +63,26 @@ def _background(rng: np.random.Generator) -> np.ndarray:
 
 
 def _shape_mask(shape: str, cx: float, cy: float, half: float) -> np.ndarray:
+    """Pixels of a filled square, a ring (outer radius `half`, hole half as wide) or a plus-shaped cross
+    (bars `half` / 2.5 thick), centred at (cx, cy)."""
     yy, xx = np.mgrid[:SIZE, :SIZE]
     dx, dy = xx - cx, yy - cy
     if shape == "square":
         return (np.abs(dx) <= half) & (np.abs(dy) <= half)
-    if shape == "circle":
-        return dx * dx + dy * dy <= half * half
-    return (dy <= half) & (dy >= -half) & (np.abs(dx) <= (dy + half) / 2)  # triangle, apex up
+    if shape == "ring":
+        r2 = dx * dx + dy * dy
+        return (r2 <= half * half) & (r2 >= (half / 2) ** 2)
+    bar = half / 2.5  # cross
+    inside = (np.abs(dx) <= half) & (np.abs(dy) <= half)
+    return inside & ((np.abs(dx) <= bar) | (np.abs(dy) <= bar))
 
 
 def _place(rng: np.random.Generator, n: int) -> list[tuple[int, int]]:
     """n centres at least 20 px apart, 10 px from the border."""
     centres: list[tuple[int, int]] = []
     while len(centres) < n:
-        c = (int(rng.integers(10, SIZE - 10)), int(rng.integers(10, SIZE - 10)))
-        if all((c[0] - x) ** 2 + (c[1] - y) ** 2 >= 20**2 for x, y in centres):
+        c = (int(rng.integers(12, SIZE - 12)), int(rng.integers(12, SIZE - 12)))
+        if all((c[0] - x) ** 2 + (c[1] - y) ** 2 >= 26**2 for x, y in centres):
             centres.append(c)
     return centres
 
@@ -86,7 +96,7 @@ def draw_scene(rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[str, st
     objects = []
     for pair, (cx, cy) in zip(chosen, _place(rng, n)):
         color, shape = PAIRS[pair]
-        mask = _shape_mask(shape, cx, cy, rng.uniform(5.0, 7.5))
+        mask = _shape_mask(shape, cx, cy, rng.uniform(8.0, 11.0))
         img[mask] = np.array(COLORS[color]) + rng.normal(0, 8, 3)
         owner[mask] = pair + 1
         objects.append((color, shape, cx, cy))
@@ -108,9 +118,6 @@ def ask(rng: np.random.Generator, kind: str, objects) -> tuple[str, str] | None:
             return None
         color = unique[rng.integers(len(unique))]
         return f"what shape is the {color} object ?", shapes[colors.index(color)]
-    if kind == "count":
-        color = list(COLORS)[rng.integers(len(COLORS))]
-        return f"how many {color} objects ?", COUNTS[colors.count(color)]
     if kind == "exists":
         if rng.random() < 0.5:
             color, shape = objects[rng.integers(len(objects))][:2]
@@ -118,11 +125,14 @@ def ask(rng: np.random.Generator, kind: str, objects) -> tuple[str, str] | None:
             color, shape = list(COLORS)[rng.integers(4)], SHAPES[rng.integers(3)]
         answer = "yes" if (color, shape) in set(zip(colors, shapes)) else "no"
         return f"is there a {color} {shape} ?", answer
-    a, b = rng.choice(len(objects), 2, replace=False)
-    (c1, s1, x1, _), (c2, s2, x2, _) = objects[a], objects[b]
-    if abs(x1 - x2) < 6:
+    color, shape, x, _ = objects[rng.integers(len(objects))]
+    if abs(x - SIZE / 2) < 8:
         return None
-    return f"is the {c1} {s1} left of the {c2} {s2} ?", "yes" if x1 < x2 else "no"
+    named = [f"{color} object"] if colors.count(color) == 1 else []
+    named += [shape] if shapes.count(shape) == 1 else []
+    if not named:
+        return None
+    return f"is the {named[rng.integers(len(named))]} on the left ?", "yes" if x < SIZE / 2 else "no"
 
 
 def generate(n: int, seed: int) -> list[Sample]:
@@ -138,17 +148,34 @@ def generate(n: int, seed: int) -> list[Sample]:
     return samples
 
 
-def generate_scenes(n: int, seed: int) -> list[tuple[Sample, list[tuple[str, str]]]]:
-    """n scenes for training, each with every question type it can answer, in a seeded random order:
-    [(first question as a Sample, [(question, answer), ...] for the others)]. Deterministic for a seed."""
+def scenes_only(n: int, seed: int) -> list[Sample]:
+    """n scenes without questions (the vision-phase images): their own random stream, so they do not
+    depend on the question set. Sample.question / answer / kind are empty."""
+    rng = np.random.default_rng(seed)
+    return [
+        Sample(image, "", "", "", objects, owner)
+        for image, objects, owner in (draw_scene(rng) for _ in range(n))
+    ]
+
+
+def generate_scenes(n: int, seed: int, per_type: int = 1) -> list[tuple[Sample, list[tuple[str, str]]]]:
+    """n scenes for training, each with up to `per_type` distinct questions of every type it can answer,
+    in a seeded random order: [(first question as a Sample, [(question, answer), ...] for the others)].
+    Deterministic for a seed."""
     rng = np.random.default_rng(seed)
     scenes = []
     for _ in range(n):
         image, objects, owner = draw_scene(rng)
-        asked = [(kind, ask(rng, kind, objects)) for kind in QUESTION_TYPES]
-        asked = [asked[i] for i in rng.permutation(len(asked)) if asked[i][1] is not None]
-        (kind, (question, answer)), rest = asked[0], [qa for _, qa in asked[1:]]
-        scenes.append((Sample(image, question, answer, kind, objects, owner), rest))
+        asked: dict[str, tuple[str, str]] = {}  # question -> (kind, answer), distinct questions only
+        for kind in QUESTION_TYPES:
+            for _ in range(per_type):
+                qa = ask(rng, kind, objects)
+                if qa is not None:
+                    asked.setdefault(qa[0], (kind, qa[1]))
+        order = [list(asked)[i] for i in rng.permutation(len(asked))]
+        first = order[0]
+        rest = [(q, asked[q][1]) for q in order[1:]]
+        scenes.append((Sample(image, first, asked[first][1], asked[first][0], objects, owner), rest))
     return scenes
 
 
@@ -161,16 +188,13 @@ def vocabulary() -> list[str]:
         "the",
         "shape",
         "object",
-        "how",
-        "many",
-        "objects",
         "there",
         "a",
         "left",
-        "of",
+        "on",
         "?",
     ]
-    return sorted(set(words) | set(COLORS) | set(SHAPES) | set(COUNTS) | {"yes", "no"})
+    return sorted(set(words) | set(COLORS) | set(SHAPES) | {"yes", "no"})
 
 
 def presence_labels(objects) -> np.ndarray:

@@ -1,22 +1,24 @@
 """Train the toy VLM on the procedural task (deterministic; CPU or GPU).
 
-    python -m tokprune.toy.train --steps 6000 --out tokprune/toy/weights
+    python -m tokprune.toy.train --out tokprune/toy/weights    # defaults: 800 vision + 2000 language steps
 
-Every training sequence holds one scene and all the question types it can answer, in a random order:
-"USER: <image> q1 ASSISTANT: a1 q2 ASSISTANT: a2 ...". The first question has exactly the evaluation
-format; the others reuse the same 196 visual tokens, which gives about 5x the supervision per image for
-about 1.25x the compute.
+Two phases, as real VLMs are built from a pretrained vision encoder:
 
-Loss = cross-entropy of every one-word answer at its "ASSISTANT:" position
-  + `aux_weight` x a [CLS] objective: from the ViT's pooled [CLS] output, predict which of the 12
-    colour-shape pairs are in the scene (binary cross-entropy). It gives [CLS] a reason to attend to the
-    objects, as CLIP's contrastive objective does for real models;
-  + `patch_weight` x a patch objective: from each patch token of the layer the LLM reads
-    (`vision_feature_layer`), predict the colour-shape pair covering it and whether it holds an object's
-    centre (`task.patch_labels`). It makes the visual features local, as in a pretrained ViT, and cuts
-    the CPU training time several-fold.
-The auxiliary heads are dropped after training. Samples come from `task.generate` with a seed per step,
-so a run is reproducible on CPU for a given thread count.
+1. vision (`--vision-steps`, lr `--vision-lr`): the CLIP-style ViT alone, no LLM. Losses:
+   `aux_weight` x a [CLS] objective: from the ViT's pooled [CLS] output, predict which of the 12
+   colour-shape pairs are in the scene (binary cross-entropy), which gives [CLS] a reason to attend to
+   the objects, as CLIP's contrastive objective does for real models; plus patch objectives on every
+   patch token of the layer the LLM reads (`vision_feature_layer`): the colour-shape pair covering it,
+   whether it holds an object's centre, and its (x, y) place (`task.patch_labels`), which make the
+   features local and position-aware, as in a pretrained ViT;
+2. language (`--steps`, lr `--lr`): the ViT frozen, the projector and the LLM learn to answer. Every
+   training sequence holds one scene and up to `--per-type` distinct questions of every type, in a
+   random order: "USER: <image> q1 ASSISTANT: a1 q2 ASSISTANT: a2 ...". The first question has exactly
+   the evaluation format; the others reuse the same 196 visual tokens (several answers per image for
+   little more compute). Loss: cross-entropy of every one-word answer at its "ASSISTANT:" position.
+
+The auxiliary heads are dropped after training. Samples come from `task.generate_scenes` with a seed per
+step, so a run is reproducible on CPU for a given thread count.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ from torch import nn
 
 from tokprune.patches.llava import clip_encoder_layers, feature_layer_index
 from tokprune.toy.model import N_VISUAL, PATCH, WEIGHTS, pixel_values, toy_config, toy_processor
-from tokprune.toy.task import PAIRS, generate, generate_scenes, patch_labels, presence_labels
+from tokprune.toy.task import PAIRS, generate, generate_scenes, patch_labels, presence_labels, scenes_only
 
 TRAIN_SEED = 1
 HELD_OUT_SEED = 10**6
 VALIDATION_SEED = 2 * 10**6
+VISION_SEED = 3
 
 
 def encode(processor, samples, device) -> dict:
@@ -81,13 +84,14 @@ def accuracy(model, processor, samples, batch_size: int = 100) -> float:
 
 
 class AuxiliaryHeads(nn.Module):
-    """The training-only heads: [CLS] presence (12), patch pair (13-way) and patch centre (1)."""
+    """The vision-phase heads: [CLS] presence (12), patch pair (13-way), patch centre (1), patch xy (2)."""
 
     def __init__(self, width: int):
         super().__init__()
         self.presence = nn.Linear(width, len(PAIRS))
         self.pair = nn.Linear(width, len(PAIRS) + 1)
         self.centre = nn.Linear(width, 1)
+        self.where = nn.Linear(width, 2)
 
     def losses(
         self, cls: torch.Tensor, patches: torch.Tensor, samples, device
@@ -103,7 +107,19 @@ class AuxiliaryHeads(nn.Module):
         patch_loss = patch_loss + nn.functional.binary_cross_entropy_with_logits(
             centre_logits, centre.float()
         )
+        where = self.where(patches)  # (B, P, 2) the patch's (x, y) in [-1, 1]
+        patch_loss = patch_loss + nn.functional.mse_loss(
+            where, _patch_xy(patches.shape[1], device).expand_as(where)
+        )
         return cls_loss, patch_loss
+
+
+def _patch_xy(num_patches: int, device) -> torch.Tensor:
+    """(1, P, 2) centre (x, y) of every patch in raster order, scaled to [-1, 1]."""
+    g = math.isqrt(num_patches)
+    coords = (torch.arange(g, dtype=torch.float32, device=device) + 0.5) / g * 2 - 1
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    return torch.stack([xx.flatten(), yy.flatten()], dim=-1)[None]
 
 
 def _vision_taps(model) -> tuple[dict, list]:
@@ -123,51 +139,103 @@ def _vision_taps(model) -> tuple[dict, list]:
     return taps, hooks
 
 
-def train(
-    steps: int, batch_size: int, lr: float, aux_weight: float, patch_weight: float, device: str,
-    log_every: int = 100, checkpoint: Path | None = None,
-):  # fmt: skip
-    from transformers import LlavaForConditionalGeneration
-
-    torch.manual_seed(0)
-    processor = toy_processor()
-    model = LlavaForConditionalGeneration(toy_config(processor)).to(device)
-    model.config._attn_implementation = "sdpa"
-    heads = AuxiliaryHeads(model.config.vision_config.hidden_size).to(device)
-    taps, hooks = _vision_taps(model)
-    params = list(model.parameters()) + list(heads.parameters())
+def _optimizer(params: list, lr: float, steps: int):
+    """AdamW with a linear warm-up (5% of the steps) and a cosine decay to zero."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
     )
+    return optimizer, schedule
+
+
+def train_vision(model, steps: int, batch_size: int, lr: float, aux_weight: float, device, log_every=100):
+    """Phase 1: the vision tower alone, on the [CLS] presence and the patch objectives (no LLM)."""
+    tower = model.model.vision_tower
+    heads = AuxiliaryHeads(model.config.vision_config.hidden_size).to(device)
+    taps, hooks = _vision_taps(model)
+    params = list(tower.parameters()) + list(heads.parameters())
+    optimizer, schedule = _optimizer(params, lr, steps)
+    start = time.time()
+    tower.train()
+    for step in range(steps):
+        samples = scenes_only(batch_size, VISION_SEED * 10**7 + step)
+        tower(pixel_values(np.stack([s.image for s in samples])).to(device))
+        cls_loss, patch_loss = heads.losses(taps["cls"], taps["patches"], samples, device)
+        optimizer.zero_grad(set_to_none=True)
+        (aux_weight * cls_loss + patch_loss).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            print(f"vision step {step + 1:>6}  cls {cls_loss.item():.3f}  patch {patch_loss.item():.3f}  "
+                  f"{time.time() - start:.0f}s", flush=True)  # fmt: skip
+    for hook in hooks:
+        hook.remove()
+    tower.eval()
+
+
+def train_language(
+    model, processor, steps: int, batch_size: int, lr: float, per_type: int, device,
+    log_every: int = 100, checkpoint: Path | None = None,
+):  # fmt: skip
+    """Phase 2: projector and LLM on multi-question dialogues, the vision tower frozen."""
+    tower = model.model.vision_tower
+    tower.requires_grad_(False)
+    tower.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, schedule = _optimizer(params, lr, steps)
     validation = generate(300, VALIDATION_SEED)
     start = time.time()
-    model.train()
+    model.model.multi_modal_projector.train()
+    model.model.language_model.train()
     for step in range(steps):
-        scenes = generate_scenes(batch_size, TRAIN_SEED * 10**7 + step)
+        scenes = generate_scenes(batch_size, TRAIN_SEED * 10**7 + step, per_type)
         inputs, where, answers = encode_dialogues(processor, scenes, device)
         logits = model(**inputs).logits[where[:, 0], where[:, 1]]
         loss = nn.functional.cross_entropy(logits, answers)
-        samples = [first for first, _ in scenes]
-        cls_loss, patch_loss = heads.losses(taps["cls"], taps["patches"], samples, device)
         optimizer.zero_grad(set_to_none=True)
-        (loss + aux_weight * cls_loss + patch_weight * patch_loss).backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         if (step + 1) % log_every == 0 or step + 1 == steps:
             model.eval()
             acc = accuracy(model, processor, validation)
-            model.train()
-            print(f"step {step + 1:>6}  loss {loss.item():.3f}  cls {cls_loss.item():.3f}  "
-                  f"patch {patch_loss.item():.3f}  val acc {acc:.3f}  {time.time() - start:.0f}s", flush=True)  # fmt: skip
+            model.model.multi_modal_projector.train()
+            model.model.language_model.train()
+            print(f"language step {step + 1:>6}  loss {loss.item():.3f}  val acc {acc:.3f}  "
+                  f"{time.time() - start:.0f}s", flush=True)  # fmt: skip
             if checkpoint is not None:
                 save(model, processor, checkpoint)
-    for hook in hooks:
-        hook.remove()
+    tower.requires_grad_(True)
     model.eval()
+
+
+def train(
+    vision_steps: int, steps: int, batch_size: int, vision_lr: float, lr: float, aux_weight: float,
+    per_type: int, device: str, checkpoint: Path | None = None,
+    vision_from: Path | None = None,
+):  # fmt: skip
+    """Both phases from a seeded initialisation -> (model, processor, held-out accuracy on 500 questions).
+
+    vision_from: a saved toy model whose vision tower is phase 1's result for the same settings; it is
+    loaded instead of running phase 1 again (phase 2 uses no torch randomness, so the outcome is the same).
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    processor = toy_processor()
+    model = LlavaForConditionalGeneration(toy_config(processor)).to(device)
+    model.config._attn_implementation = "sdpa"
+    if vision_from is None:
+        train_vision(model, vision_steps, batch_size, vision_lr, aux_weight, device)
+    else:
+        saved = LlavaForConditionalGeneration.from_pretrained(vision_from)
+        model.model.vision_tower.load_state_dict(saved.model.vision_tower.state_dict())
+        model.model.vision_tower.eval()
+    train_language(model, processor, steps, batch_size, lr, per_type, device, checkpoint=checkpoint)
     return model, processor, accuracy(model, processor, generate(500, HELD_OUT_SEED))
 
 
@@ -181,11 +249,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=6000)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--vision-steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=2000, help="language-phase steps")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--vision-lr", type=float, default=5e-3)
+    parser.add_argument("--lr", type=float, default=2e-3, help="language-phase learning rate")
     parser.add_argument("--aux-weight", type=float, default=0.5)
-    parser.add_argument("--patch-weight", type=float, default=0.5)
+    parser.add_argument("--per-type", type=int, default=2, help="questions of each type per training scene")
+    parser.add_argument(
+        "--vision-from", default=None, help="a saved toy model holding phase 1's vision tower"
+    )
     parser.add_argument("--checkpoint", default=None, help="save here at every log line")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
@@ -194,8 +267,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
     model, processor, acc = train(
-        args.steps, args.batch_size, args.lr, args.aux_weight, args.patch_weight, args.device,
-        checkpoint=checkpoint,
+        args.vision_steps, args.steps, args.batch_size, args.vision_lr, args.lr, args.aux_weight, args.per_type,
+        args.device, checkpoint=checkpoint,
+        vision_from=Path(args.vision_from) if args.vision_from else None,
     )  # fmt: skip
     out = Path(args.out)
     save(model, processor, out)
