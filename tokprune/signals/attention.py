@@ -26,11 +26,6 @@ def rows_per_chunk(heads: int, keys: int, chunk: int | None = None) -> int:
     return max(1, CHUNK_BYTES // (8 * heads * max(1, keys)))
 
 
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """(B, H_kv, N, d) -> (B, H_kv * groups, N, d) for grouped-query attention."""
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
-
-
 def attention_rows(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -50,13 +45,17 @@ def attention_rows(
         from tokprune.kernels import scores
 
         return scores.attention_rows(query, keys, scale, limit, key_mask)
-    keys = _repeat_kv(keys, query.shape[1] // keys.shape[1]).float()
-    n = keys.shape[2]
+    batch, heads, rows, dim = query.shape
+    kv_heads, n = keys.shape[1], keys.shape[2]
+    keys = keys.float()  # GQA without repeating the keys: each KV head serves its group of query heads
     positions = torch.arange(n, device=keys.device)
-    step = rows_per_chunk(query.shape[1], n, chunk)
+    step = rows_per_chunk(heads, n, chunk)
     out = []
-    for t0 in range(0, query.shape[2], step):
-        logits = (query[:, :, t0 : t0 + step].float() @ keys.transpose(-1, -2)) * scale  # (B, H, c, N)
+    for t0 in range(0, rows, step):
+        q = query[:, :, t0 : t0 + step].float()
+        c = q.shape[2]
+        grouped = q.reshape(batch, kv_heads, (heads // kv_heads) * c, dim)  # (B, H_kv, G*c, d)
+        logits = ((grouped @ keys.transpose(-1, -2)) * scale).view(batch, heads, c, n)  # (B, H, c, N)
         visible = torch.ones_like(logits[:, 0], dtype=torch.bool)  # (B, c, N)
         if limit is not None:
             visible = visible & (positions <= limit[:, t0 : t0 + step, None].to(keys.device))
