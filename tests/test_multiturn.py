@@ -78,10 +78,11 @@ def _conversation(model, proc, family, method, images_per_row=(1, 2)):
     return first, gen1, second, out2, stats1, stats2
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision"])
 @pytest.mark.parametrize("method", ["divprune", "fastervlm", "random"])
-def test_follow_up_turn_equals_the_masked_whole_conversation(tiny, family, method):
-    model, proc = tiny(family)
+def test_follow_up_turn_equals_the_masked_whole_conversation(tiny, family, method, attn):
+    model, proc = tiny(family, attn)
     first, gen1, second, out2, stats1, stats2 = _conversation(model, proc, family, method)
     image_id = model.config.image_token_id
     # the second turn pruned exactly its own new images, to the budget
