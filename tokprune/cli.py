@@ -127,7 +127,9 @@ def load_model(name: str, layers: int | None, attn: str, dtype: str, device: str
     if layers is not None:
         raise CliError("--layers applies to presets only")
     if name == "toy":
-        return _toy_model(attn, torch_dtype, device)
+        from tokprune.toy.model import toy_with_inputs
+
+        return toy_with_inputs(attn, torch_dtype, device)
     if not Path(name).exists() and name.count("/") != 1:
         raise CliError(
             f"unknown model {name!r}: not a preset ({', '.join(PRESETS)}), 'toy', a local folder or an HF id"
@@ -150,32 +152,6 @@ def load_model(name: str, layers: int | None, attn: str, dtype: str, device: str
         batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
         return {
             k: v.to(device=device, dtype=torch_dtype) if v.is_floating_point() else v.to(device)
-            for k, v in batch.items()
-        }
-
-    return model, make_inputs
-
-
-def _toy_model(attn: str, dtype, device: str):
-    """The shipped trained toy VLM, with held-out scenes of its task as inputs."""
-    import numpy as np
-    from PIL import Image
-
-    from tokprune.toy.model import load_toy, prompt
-    from tokprune.toy.task import generate
-    from tokprune.toy.train import HELD_OUT_SEED
-
-    model, processor = load_toy(attn=attn)
-    model = model.to(device=device, dtype=dtype)
-
-    def make_inputs(batch_size: int = 1) -> dict:
-        samples = generate(batch_size, HELD_OUT_SEED)
-        batch = processor(
-            text=[prompt(s.question) for s in samples], images=[Image.fromarray(np.asarray(s.image)) for s in samples],
-            return_tensors="pt", padding=True,
-        )  # fmt: skip
-        return {
-            k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
             for k, v in batch.items()
         }
 

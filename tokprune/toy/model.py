@@ -65,3 +65,28 @@ def load_toy(path: str | Path = WEIGHTS, attn: str = "sdpa"):
         raise FileNotFoundError(f"no trained toy weights in {path}; train them: python -m tokprune.toy.train")
     model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn).eval()
     return model, LlavaProcessor.from_pretrained(path)
+
+
+def toy_with_inputs(attn: str = "sdpa", dtype=torch.float32, device: str = "cpu"):
+    """(model, make_inputs(batch_size)) of the shipped toy, whose inputs are held-out scenes of its task
+    (what `tokprune robustness --model toy` measures on)."""
+    from PIL import Image
+
+    from tokprune.toy.task import generate
+    from tokprune.toy.train import HELD_OUT_SEED
+
+    model, processor = load_toy(attn=attn)
+    model = model.to(device=device, dtype=dtype)
+
+    def make_inputs(batch_size: int = 1) -> dict:
+        samples = generate(batch_size, HELD_OUT_SEED)
+        batch = processor(
+            text=[prompt(s.question) for s in samples], images=[Image.fromarray(s.image) for s in samples],
+            return_tensors="pt", padding=True,
+        )  # fmt: skip
+        return {
+            k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+            for k, v in batch.items()
+        }
+
+    return model, make_inputs
