@@ -138,15 +138,7 @@ class Engine:
         _reject_static_cache(past_key_values)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if past == 0:
-            input_ids = kwargs.get("input_ids", args[0] if args else None)
-            layout = self.adapter.image_layout(kwargs)
-            if layout is not None and input_ids is None:
-                raise UnsupportedInputError(
-                    "tokprune needs input_ids (not only inputs_embeds) to find the image tokens"
-                )
-            self.fwd = _Forward(input_ids=input_ids, layout=layout)
-            if _runs_vision_tower(kwargs):
-                self.store.clear()  # the vision tower runs inside this forward (else generate() ran it)
+            self._new_forward(args, kwargs, self.adapter.image_layout(kwargs), follow_up=False)
             return None
         self.fwd = None
         if _brings_images(kwargs):
@@ -173,14 +165,18 @@ class Engine:
                 f"a follow-up turn with new images on a reused KV cache is pruned by pre-LLM methods only; {names} "
                 "acts inside the LLM: run the turn without past_key_values or use a pre-LLM method"
             )
+        self._new_forward(args, kwargs, layout, follow_up=True)
+
+    def _new_forward(self, args, kwargs, layout: ImageLayout | None, follow_up: bool) -> None:
+        """Start the bookkeeping of a prefill (or a follow-up turn's new tokens) with images `layout`."""
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is None:
+        if layout is not None and input_ids is None:
             raise UnsupportedInputError(
                 "tokprune needs input_ids (not only inputs_embeds) to find the image tokens"
             )
-        self.fwd = _Forward(input_ids=input_ids, layout=layout, follow_up=True)
+        self.fwd = _Forward(input_ids=input_ids, layout=layout, follow_up=follow_up)
         if _runs_vision_tower(kwargs):
-            self.store.clear()
+            self.store.clear()  # the vision tower runs inside this forward (else generate() ran it)
 
     def _continue_positions(self, args, kwargs):
         """Decode step: track the original numbering; supply it if the caller passed no position ids."""
@@ -301,9 +297,8 @@ class Engine:
                 kwargs["position_ids"] = position_ids
                 changed = True
             stats.stages.append(StageStats.of(self.pre.name, "pre", fwd.tokens.kept_visual()))
-        if (
-            changed or fwd.prefix is not None
-        ):  # the LLM input (or the cache it continues) is not the given one
+        # the LLM input, or the cache it continues, is not the one its mask was given for
+        if changed or fwd.prefix is not None:
             lm_mask = (
                 mask if fwd.prefix is None else torch.cat([fwd.prefix, mask.to(fwd.prefix.dtype)], dim=1)
             )
