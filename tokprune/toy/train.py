@@ -17,8 +17,9 @@ Two phases, as real VLMs are built from a pretrained vision encoder:
    the evaluation format; the others reuse the same 196 visual tokens (several answers per image for
    little more compute). Loss: cross-entropy of every one-word answer at its "ASSISTANT:" position.
 
-The auxiliary heads are dropped after training. Samples come from `task.generate_scenes` with a seed per
-step, so a run is reproducible on CPU for a given thread count.
+The auxiliary heads are dropped after training. Phase 1 draws its images from `task.scenes_only`, phase 2
+its dialogues from `task.generate_scenes`, each with a seed per step (phase 1's images do not depend on the
+question set), so a run is reproducible on CPU for a given thread count.
 """
 
 from __future__ import annotations
