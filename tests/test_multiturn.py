@@ -10,15 +10,21 @@ out and the original positions.
 
 import pytest
 import torch
-from test_invariants import _special_ids
-from tiny_models import batch_inputs, prompt_text, rand_image
+from reference import reference_logits
+from test_invariants import COMPOSITION, _special_ids
+from tiny_models import batch_images, batch_inputs, process, prompt_text, rand_image
 
 import tokprune
+from tokprune.core.stats import StageStats
 from tokprune.errors import UnsupportedInputError
 
 TOL = 1e-5
 NEW = 3
 FOLLOW_UP = "and what about this one"
+FIRST_TURN = (1, 2)  # images per row in turn 1; turn 2 brings one new image per row
+FAMILIES = ["llava", "llava_next", "llava_onevision", "internvl", "smolvlm", "idefics3"]
+# pre-LLM, in-LLM (last-query, instruction-query, visual-visual and key signals), and a composition
+METHODS = ["divprune", "fastervlm", "random", "fastv", "pdrop", "sparsevlm", "dart", COMPOSITION]
 
 
 def _generate(model, **inputs):
@@ -29,44 +35,46 @@ def _generate(model, **inputs):
         )  # fmt: skip
 
 
-def _follow_up(family, proc, batch: int, images_per_row: int) -> dict:
-    """The new turn of every row (equal lengths: no padding inside it), with its new images."""
-    text = " " + prompt_text(family, images_per_row, FOLLOW_UP)
-    images = [rand_image(112, 140, 50 + i) for i in range(batch * images_per_row)]
-    out = proc(text=[text] * batch, images=images, return_tensors="pt", add_special_tokens=False)
-    return dict(out)
+def _new_images(batch: int) -> list[list]:
+    return [[rand_image(112, 140, 50 + row)] for row in range(batch)]
 
 
-def _dropped(stats, visual: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool: visual positions of `visual` (B, L) whose rank is not in the stats' kept set."""
-    dropped = torch.zeros_like(visual)
-    for row, kept in enumerate(stats.kept):
-        positions = visual[row].nonzero().squeeze(1)
-        keep = torch.zeros(positions.numel(), dtype=torch.bool)
-        keep[kept] = True
-        dropped[row, positions[~keep]] = True
-    return dropped
+def _follow_up(family, proc, batch: int) -> dict:
+    """The new turn of every row (equal lengths: no padding inside it), with its new image."""
+    text = " " + prompt_text(family, 1, FOLLOW_UP)
+    return process(family, proc, [text] * batch, _new_images(batch), add_special_tokens=False)
 
 
-def _in_prompt_order(first: dict, second: dict, images_per_row) -> dict:
-    """Image tensors of both turns (one image per row in the second) in the order the whole conversation's
-    placeholders take them: row by row, each row's first-turn images, then its new one."""
-    order, start = [], 0
-    for row, n in enumerate(images_per_row):
-        order += [("first", start + i) for i in range(n)] + [("second", row)]
-        start += n
-    turns = {"first": first, "second": second}
-    keys = [k for k in first if k in second and k.startswith(("pixel_values", "image_sizes"))]
-    return {k: torch.stack([turns[t][k][i] for t, i in order]) for k in keys}
+def _whole_conversation_pixels(family, proc) -> dict:
+    """The image tensors of both turns in the order the whole conversation's placeholders take them,
+    from the processor itself (row by row: each row's first-turn images, then its new one)."""
+    first = batch_images(family, FIRST_TURN)
+    images = [old + new for old, new in zip(first, _new_images(len(FIRST_TURN)))]
+    texts = [prompt_text(family, len(row), "x") for row in images]
+    out = process(family, proc, texts, images, padding=True)
+    return {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", "token_type_ids")}
 
 
-def _conversation(model, proc, family, method, images_per_row=(1, 2)):
-    """Two turns under `method`: (turn-1 inputs and output, turn-2 inputs and output, stats of each)."""
-    first = batch_inputs(family, proc, images_per_row)
+def _both_turns(stats1, stats2, n_visual1: list[int]):
+    """Stats whose stages keep, over the whole conversation's visual tokens, what each turn's stage kept."""
+    assert [s.where for s in stats1.stages] == [s.where for s in stats2.stages]
+    stages = [
+        StageStats.of(
+            a.method, a.where, [torch.cat([k1, k2 + n]) for k1, k2, n in zip(a.kept, b.kept, n_visual1)]
+        )
+        for a, b in zip(stats1.stages, stats2.stages)
+    ]
+    return type(stats1)(stages=stages)
+
+
+def _conversation(model, proc, family, method):
+    """Two turns under `method`: (turn-1 inputs, its generated tokens, turn-2 inputs, turn-2 output, stats
+    of each turn)."""
+    first = batch_inputs(family, proc, FIRST_TURN)
     with tokprune.apply(model, method, keep_ratio=0.25) as pruner:
         out1 = _generate(model, **first)
         stats1 = pruner.stats
-        second = _follow_up(family, proc, first["input_ids"].shape[0], 1)
+        second = _follow_up(family, proc, first["input_ids"].shape[0])
         gen1 = out1.sequences[:, first["input_ids"].shape[1] :]
         new_ids = torch.cat([gen1[:, -1:], second["input_ids"]], dim=1)
         mask = torch.cat(
@@ -79,46 +87,47 @@ def _conversation(model, proc, family, method, images_per_row=(1, 2)):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision"])
-@pytest.mark.parametrize("method", ["divprune", "fastervlm", "random"])
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m if isinstance(m, str) else "composition")
 def test_follow_up_turn_equals_the_masked_whole_conversation(tiny, family, method, attn):
     model, proc = tiny(family, attn)
     first, gen1, second, out2, stats1, stats2 = _conversation(model, proc, family, method)
     image_id = model.config.image_token_id
     # the second turn pruned exactly its own new images, to the budget
-    visual2 = second["input_ids"] == image_id
+    visual1, visual2 = first["input_ids"] == image_id, second["input_ids"] == image_id
     assert stats2.visual_in == visual2.sum(1).tolist()
     assert (
         stats2.visual_kept == [int(k.numel()) for k in stats2.kept] and stats2.visual_kept < stats2.visual_in
     )
-    # reference: the whole conversation at once, dropped tokens of both turns masked, original positions
+    # reference: the whole conversation at once, each turn's dropped tokens masked from the layer its stage
+    # acts at, original positions
     gen2 = out2.sequences[:, -NEW:]
-    ids = torch.cat([first["input_ids"], gen1, second["input_ids"]], dim=1)
-    real = torch.cat(
-        [first["attention_mask"], torch.ones_like(gen1), torch.ones_like(second["input_ids"])], 1
-    )
-    keep = real.bool().clone()
-    n1 = first["input_ids"].shape[1]
-    keep[:, :n1] &= ~_dropped(stats1, first["input_ids"] == image_id)
-    keep[:, n1 + gen1.shape[1] :] &= ~_dropped(stats2, visual2)
-    pixels = _in_prompt_order(first, second, images_per_row=(1, 2))
+    whole = {
+        "input_ids": torch.cat([first["input_ids"], gen1, second["input_ids"]], dim=1),
+        "attention_mask": torch.cat(
+            [first["attention_mask"], torch.ones_like(gen1), torch.ones_like(second["input_ids"])], 1
+        ),
+        **_whole_conversation_pixels(family, proc),
+    }
+    stats = _both_turns(stats1, stats2, visual1.sum(1).tolist())
+    with torch.no_grad():
+        reference = reference_logits(model, whole, stats, None, gen2[:, : NEW - 1])
     for step in range(NEW):
-        full = torch.cat([ids, gen2[:, :step]], dim=1)
-        mask = torch.cat([keep, torch.ones_like(gen2[:, :step], dtype=torch.bool)], dim=1).long()
-        positions = (torch.cat([real, torch.ones_like(gen2[:, :step])], 1).cumsum(1) - 1).clamp(min=0)
-        with torch.no_grad():
-            logits = model(input_ids=full, attention_mask=mask, position_ids=positions, **pixels).logits[
-                :, -1
-            ]
+        logits = reference[0][:, -1] if step == 0 else reference[step]
         scale = max(1.0, float(logits.abs().max()))
         torch.testing.assert_close(out2.logits[step], logits, atol=TOL * scale, rtol=0)
 
 
-def test_text_only_follow_up_keeps_the_pruned_cache(tiny):
-    """A follow-up without images passes through (nothing new to prune) and still sees turn 1 pruned."""
-    model, proc = tiny("llava")
-    first = batch_inputs("llava", proc, (1, 2))
-    with tokprune.apply(model, "divprune", keep_ratio=0.25) as pruner:
+@pytest.mark.parametrize("family", ["llava", "internvl"])
+@pytest.mark.parametrize(
+    "method", ["divprune", "fastv", COMPOSITION], ids=lambda m: m if isinstance(m, str) else "composition"
+)
+def test_text_only_follow_up_keeps_the_pruned_cache(tiny, family, method):
+    """A follow-up without images passes through (nothing new to prune) and still sees turn 1 pruned, in
+    every layer as its stages left it."""
+    model, proc = tiny(family)
+    first = batch_inputs(family, proc, FIRST_TURN)
+    with tokprune.apply(model, method, keep_ratio=0.25) as pruner:
         out1 = _generate(model, **first)
         stats1 = pruner.stats
         gen1 = out1.sequences[:, first["input_ids"].shape[1] :]
@@ -128,16 +137,20 @@ def test_text_only_follow_up_keeps_the_pruned_cache(tiny):
         new_ids = torch.cat([gen1[:, -1:], extra["input_ids"]], dim=1)
         mask = torch.cat([first["attention_mask"], torch.ones_like(gen1), extra["attention_mask"]], 1)
         out2 = _generate(model, input_ids=new_ids, attention_mask=mask, past_key_values=out1.past_key_values)
-    ids = torch.cat([first["input_ids"], gen1, extra["input_ids"]], dim=1)
-    keep = mask.bool().clone()
-    n1 = first["input_ids"].shape[1]
-    keep[:, :n1] &= ~_dropped(stats1, first["input_ids"] == model.config.image_token_id)
+        assert pruner.stats is stats1  # nothing new was pruned
+    gen2 = out2.sequences[:, -NEW:]
+    pixels = {k: v for k, v in first.items() if k not in ("input_ids", "attention_mask", "token_type_ids")}
+    whole = {
+        "input_ids": torch.cat([first["input_ids"], gen1, extra["input_ids"]], dim=1),
+        "attention_mask": mask,
+    }
     with torch.no_grad():
-        logits = model(
-            input_ids=ids, attention_mask=keep.long(), position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-            pixel_values=first["pixel_values"],
-        ).logits[:, -1]  # fmt: skip
-    torch.testing.assert_close(out2.logits[0], logits, atol=TOL * max(1.0, float(logits.abs().max())), rtol=0)
+        reference = reference_logits(model, {**whole, **pixels}, stats1, None, gen2[:, : NEW - 1])
+    for step in range(NEW):
+        logits = reference[0][:, -1] if step == 0 else reference[step]
+        torch.testing.assert_close(
+            out2.logits[step], logits, atol=TOL * max(1.0, float(logits.abs().max())), rtol=0
+        )
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
@@ -152,10 +165,22 @@ def test_follow_up_images_are_refused_where_positions_or_masks_span_the_whole_co
             model(**second, past_key_values=cache)
 
 
-def test_follow_up_images_under_an_in_llm_method_are_refused(tiny):
-    model, proc = tiny("llava")
-    first = batch_inputs("llava", proc, (1, 1))
-    with tokprune.apply(model, "fastv", keep_ratio=0.25):
-        out1 = _generate(model, **first)
-        with pytest.raises(UnsupportedInputError, match="pre-LLM methods only; fastv"), torch.no_grad():
-            model(**first, past_key_values=out1.past_key_values)
+@pytest.mark.parametrize("family", ["llava", "internvl"])
+def test_follow_up_scores_attend_to_the_earlier_turns(tiny, family):
+    """FastV scores a follow-up's new image by the last token's attention over the whole conversation (the
+    cache included): it keeps what FastV keeps of that image when the conversation is one prompt."""
+    model, proc = tiny(family)
+    first, gen1, second, _, stats1, stats2 = _conversation(model, proc, family, "fastv")
+    whole = {
+        "input_ids": torch.cat([first["input_ids"], gen1, second["input_ids"]], dim=1),
+        "attention_mask": torch.cat(
+            [first["attention_mask"], torch.ones_like(gen1), torch.ones_like(second["input_ids"])], 1
+        ),
+        **_whole_conversation_pixels(family, proc),
+    }
+    with tokprune.apply(model, "fastv", keep_ratio=0.25) as pruner, torch.no_grad():
+        model(**whole)
+    n_visual1 = (first["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    for row, n in enumerate(n_visual1):
+        kept = pruner.stats.kept[row]
+        assert torch.equal(kept[kept >= n] - n, stats2.kept[row])

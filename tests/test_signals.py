@@ -261,3 +261,43 @@ def test_last_query_scores_match_eager_weights(eager_llava, layer):
     assert attn.num_key_value_groups > 1  # the tiny model uses GQA
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert (got[~batch["attention_mask"].bool()] == 0).all()
+
+
+# ------------------------------------------------------------------------------- a cached context
+
+
+@pytest.mark.parametrize("signal", ["last_query", "text_query", "visual_received"])
+def test_scores_with_a_cached_context_equal_the_whole_sequence_sliced(tiny, signal):
+    """A follow-up turn scores its tokens with the earlier turns' cached keys in every softmax: the same
+    numbers as scoring the whole conversation at once and keeping the new turn's columns."""
+    from tokprune.signals.llm import KeyContext, rotated_keys, text_query_scores, visual_received_scores
+
+    model, _ = tiny("llava")
+    lm = model.model.language_model
+    attn = lm.layers[1].self_attn
+    batch, length, prefix = 2, 24, 9
+    normed = _randn(batch, length, model.config.text_config.hidden_size, seed=3)
+    cos, sin = lm.rotary_emb(normed, torch.arange(length)[None].expand(batch, -1))
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    valid[0, :3] = False  # left padding of row 0 lies in the context
+    image_id = torch.full((batch, length), -1)
+    image_id[0, 12:18], image_id[1, 10:14], image_id[1, 14:19] = 0, 1, 2  # images only after the context
+    queries = [torch.tensor([18, 20, 23]), torch.tensor([19, 23])]
+
+    def score(start: int, context=None):
+        """The signal of tokens start.. (their own keys, plus the context's)."""
+        x, table, ok = normed[:, start:], (cos[:, start:], sin[:, start:]), valid[:, start:]
+        if signal == "last_query":
+            return last_query_scores(attn, x, table, ok, context=context)
+        if signal == "text_query":
+            return text_query_scores(attn, x, table, [q - start for q in queries], ok, context=context)
+        return visual_received_scores(attn, x, table, image_id[:, start:], ok, context=context)
+
+    with torch.no_grad():
+        keys = rotated_keys(attn, normed, (cos, sin))
+        got = score(prefix, KeyContext(keys[:, :, :prefix], valid[:, :prefix]))
+        expected = score(0)[:, prefix:]
+        alone = score(prefix)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    # without the context each softmax runs over fewer keys: every row's weights grow
+    assert (alone.flatten(1).sum(1) > got.flatten(1).sum(1) + 1e-3).all()

@@ -203,23 +203,33 @@ def prompt_text(family: str, n_images: int, words: str) -> str:
     return f"USER: {' '.join([image] * n_images)} {words} ASSISTANT:"
 
 
-def batch_inputs(family: str, proc, n_images_per_row=(1, 1), sizes=((112, 112), (112, 168))):
-    """A left-padded batch: row texts of different lengths; images of different sizes (so different grids
-    on Qwen, different AnyRes tilings on LLaVA-NeXT) except on LLaVA-1.5, which resizes every image."""
-    texts, images, seed = [], [], 0
-    words = ["describe the image please", "w1 w2 w3 w4 w5 w6 w7 w8 describe the image"]
-    for row, n in enumerate(n_images_per_row):
-        texts.append(prompt_text(family, n, words[row % 2]))
+def batch_images(family: str, n_images_per_row=(1, 1), sizes=((112, 112), (112, 168)), seed: int = 0):
+    """The images of `batch_inputs`, one list per row: sizes cycle through `sizes` (the family's own where
+    it has them; LLaVA-1.5 resizes every image, so it gets one size), seeds count up from `seed`."""
+    rows = []
+    for n in n_images_per_row:
+        row = []
         for _ in range(n):
             family_sizes = IMAGE_SIZES.get(family, sizes)
             h, w = family_sizes[seed % len(family_sizes)] if family not in FIXED_SIZE else (112, 112)
-            images.append(rand_image(h, w, seed))
+            row.append(rand_image(h, w, seed))
             seed += 1
-    if family in NESTED_IMAGES:
-        flat = iter(images)
-        images = [[next(flat) for _ in range(n)] for n in n_images_per_row]
-    inputs = proc(text=texts, images=images, return_tensors="pt", padding=True)
-    return dict(inputs)
+        rows.append(row)
+    return rows
+
+
+def process(family: str, proc, texts: list[str], images_per_row: list[list], **kwargs) -> dict:
+    """The processor's tensors for row texts and their images (nested per row where the family wants it)."""
+    images = images_per_row if family in NESTED_IMAGES else [im for row in images_per_row for im in row]
+    return dict(proc(text=texts, images=images, return_tensors="pt", **kwargs))
+
+
+def batch_inputs(family: str, proc, n_images_per_row=(1, 1), sizes=((112, 112), (112, 168))):
+    """A left-padded batch: row texts of different lengths; images of different sizes (so different grids
+    on Qwen, different AnyRes tilings on LLaVA-NeXT) except on LLaVA-1.5, which resizes every image."""
+    words = ["describe the image please", "w1 w2 w3 w4 w5 w6 w7 w8 describe the image"]
+    texts = [prompt_text(family, n, words[row % 2]) for row, n in enumerate(n_images_per_row)]
+    return process(family, proc, texts, batch_images(family, n_images_per_row, sizes), padding=True)
 
 
 def text_inputs(proc):

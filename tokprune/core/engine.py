@@ -30,7 +30,7 @@ from tokprune.core.stats import PruneStats, StageStats
 from tokprune.core.timing import timed
 from tokprune.errors import MethodOptionError, UnsupportedInputError
 from tokprune.methods.base import LLMMethod, Method
-from tokprune.signals.llm import layer_signals
+from tokprune.signals.llm import cached_prefix, layer_signals
 
 if TYPE_CHECKING:
     from tokprune.patches import Adapter
@@ -51,6 +51,8 @@ class _Forward:
     # were pruned) and the unpruned length of that conversation; None / 0 for a fresh prefill
     prefix: torch.Tensor | None = None
     orig_past: int = 0
+    # a follow-up turn: boundary -> 2-D mask of what the cache of layers >= that boundary holds
+    stage_prefixes: dict[int, torch.Tensor] = field(default_factory=dict)
     follow_up: bool = False
     tokens: TokenMap | None = None
     image_rows: list[int] = field(default_factory=list)
@@ -159,12 +161,6 @@ class Engine:
                 "cache is not supported for this family; run the turn without past_key_values (the whole "
                 "conversation as one prompt)"
             )
-        if self.llm:
-            names = ", ".join(sorted({m.name for m, _ in self.llm}))
-            raise UnsupportedInputError(
-                f"a follow-up turn with new images on a reused KV cache is pruned by pre-LLM methods only; {names} "
-                "acts inside the LLM: run the turn without past_key_values or use a pre-LLM method"
-            )
         self._new_forward(args, kwargs, layout, follow_up=True)
 
     def _new_forward(self, args, kwargs, layout: ImageLayout | None, follow_up: bool) -> None:
@@ -240,10 +236,17 @@ class Engine:
                 f"{orig_past + length}: pass only the new tokens as input_ids and the mask of the whole "
                 "(unpruned) conversation"
             )
-        prefix = mask[:, :orig_past]
-        if state is not None and state.lm_mask is not None:  # the cache of the earlier turns was pruned
-            prefix = torch.cat([state.lm_mask, prefix[:, state.orig_len :].to(state.lm_mask.dtype)], dim=1)
-        fwd.prefix, fwd.orig_past = prefix, orig_past
+        tail = mask[:, state.orig_len : orig_past] if state is not None else None
+        fwd.prefix = _cache_mask(state.lm_mask if state is not None else None, mask[:, :orig_past], tail)
+        fwd.orig_past = orig_past
+        for b in (
+            self.boundaries
+        ):  # each stage's cache: the earlier turns as that stage (or the last before it) left them
+            earlier = [c for c in (state.stage_masks if state is not None else {}) if c <= b]
+            if earlier:
+                fwd.stage_prefixes[b] = _cache_mask(state.stage_masks[max(earlier)], None, tail)
+            else:
+                fwd.stage_prefixes[b] = fwd.prefix
         return self._on_lm_prefill(fwd, args, kwargs, mask[:, orig_past:])
 
     def _on_lm_prefill(self, fwd: _Forward, args, kwargs, mask: torch.Tensor | None):
@@ -399,11 +402,19 @@ class Engine:
         wanted = set(self._method_at(boundary).signals)
         kind = layer_type(self.adapter.text_config, attn.layer_idx)
         position_embeddings = fwd.position_embeddings.get(kind) or kwargs["position_embeddings"]
-        tokens = fwd.tokens
+        tokens, pkv = fwd.tokens, cache_in(kwargs)
+        context = None
+        if fwd.prefix is not None:  # a follow-up turn: its queries also attend to the earlier turns' cache
+            context = cached_prefix(pkv, attn.layer_idx, self._cache_mask_at(fwd, attn.layer_idx))
         return layer_signals(
-            wanted, attn, normed, position_embeddings, cache_in(kwargs),
-            tokens.valid, tokens.image_id, text_after_images(tokens),
+            wanted, attn, normed, position_embeddings, pkv,
+            tokens.valid, tokens.image_id, text_after_images(tokens), context,
         )  # fmt: skip
+
+    def _cache_mask_at(self, fwd: _Forward, layer: int) -> torch.Tensor:
+        """A follow-up turn: the 2-D mask of the earlier turns in the cache of `layer`."""
+        stages = [b for b in fwd.stage_prefixes if b <= layer]
+        return fwd.stage_prefixes[max(stages)] if stages else fwd.prefix
 
     def _make_layer_hook(self, j: int):
         def hook(module, args, kwargs):
@@ -461,7 +472,9 @@ class Engine:
                 method, budget, stage, fwd.tokens, fwd.layout, fwd.image_rows, counts, hidden, signals
             )
         if keep is not None:
-            hidden = self._compact_stage(boundary, keep, hidden, cache_in(kwargs))
+            hidden = self._compact_stage(boundary, keep, hidden)
+        if keep is not None or fwd.prefix is not None:  # a follow-up's later layers hold another cache
+            self._stage_masks(boundary, hidden, cache_in(kwargs))
         fwd.stats.stages.append(StageStats.of(method.name, f"llm@{boundary}", fwd.tokens.kept_visual()))
         return hidden
 
@@ -480,8 +493,8 @@ class Engine:
             out[name] = value[index.to(value.device)] * present.to(value.device)
         return out
 
-    def _compact_stage(self, boundary: int, keep: torch.Tensor, hidden: torch.Tensor, pkv) -> torch.Tensor:
-        """Layers >= boundary see only `keep` (B, L_cur): gather the stream, RoPE tables, positions, masks."""
+    def _compact_stage(self, boundary: int, keep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Layers >= boundary see only `keep` (B, L_cur): gather the stream, RoPE tables, positions, 2-D mask."""
         fwd = self.fwd
         compaction = Compaction.from_keep(keep)
         self.adapter.compact_stage(keep, fwd.tokens.visual_rank >= 0)
@@ -494,14 +507,20 @@ class Engine:
         if fwd.position_ids is not None:
             fwd.position_ids = compaction.take_positions(fwd.position_ids)
         fwd.mask_2d = compaction.take_mask(fwd.mask_2d)
-        hidden = compaction.take(hidden)
+        fwd.segments.append((boundary, fwd.tokens.real_tokens(), fwd.tokens.valid.shape[1]))
+        return compaction.take(hidden)
+
+    def _stage_masks(self, boundary: int, hidden: torch.Tensor, pkv) -> None:
+        """The masks of layers >= boundary: over the cache those layers hold (a follow-up turn's earlier
+        turns, as this stage pruned them) and the current tokens; kept for the decode steps."""
+        fwd = self.fwd
+        prefix = fwd.stage_prefixes.get(boundary)
+        mask_2d = fwd.mask_2d if prefix is None else torch.cat([prefix, fwd.mask_2d.to(prefix.dtype)], dim=1)
         fwd.layer_masks = {
-            kind: self.adapter.layer_mask(hidden, fwd.mask_2d, pkv, i, kind, fwd.tokens)
+            kind: self.adapter.layer_mask(hidden, mask_2d, pkv, i, kind, fwd.tokens)
             for kind, i in self._first_layers(boundary).items()
         }
-        self.state.stage_masks[boundary] = fwd.mask_2d
-        fwd.segments.append((boundary, fwd.tokens.real_tokens(), fwd.tokens.valid.shape[1]))
-        return hidden
+        self.state.stage_masks[boundary] = mask_2d
 
     def _decode_layer(self, j: int, args, kwargs):
         pruned_at = [b for b in self.state.stage_masks if b <= j]
@@ -535,6 +554,16 @@ class Engine:
                 stats.layer_tokens[row] += [n] * (end - start)
         self.last_stats = stats
         self.fwd = None
+
+
+def _cache_mask(
+    pruned: torch.Tensor | None, unpruned: torch.Tensor, tail: torch.Tensor | None
+) -> torch.Tensor:
+    """2-D mask of a cache: the prompt of the last pruned forward as it was pruned (`pruned`, with `tail`,
+    the unpruned mask of the tokens after it, appended), or, where nothing was pruned, `unpruned`."""
+    if pruned is None:
+        return unpruned
+    return pruned if tail is None else torch.cat([pruned, tail.to(pruned.dtype)], dim=1)
 
 
 def _runs_vision_tower(inner_kwargs: dict) -> bool:

@@ -6,10 +6,36 @@ RoPE from the (cos, sin) the decoder layer receives, GQA through `num_key_value_
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from tokprune.signals.attention import attention_rows, last_query_attention
+
+
+@dataclass
+class KeyContext:
+    """Keys a layer's current tokens also attend to, ahead of them: the KV cache of the earlier turns of a
+    conversation (as they were pruned at this layer). keys: (B, H_kv, P, d) post-RoPE; mask: (B, P) bool."""
+
+    keys: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+
+def _with_context(
+    keys: torch.Tensor, key_mask: torch.Tensor, context: KeyContext | None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(keys, key mask, offset of the current tokens) over the context followed by the current tokens."""
+    if context is None:
+        return keys, key_mask, 0
+    keys = torch.cat([context.keys.to(keys.dtype), keys], dim=2)
+    key_mask = torch.cat([context.mask.to(key_mask.device, torch.bool), key_mask], dim=1)
+    return keys, key_mask, context.length
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -45,17 +71,20 @@ def last_query_scores(
     position_embeddings,
     key_mask: torch.Tensor,
     keys: torch.Tensor | None = None,
+    context: KeyContext | None = None,
 ) -> torch.Tensor:
     """Head-mean attention of the last token over all tokens at this layer: (B, N) float32.
 
     normed: (B, N, D) the attention module's input (after input_layernorm); key_mask: (B, N) bool real
-    tokens; keys: (B, H_kv, N, d) post-RoPE keys if already at hand (e.g. from the KV cache).
+    tokens; keys: (B, H_kv, N, d) post-RoPE keys if already at hand (e.g. from the KV cache); context:
+    cached keys the last token also attends to (its softmax runs over them too; they get no score).
     """
     cos, sin = position_embeddings
     query = _rope(_heads(attn, attn.q_proj, "q_norm", normed[:, -1:]), cos[:, -1:], sin[:, -1:])
     if keys is None:
         keys = rotated_keys(attn, normed, position_embeddings)
-    return last_query_attention(query, keys, attn.scaling, key_mask)
+    keys, key_mask, offset = _with_context(keys, key_mask, context)
+    return last_query_attention(query, keys, attn.scaling, key_mask)[:, offset:]
 
 
 def cached_keys(past_key_values, layer_idx: int, length: int) -> torch.Tensor | None:
@@ -67,6 +96,12 @@ def cached_keys(past_key_values, layer_idx: int, length: int) -> torch.Tensor | 
     if keys is None or keys.dim() != 4 or keys.shape[-2] != length:
         return None
     return keys
+
+
+def cached_prefix(past_key_values, layer_idx: int, mask: torch.Tensor) -> KeyContext:
+    """The first mask.shape[1] cached keys of `layer_idx` (the earlier turns), with their 2-D mask (B, P)."""
+    keys = past_key_values.layers[layer_idx].keys
+    return KeyContext(keys=keys[:, :, : mask.shape[1]], mask=mask.bool())
 
 
 def _query_index(
@@ -99,27 +134,33 @@ def text_query_scores(
     query_positions: list[torch.Tensor],
     key_mask: torch.Tensor,
     keys: torch.Tensor | None = None,
+    context: KeyContext | None = None,
 ) -> torch.Tensor:
     """Attention the chosen query tokens of each row (e.g. its instruction) pay every token: (B, N, T).
 
     normed: (B, N, D) the attention module's input; query_positions: per row, ascending positions of its
     query tokens (a row without any uses its last real token); key_mask: (B, N) bool real tokens; keys:
-    (B, H_kv, N, d) post-RoPE keys if at hand. Entry [b, j, t] = head mean over the softmax row of query
-    t (over all real keys up to its own position) at key j; columns t >= len(query_positions[b]) are 0
-    (except column 0 of a row without queries). Keys come first so that token slices give rows (n, T).
+    (B, H_kv, N, d) post-RoPE keys if at hand; context: cached keys every query also attends to (in its
+    softmax; they get no score). Entry [b, j, t] = head mean over the softmax row of query t (over all
+    real keys up to its own position) at key j; columns t >= len(query_positions[b]) are 0 (except column
+    0 of a row without queries). Keys come first so that token slices give rows (n, T).
     """
     batch = normed.shape[0]
     cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)  # a shared (1, N, d) table too
     index, valid = _query_index(query_positions, key_mask)
-    gather = index[..., None]
-    rows = normed.gather(1, gather.expand(-1, -1, normed.shape[-1]))  # (B, T, D)
-    cos_q = cos.gather(1, gather.expand(-1, -1, cos.shape[-1]))
-    sin_q = sin.gather(1, gather.expand(-1, -1, sin.shape[-1]))
-    query = _rope(_heads(attn, attn.q_proj, "q_norm", rows), cos_q, sin_q)  # (B, H, T, d)
+    query = _rope(
+        _heads(attn, attn.q_proj, "q_norm", _take(normed, index)), _take(cos, index), _take(sin, index)
+    )
     if keys is None:
         keys = rotated_keys(attn, normed, position_embeddings)
-    weights = attention_rows(query, keys, attn.scaling, index, key_mask)  # (B, T, N), causal rows
+    keys, key_mask, offset = _with_context(keys, key_mask, context)
+    weights = attention_rows(query, keys, attn.scaling, index + offset, key_mask)[..., offset:]  # (B, T, N)
     return (weights * valid[..., None]).transpose(1, 2)
+
+
+def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, N, D) at positions index (B, T): (B, T, D)."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
 def visual_received_scores(
@@ -130,19 +171,22 @@ def visual_received_scores(
     key_mask: torch.Tensor,
     keys: torch.Tensor | None = None,
     chunk: int = 64,
+    context: KeyContext | None = None,
 ) -> torch.Tensor:
     """Attention each visual token receives from the visual tokens of its own image: (B, N) float32.
 
     normed: (B, N, D) the attention module's input; image_id: (B, N) image of every token (-1: text and
-    padding); key_mask: (B, N) bool real tokens; keys: (B, H_kv, N, d) post-RoPE keys if at hand. Entry
-    [b, j] of a visual token j = the mean, over the real tokens i of j's image in row b, of the head-mean
-    causal softmax row of query i (over all real keys up to i, as a causal decoder computes it) at key j;
-    0 for text and padding. Streams over `chunk` visual queries: memory O(H * chunk * N), never N x N.
+    padding); key_mask: (B, N) bool real tokens; keys: (B, H_kv, N, d) post-RoPE keys if at hand; context:
+    cached keys every query also attends to (in its softmax; they get no score). Entry [b, j] of a visual
+    token j = the mean, over the real tokens i of j's image in row b, of the head-mean causal softmax row
+    of query i (over all real keys up to i, as a causal decoder computes it) at key j; 0 for text and
+    padding. Streams over `chunk` visual queries: memory O(H * chunk * N), never N x N.
     """
-    batch, length, width = normed.shape
+    batch, length, _ = normed.shape
     cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)  # a shared (1, N, d) table too
     if keys is None:
         keys = rotated_keys(attn, normed, position_embeddings)
+    all_keys, all_mask, offset = _with_context(keys, key_mask, context)
     visual = (image_id >= 0) & key_mask
     per_row = visual.sum(1)
     n_queries = max(1, int(per_row.max()))
@@ -153,12 +197,12 @@ def visual_received_scores(
     received = torch.zeros(batch, length, dtype=torch.float32, device=normed.device)
     for t0 in range(0, n_queries, chunk):
         idx, ok = index[:, t0 : t0 + chunk], valid[:, t0 : t0 + chunk]  # (B, c)
-        gather = idx[..., None]
-        rows = normed.gather(1, gather.expand(-1, -1, width))
-        cos_q = cos.gather(1, gather.expand(-1, -1, cos.shape[-1]))
-        sin_q = sin.gather(1, gather.expand(-1, -1, sin.shape[-1]))
-        query = _rope(_heads(attn, attn.q_proj, "q_norm", rows), cos_q, sin_q)  # (B, H, c, d)
-        probs = attention_rows(query, keys, attn.scaling, idx, key_mask)  # (B, c, N) causal rows
+        query = _rope(
+            _heads(attn, attn.q_proj, "q_norm", _take(normed, idx)), _take(cos, idx), _take(sin, idx)
+        )
+        probs = attention_rows(query, all_keys, attn.scaling, idx + offset, all_mask)[
+            ..., offset:
+        ]  # (B, c, N)
         same = (image_id.gather(1, idx)[..., None] == image_id[:, None, :]) & ok[..., None]
         received += (probs * same).sum(1)
     ids = image_id.clamp(min=0)
@@ -180,28 +224,36 @@ def layer_signals(
     valid: torch.Tensor,
     image_id: torch.Tensor,
     instruction: list[torch.Tensor],
+    context: KeyContext | None = None,
 ) -> dict[str, torch.Tensor]:
     """The requested LLM signals of one attention module's input normed (B, L, D).
 
     valid: (B, L) real tokens; image_id: (B, L) image of each visual token (-1 elsewhere); instruction:
-    per row, positions of the text after the row's images. Keys come from the KV cache when it holds
-    exactly this sequence, else from the module's own projections. Returns, as asked:
-    "last_query_attention" (B, L), "text_query_attention" (B, L, T) (the instruction's rows, keys first),
-    "visual_attention" (B, L) (received from the visual tokens of the same image), "keys" (B, L, H_kv*d).
+    per row, positions of the text after the row's images; context: the cached keys of earlier turns the
+    current tokens attend to (a follow-up turn on a reused cache; None for a prefill). Keys come from the
+    KV cache when it holds exactly the context and this sequence, else from the module's own projections.
+    Returns, as asked: "last_query_attention" (B, L), "text_query_attention" (B, L, T) (the instruction's
+    rows, keys first), "visual_attention" (B, L) (received from the visual tokens of the same image),
+    "keys" (B, L, H_kv*d). Attention rows run their softmax over the context too; it gets no score.
     """
-    keys = cached_keys(past_key_values, attn.layer_idx, normed.shape[1])
-    if keys is None and wanted & NEEDS_KEYS:
+    prefix = context.length if context is not None else 0
+    keys = cached_keys(past_key_values, attn.layer_idx, prefix + normed.shape[1])
+    if keys is not None:
+        keys = keys[:, :, prefix:]
+    elif wanted & NEEDS_KEYS:
         keys = rotated_keys(attn, normed, position_embeddings)
     out = {}
     if "last_query_attention" in wanted:
-        out["last_query_attention"] = last_query_scores(attn, normed, position_embeddings, valid, keys=keys)
+        out["last_query_attention"] = last_query_scores(
+            attn, normed, position_embeddings, valid, keys=keys, context=context
+        )
     if "text_query_attention" in wanted:
         out["text_query_attention"] = text_query_scores(
-            attn, normed, position_embeddings, instruction, valid, keys=keys
+            attn, normed, position_embeddings, instruction, valid, keys=keys, context=context
         )
     if "visual_attention" in wanted:
         out["visual_attention"] = visual_received_scores(
-            attn, normed, position_embeddings, image_id, valid, keys=keys
+            attn, normed, position_embeddings, image_id, valid, keys=keys, context=context
         )
     if "keys" in wanted:
         out["keys"] = keys.transpose(1, 2).flatten(2)  # heads concatenated
