@@ -6,74 +6,35 @@ Hook points (DESIGN §4):
   * vision hooks (adapter): ViT-side signals;
   * language-model pre-hook: pre-LLM selection and compaction of inputs_embeds, mask and position ids
     (prefill); rebuild of the 2-D mask against the pruned cache (decode);
-  * decoder-layer hooks from the first in-LLM boundary on: stage selection and compaction of the
+  * decoder-layer hooks from the first in-LLM boundary on (`stages.py`): stage selection and compaction of the
     residual stream, then the stage's mask / RoPE tables / position ids for every later layer.
 Kept tokens always keep their original positions; rows are re-packed with left padding.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from tokprune.core.budget import Budget
 from tokprune.core.compaction import Compaction
 from tokprune.core.compat import cache_in
+from tokprune.core.forward import Forward, cache_mask
 from tokprune.core.layout import ImageLayout, VisionSignalStore, image_rows
-from tokprune.core.masks import layer_type
-from tokprune.core.selection import align_signals, content_counts, select_llm, select_pre, text_after_images
+from tokprune.core.selection import align_signals, content_counts, select_pre, text_after_images
+from tokprune.core.stages import StageHooks, llm_stages
 from tokprune.core.state import PrefillState, TokenMap, max_position
 from tokprune.core.stats import PruneStats, StageStats
 from tokprune.core.timing import timed
-from tokprune.errors import MethodOptionError, UnsupportedInputError
+from tokprune.errors import UnsupportedInputError
 from tokprune.methods.base import LLMMethod, Method
-from tokprune.signals.llm import cached_prefix, layer_signals
 
 if TYPE_CHECKING:
     from tokprune.patches import Adapter
 
-# LLM signals computed from the layer's post-RoPE keys
 
-
-@dataclass
-class _Forward:
-    """A prefill in flight: the image layout, the current token map and the LLM-side tensors of the
-    current stage (RoPE tables, position ids, 2-D mask, per-layer-type 4-D masks), the signals of
-    pending stage boundaries, and `segments`: (first layer, real tokens per row, padded length) of
-    every stretch of layers that saw the same tokens."""
-
-    input_ids: torch.Tensor | None
-    layout: ImageLayout | None
-    # a follow-up turn on a reused KV cache: the 2-D mask of what the cache holds (earlier turns as they
-    # were pruned) and the unpruned length of that conversation; None / 0 for a fresh prefill
-    prefix: torch.Tensor | None = None
-    orig_past: int = 0
-    # a follow-up turn: boundary -> 2-D mask of what the cache of layers >= that boundary holds
-    stage_prefixes: dict[int, torch.Tensor] = field(default_factory=dict)
-    follow_up: bool = False
-    tokens: TokenMap | None = None
-    image_rows: list[int] = field(default_factory=list)
-    entry_counts: list[int] = field(default_factory=list)  # per image, content tokens entering the LLM
-    image_counts: list[int] = field(default_factory=list)  # per image, content tokens before any pruning
-    # ViT signals in-LLM methods read, (N_visual, ...) in masked_scatter order, and each row's first index
-    vision_values: dict[str, torch.Tensor] = field(default_factory=dict)
-    visual_offsets: torch.Tensor | None = None
-    # per layer type (one RoPE table per type: Gemma 3's global and local bases), over the current sequence
-    position_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    source: Compaction | None = None  # the in-LLM compactions so far, composed (indexes the LM input)
-    position_ids: torch.Tensor | None = None
-    mask_2d: torch.Tensor | None = None
-    layer_masks: dict[str, object] = field(default_factory=dict)
-    llm_signals: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
-    segments: list[tuple[int, list[int], int]] = field(default_factory=list)
-    stats: PruneStats = field(default_factory=PruneStats)
-    seconds: list[float] = field(default_factory=lambda: [0.0])
-
-
-class Engine:
+class Engine(StageHooks):
     """Installs and removes every hook of one pruning configuration on one model instance."""
 
     def __init__(
@@ -89,7 +50,7 @@ class Engine:
         self.llm = llm
         self.store = VisionSignalStore()
         self.state: PrefillState | None = None
-        self.fwd: _Forward | None = None
+        self.fwd: Forward | None = None
         self.last_stats: PruneStats | None = None
         self._decode_tail: torch.Tensor | None = None
         self._decode_masks: dict[tuple[int, str], object] = {}
@@ -170,7 +131,7 @@ class Engine:
             raise UnsupportedInputError(
                 "tokprune needs input_ids (not only inputs_embeds) to find the image tokens"
             )
-        self.fwd = _Forward(input_ids=input_ids, layout=layout, follow_up=follow_up)
+        self.fwd = Forward(input_ids=input_ids, layout=layout, follow_up=follow_up)
         if _runs_vision_tower(kwargs):
             self.store.clear()  # the vision tower runs inside this forward (else generate() ran it)
 
@@ -216,7 +177,7 @@ class Engine:
             return None
         return self._on_lm_prefill(fwd, args, kwargs, mask)
 
-    def _on_lm_follow_up(self, fwd: _Forward, args, kwargs, past: int, mask: torch.Tensor | None):
+    def _on_lm_follow_up(self, fwd: Forward, args, kwargs, past: int, mask: torch.Tensor | None):
         """New tokens of a follow-up turn on a cache of `past` slots (layer 0): their images are pruned like
         a prefill's, and the LLM attends to the cache through the mask it was pruned to.
 
@@ -237,19 +198,19 @@ class Engine:
                 "(unpruned) conversation"
             )
         tail = mask[:, state.orig_len : orig_past] if state is not None else None
-        fwd.prefix = _cache_mask(state.lm_mask if state is not None else None, mask[:, :orig_past], tail)
+        fwd.prefix = cache_mask(state.lm_mask if state is not None else None, mask[:, :orig_past], tail)
         fwd.orig_past = orig_past
         for b in (
             self.boundaries
         ):  # each stage's cache: the earlier turns as that stage (or the last before it) left them
             earlier = [c for c in (state.stage_masks if state is not None else {}) if c <= b]
             if earlier:
-                fwd.stage_prefixes[b] = _cache_mask(state.stage_masks[max(earlier)], None, tail)
+                fwd.stage_prefixes[b] = cache_mask(state.stage_masks[max(earlier)], None, tail)
             else:
                 fwd.stage_prefixes[b] = fwd.prefix
         return self._on_lm_prefill(fwd, args, kwargs, mask[:, orig_past:])
 
-    def _on_lm_prefill(self, fwd: _Forward, args, kwargs, mask: torch.Tensor | None):
+    def _on_lm_prefill(self, fwd: Forward, args, kwargs, mask: torch.Tensor | None):
         """mask: (B, L) the 2-D padding mask of the new tokens (behind the LM's mask dict where the family
         builds one); a follow-up turn also has `fwd.prefix`, the mask of the cache it continues."""
         embeds = kwargs["inputs_embeds"]
@@ -366,13 +327,6 @@ class Engine:
             kind: self.adapter.layer_mask(hidden, mask_2d, pkv, i, kind, tokens) for kind, i in first.items()
         }
 
-    def _first_layers(self, start: int) -> dict[str, int]:
-        """{layer type: index of its first decoder layer >= start} (the cache that sizes its masks)."""
-        first: dict[str, int] = {}
-        for i in range(start, len(self.adapter.decoder_layers)):
-            first.setdefault(layer_type(self.adapter.text_config, i), i)
-        return first
-
     def _on_lm_done(self, module, args, output):
         fwd = self.fwd
         if fwd is None or fwd.tokens is None:
@@ -380,190 +334,9 @@ class Engine:
         self._finish(fwd)
         return None
 
-    # ------------------------------------------------------------------ in-LLM stages
-    def _make_score_hook(self, boundary: int):
-        """Forward hook on layers[boundary - 1].self_attn: the boundary's signals from that layer."""
-
-        def hook(module, args, kwargs, output):
-            fwd = self.fwd
-            if fwd is None or fwd.tokens is None:
-                return None
-            normed = kwargs.get("hidden_states", args[0] if args else None)
-            with timed(fwd.seconds, normed.device):
-                fwd.llm_signals[boundary] = self._attention_signals(module, normed, kwargs, fwd, boundary)
-            return None
-
-        return hook
-
-    def _attention_signals(
-        self, attn: nn.Module, normed: torch.Tensor, kwargs, fwd: _Forward, boundary: int
-    ) -> dict:
-        """The LLM signals the method asked for, from one attention module's input (B, L_cur, D)."""
-        wanted = set(self._method_at(boundary).signals)
-        kind = layer_type(self.adapter.text_config, attn.layer_idx)
-        position_embeddings = fwd.position_embeddings.get(kind) or kwargs["position_embeddings"]
-        tokens, pkv = fwd.tokens, cache_in(kwargs)
-        context = None
-        if fwd.prefix is not None:  # a follow-up turn: its queries also attend to the earlier turns' cache
-            context = cached_prefix(pkv, attn.layer_idx, self._cache_mask_at(fwd, attn.layer_idx))
-        return layer_signals(
-            wanted, attn, normed, position_embeddings, pkv,
-            tokens.valid, tokens.image_id, text_after_images(tokens), context,
-        )  # fmt: skip
-
-    def _cache_mask_at(self, fwd: _Forward, layer: int) -> torch.Tensor:
-        """A follow-up turn: the 2-D mask of the earlier turns in the cache of `layer`."""
-        stages = [b for b in fwd.stage_prefixes if b <= layer]
-        return fwd.stage_prefixes[max(stages)] if stages else fwd.prefix
-
-    def _make_layer_hook(self, j: int):
-        def hook(module, args, kwargs):
-            if self.fwd is not None and self.fwd.tokens is not None:
-                return self._prefill_layer(j, module, args, kwargs)
-            if self.state is not None and self.state.stage_masks and self._decode_tail is not None:
-                return self._decode_layer(j, args, kwargs)
-            return None
-
-        return hook
-
-    def _prefill_layer(self, j: int, layer: nn.Module, args, kwargs):
-        fwd = self.fwd
-        hidden = args[0] if args else kwargs["hidden_states"]
-        kind = layer_type(self.adapter.text_config, j)
-        if not fwd.position_embeddings:
-            fwd.position_ids = kwargs.get("position_ids")
-        if kind not in fwd.position_embeddings:  # the LM's table of this type, over the LM input
-            cos, sin = kwargs["position_embeddings"]
-            gather = fwd.source.take if fwd.source is not None else (lambda table: table)
-            fwd.position_embeddings[kind] = (gather(cos), gather(sin))
-        if j in self.boundaries:
-            hidden = self._run_stage(j, layer, hidden, kwargs)
-        if fwd.layer_masks:
-            kwargs["attention_mask"] = fwd.layer_masks[kind]
-            kwargs["position_embeddings"] = fwd.position_embeddings[kind]
-            kwargs["position_ids"] = fwd.position_ids
-        if args:
-            args = (hidden, *args[1:])
-        else:
-            kwargs["hidden_states"] = hidden
-        return args, kwargs
-
-    def _method_at(self, boundary: int) -> LLMMethod:
-        return self.llm[self.stage_of[boundary][0]][0]
-
-    def _run_stage(self, boundary: int, layer: nn.Module, hidden: torch.Tensor, kwargs) -> torch.Tensor:
-        fwd = self.fwd
-        index, stage = self.stage_of[boundary]
-        method, budget = self.llm[index]
-        with timed(fwd.seconds, hidden.device):
-            if stage == 0 and index > 0:  # a later method counts its budget on the tokens it receives
-                fwd.entry_counts = content_counts(fwd.tokens, fwd.layout, fwd.image_rows)
-            if method.score_at == "boundary":
-                normed = layer.input_layernorm(hidden)
-                fwd.llm_signals[boundary] = self._attention_signals(
-                    layer.self_attn, normed, kwargs, fwd, boundary
-                )
-            signals = dict(fwd.llm_signals.pop(boundary, {}))
-            if "hidden" in method.signals:
-                signals["hidden"] = self.adapter.language_model.norm(hidden)
-            signals.update(self._vision_signals_now(fwd, method))
-            counts = fwd.image_counts if method.counts_on_image else fwd.entry_counts
-            keep, hidden = select_llm(
-                method, budget, stage, fwd.tokens, fwd.layout, fwd.image_rows, counts, hidden, signals
-            )
-        if keep is not None:
-            hidden = self._compact_stage(boundary, keep, hidden)
-        if keep is not None or fwd.prefix is not None:  # a follow-up's later layers hold another cache
-            self._stage_masks(boundary, hidden, cache_in(kwargs))
-        fwd.stats.stages.append(StageStats.of(method.name, f"llm@{boundary}", fwd.tokens.kept_visual()))
-        return hidden
-
-    def _llm_vision_names(self) -> set[str]:
-        """ViT signals the in-LLM methods read (e.g. MustDrop's [CLS]-protected key tokens)."""
-        return {n for m, _ in self.llm for n in m.signals if self.adapter.is_vision_signal(n)}
-
-    def _vision_signals_now(self, fwd: _Forward, method: LLMMethod) -> dict[str, torch.Tensor]:
-        """The ViT signals `method` reads, for the tokens present now: (B, L_cur, ...), 0 at text/padding."""
-        rank = fwd.tokens.visual_rank  # (B, L_cur)
-        out = {}
-        for name in (n for n in method.signals if self.adapter.is_vision_signal(n)):
-            value = fwd.vision_values[name]
-            index = (fwd.visual_offsets.to(rank.device)[:, None] + rank).clamp(min=0)
-            present = (rank >= 0).reshape(*rank.shape, *[1] * (value.dim() - 1))
-            out[name] = value[index.to(value.device)] * present.to(value.device)
-        return out
-
-    def _compact_stage(self, boundary: int, keep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """Layers >= boundary see only `keep` (B, L_cur): gather the stream, RoPE tables, positions, 2-D mask."""
-        fwd = self.fwd
-        compaction = Compaction.from_keep(keep)
-        self.adapter.compact_stage(keep, fwd.tokens.visual_rank >= 0)
-        fwd.tokens = fwd.tokens.take(compaction)
-        fwd.position_embeddings = {
-            kind: (compaction.take(cos), compaction.take(sin))
-            for kind, (cos, sin) in fwd.position_embeddings.items()
-        }
-        fwd.source = compaction if fwd.source is None else fwd.source.then(compaction)
-        if fwd.position_ids is not None:
-            fwd.position_ids = compaction.take_positions(fwd.position_ids)
-        fwd.mask_2d = compaction.take_mask(fwd.mask_2d)
-        fwd.segments.append((boundary, fwd.tokens.real_tokens(), fwd.tokens.valid.shape[1]))
-        return compaction.take(hidden)
-
-    def _stage_masks(self, boundary: int, hidden: torch.Tensor, pkv) -> None:
-        """The masks of layers >= boundary: over the cache those layers hold (a follow-up turn's earlier
-        turns, as this stage pruned them) and the current tokens; kept for the decode steps."""
-        fwd = self.fwd
-        prefix = fwd.stage_prefixes.get(boundary)
-        mask_2d = fwd.mask_2d if prefix is None else torch.cat([prefix, fwd.mask_2d.to(prefix.dtype)], dim=1)
-        fwd.layer_masks = {
-            kind: self.adapter.layer_mask(hidden, mask_2d, pkv, i, kind, fwd.tokens)
-            for kind, i in self._first_layers(boundary).items()
-        }
-        self.state.stage_masks[boundary] = mask_2d
-
-    def _decode_layer(self, j: int, args, kwargs):
-        pruned_at = [b for b in self.state.stage_masks if b <= j]
-        if not pruned_at:
-            return None
-        boundary = max(pruned_at)
-        stage_mask = self.state.stage_masks[boundary]
-        kind = layer_type(self.adapter.text_config, j)
-        key = (boundary, kind)
-        if key not in self._decode_masks:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            mask_2d = torch.cat([stage_mask, self._decode_tail.to(stage_mask.dtype)], dim=1)
-            pkv = cache_in(kwargs)
-            # the first layer of this type since the boundary sizes the mask (j, as layers run in order)
-            self._decode_masks[key] = self.adapter.layer_mask(hidden, mask_2d, pkv, j, kind)
-        kwargs["attention_mask"] = self._decode_masks[key]
-        return args, kwargs
-
-    # ------------------------------------------------------------------ stats
-    def _finish(self, fwd: _Forward) -> None:
-        stats = fwd.stats
-        stats.kept = fwd.tokens.kept_visual()
-        stats.visual_kept = [int(k.numel()) for k in stats.kept]
-        stats.scoring_seconds = fwd.seconds[0]
-        num_layers = len(self.adapter.decoder_layers)
-        bounds = [start for start, _, _ in fwd.segments[1:]] + [num_layers]
-        stats.layer_tokens = [[] for _ in stats.visual_in]
-        for (start, real, padded), end in zip(fwd.segments, bounds):
-            stats.layer_lengths += [padded] * (end - start)
-            for row, n in enumerate(real):
-                stats.layer_tokens[row] += [n] * (end - start)
-        self.last_stats = stats
+    def _finish(self, fwd: Forward) -> None:
+        self.last_stats = fwd.finished_stats(len(self.adapter.decoder_layers))
         self.fwd = None
-
-
-def _cache_mask(
-    pruned: torch.Tensor | None, unpruned: torch.Tensor, tail: torch.Tensor | None
-) -> torch.Tensor:
-    """2-D mask of a cache: the prompt of the last pruned forward as it was pruned (`pruned`, with `tail`,
-    the unpruned mask of the tokens after it, appended), or, where nothing was pruned, `unpruned`."""
-    if pruned is None:
-        return unpruned
-    return pruned if tail is None else torch.cat([pruned, tail.to(pruned.dtype)], dim=1)
 
 
 def _runs_vision_tower(inner_kwargs: dict) -> bool:
@@ -582,24 +355,3 @@ def _reject_static_cache(past_key_values) -> None:
         raise UnsupportedInputError(
             f"{type(past_key_values).__name__} is not supported (pruned caches change length); use the default DynamicCache"
         )
-
-
-def llm_stages(llm: list[tuple[LLMMethod, Budget]], num_layers: int) -> dict[int, tuple[int, int]]:
-    """{boundary layer: (index of its method in `llm`, stage of that method)}.
-
-    Methods act one after the other: every boundary of a method lies after all boundaries of the methods
-    before it, so each later method prunes what the earlier ones kept.
-    """
-    stages: dict[int, tuple[int, int]] = {}
-    last = 0
-    for index, (method, _) in enumerate(llm):
-        bounds = method.boundaries(num_layers)
-        if bounds and bounds[0] <= last:
-            raise MethodOptionError(
-                f"in-LLM methods act one after the other: {method.name} prunes at layers {bounds}, which "
-                f"is not after layer {last} where the previous method prunes; set its layer(s) later"
-            )
-        for stage, boundary in enumerate(bounds):
-            stages[boundary] = (index, stage)
-        last = bounds[-1] if bounds else last
-    return stages
