@@ -32,10 +32,8 @@ class Adapter:
     # from that). Methods with `needs_tiles` (HiRED, GlobalCom²) are refused on adapters without it.
     # Tiles laid out one after another (InternVL) do not say where each tile sits, so they do not qualify.
     tiles: ClassVar[bool] = False
-    # a follow-up turn that reuses the KV cache may bring new images, pruned as they arrive: families whose
-    # positions of a continued prompt are plain 1-D numbers that generate() derives from the 2-D mask.
-    # Qwen (M-RoPE: transformers recomputes 3-D positions from the whole conversation's input_ids) and
-    # Gemma 3 (bidirectional image blocks across cache and new tokens) set it False: they refuse it.
+    # a follow-up turn that reuses the KV cache may bring new images, pruned as they arrive. Gemma 3 sets it
+    # False and refuses such a turn (its bidirectional image blocks would span cache and new tokens).
     follow_up_images: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module) -> None:
@@ -147,6 +145,15 @@ class Adapter:
     def position_rows(self) -> int:
         """1 for (B, L) position ids, 3 for Qwen's M-RoPE (3, B, L)."""
         return 1
+
+    def follow_up_positions(
+        self, inner_kwargs: dict, input_ids: torch.Tensor, mask: torch.Tensor, first: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Positions of a follow-up turn's new tokens (B, L) that bring images, where transformers does not
+        number them as the whole conversation would: (rows, B, L) from `first` (B,), the original position
+        of each row's first real new token; mask: (B, L) their padding mask. None where transformers' own
+        positions are right (1-D RoPE families)."""
+        return None
 
     def install_vision_hooks(self, names: set[str], store: VisionSignalStore) -> list:
         """Hooks that fill `store` with the requested ViT signals during the vision forward."""

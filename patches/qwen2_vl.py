@@ -44,7 +44,6 @@ class Qwen2VLAdapter(Adapter):
 
     model_classes = ("Qwen2VLForConditionalGeneration",)
     family = "qwen2_vl"
-    follow_up_images = False
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -65,6 +64,26 @@ class Qwen2VLAdapter(Adapter):
 
     def position_rows(self) -> int:
         return 3
+
+    def follow_up_positions(
+        self, inner_kwargs: dict, input_ids: torch.Tensor, mask: torch.Tensor, first: torch.Tensor
+    ) -> torch.Tensor:
+        """The new turn's M-RoPE rows (3, B, L) as the whole conversation numbers them: the model's own
+        `get_rope_index` over the turn (which counts from 0 at its first real token, a text token) moved
+        to `first` (B,). mask: (B, L) the turn's padding mask."""
+        types = torch.zeros_like(input_ids, dtype=torch.int)
+        types[input_ids == self.image_token_id] = 1
+        types[input_ids == self.video_token_id] = 2
+        grids = {
+            f"{kind}_grid_thw": self._grid(kind, inner_kwargs) if self._present(kind, inner_kwargs) else None
+            for kind in KINDS
+        }
+        extra = {k: inner_kwargs[k] for k in ("second_per_grid_ts",) if inner_kwargs.get(k) is not None}
+        rows, _ = self.inner.get_rope_index(
+            input_ids, mm_token_type_ids=types, attention_mask=mask, **grids, **extra
+        )
+        start = rows[0].gather(1, mask.long().argmax(1, keepdim=True)).squeeze(1)  # at the first real token
+        return (rows + (first.to(rows) - start)[None, :, None]).masked_fill(~mask.bool()[None], 1)
 
     def object_layer(self, num_layers: int) -> int:
         """Half the depth: the 16th of Qwen2.5-VL's 32 blocks (HiPrune's setting, counted from 1), index 15."""

@@ -22,7 +22,11 @@ TOL = 1e-5
 NEW = 3
 FOLLOW_UP = "and what about this one"
 FIRST_TURN = (1, 2)  # images per row in turn 1; turn 2 brings one new image per row
-FAMILIES = ["llava", "llava_next", "llava_onevision", "internvl", "smolvlm", "idefics3"]
+FAMILIES = [
+    "llava", "llava_next", "llava_onevision", "internvl", "smolvlm", "idefics3", "qwen2_vl", "qwen2_5_vl",
+    "qwen3_vl",
+]  # fmt: skip
+TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")  # per-token types the processor returns (Qwen: M-RoPE)
 # pre-LLM, in-LLM (last-query, instruction-query, visual-visual and key signals), and a composition
 METHODS = ["divprune", "fastervlm", "random", "fastv", "pdrop", "sparsevlm", "dart", COMPOSITION]
 
@@ -35,55 +39,106 @@ def _generate(model, **inputs):
         )  # fmt: skip
 
 
-def _new_images(batch: int) -> list[list]:
-    return [[rand_image(112, 140, 50 + row)] for row in range(batch)]
+def _new_images(batch: int, turn: int = 2) -> list[list]:
+    return [[rand_image(112, 140, 10 * turn + 30 + row)] for row in range(batch)]
 
 
-def _follow_up(family, proc, batch: int) -> dict:
+def _follow_up(family, proc, batch: int, turn: int = 2) -> dict:
     """The new turn of every row (equal lengths: no padding inside it), with its new image."""
     text = " " + prompt_text(family, 1, FOLLOW_UP)
-    return process(family, proc, [text] * batch, _new_images(batch), add_special_tokens=False)
+    return process(family, proc, [text] * batch, _new_images(batch, turn), add_special_tokens=False)
 
 
-def _whole_conversation_pixels(family, proc) -> dict:
-    """The image tensors of both turns in the order the whole conversation's placeholders take them,
-    from the processor itself (row by row: each row's first-turn images, then its new one)."""
-    first = batch_images(family, FIRST_TURN)
-    images = [old + new for old, new in zip(first, _new_images(len(FIRST_TURN)))]
+def _whole_conversation_pixels(family, proc, turns: int = 2) -> dict:
+    """The image tensors of every turn in the order the whole conversation's placeholders take them,
+    from the processor itself (row by row: each row's first-turn images, then one per later turn)."""
+    images = batch_images(family, FIRST_TURN)
+    for turn in range(2, turns + 1):
+        images = [old + new for old, new in zip(images, _new_images(len(FIRST_TURN), turn))]
     texts = [prompt_text(family, len(row), "x") for row in images]
     out = process(family, proc, texts, images, padding=True)
-    return {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", "token_type_ids")}
+    return {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", *TYPE_KEYS)}
 
 
-def _both_turns(stats1, stats2, n_visual1: list[int]):
-    """Stats whose stages keep, over the whole conversation's visual tokens, what each turn's stage kept."""
-    assert [s.where for s in stats1.stages] == [s.where for s in stats2.stages]
-    stages = [
-        StageStats.of(
-            a.method, a.where, [torch.cat([k1, k2 + n]) for k1, k2, n in zip(a.kept, b.kept, n_visual1)]
-        )
-        for a, b in zip(stats1.stages, stats2.stages)
-    ]
-    return type(stats1)(stages=stages)
+def _token_types(model, ids: torch.Tensor) -> dict:
+    """mm_token_type_ids of `ids` on the models whose positions need them (1 image, 2 video)."""
+    if getattr(model.config, "vision_start_token_id", None) is None:
+        return {}
+    types = (ids == model.config.image_token_id).long()
+    return {"mm_token_type_ids": types + 2 * (ids == model.config.video_token_id).long()}
 
 
-def _conversation(model, proc, family, method):
-    """Two turns under `method`: (turn-1 inputs, its generated tokens, turn-2 inputs, turn-2 output, stats
-    of each turn)."""
+def _whole(model, proc, family, first: dict, pieces: list[torch.Tensor]) -> dict:
+    """The whole conversation as one prompt: turn 1, then `pieces` (generated tokens and the later turns'
+    tokens, alternating), the mask (no padding after turn 1), every image in order."""
+    ids = torch.cat([first["input_ids"], *pieces], dim=1)
+    mask = torch.cat([first["attention_mask"], *(torch.ones_like(p) for p in pieces)], 1)
+    return {
+        "input_ids": ids, "attention_mask": mask, **_whole_conversation_pixels(family, proc, 1 + len(pieces) // 2),
+        **_token_types(model, ids),
+    }  # fmt: skip
+
+
+def _all_turns(stats: list, n_visual: list[list[int]]):
+    """Stats whose stages keep, over the whole conversation's visual tokens, what each turn's stage kept.
+    n_visual[t][row]: visual tokens of row in turns before turn t."""
+    wheres = [s.where for s in stats[0].stages]
+    assert all([s.where for s in st.stages] == wheres for st in stats)
+    stages = []
+    for index, where in enumerate(wheres):
+        kept = [
+            torch.cat([st.stages[index].kept[row] + offsets[row] for st, offsets in zip(stats, n_visual)])
+            for row in range(len(n_visual[0]))
+        ]
+        stages.append(StageStats.of(stats[0].stages[index].method, where, kept))
+    return type(stats[0])(stages=stages)
+
+
+def _conversation(model, proc, family, method, turns: int = 2):
+    """`turns` turns under `method`, each after the first bringing one new image per row: (turn-1 inputs,
+    the tokens that followed it: generated, new turn, generated, ..., the last turn's output, the stats
+    of every turn)."""
     first = batch_inputs(family, proc, FIRST_TURN)
+    pieces, stats = [], []
     with tokprune.apply(model, method, keep_ratio=0.25) as pruner:
-        out1 = _generate(model, **first)
-        stats1 = pruner.stats
-        second = _follow_up(family, proc, first["input_ids"].shape[0])
-        gen1 = out1.sequences[:, first["input_ids"].shape[1] :]
-        new_ids = torch.cat([gen1[:, -1:], second["input_ids"]], dim=1)
-        mask = torch.cat(
-            [first["attention_mask"], torch.ones_like(gen1), torch.ones_like(second["input_ids"])], 1
-        )
-        turn2 = {**second, "input_ids": new_ids, "attention_mask": mask}
-        out2 = _generate(model, **turn2, past_key_values=out1.past_key_values)
-        stats2 = pruner.stats
-    return first, gen1, second, out2, stats1, stats2
+        out = _generate(model, **first)
+        stats.append(pruner.stats)
+        for turn in range(2, turns + 1):
+            new = _follow_up(family, proc, first["input_ids"].shape[0], turn)
+            generated = out.sequences[:, -NEW:]
+            pieces += [generated, new["input_ids"]]
+            new_ids = torch.cat([generated[:, -1:], new["input_ids"]], dim=1)
+            mask = torch.cat([first["attention_mask"], *(torch.ones_like(p) for p in pieces)], 1)
+            turn_inputs = {
+                **new,
+                "input_ids": new_ids,
+                "attention_mask": mask,
+                **_token_types(model, new_ids),
+            }
+            out = _generate(model, **turn_inputs, past_key_values=out.past_key_values)
+            stats.append(pruner.stats)
+    return first, pieces, out, stats
+
+
+def _assert_last_turn_equals_the_whole_conversation(model, proc, family, first, pieces, out, stats):
+    """The last turn's logits (prefill and decode steps) equal the unpatched model on the whole
+    conversation at once, each turn's dropped tokens masked from the layer its stage acts at."""
+    image_id = model.config.image_token_id
+    turn_ids = [first["input_ids"], *pieces[1::2]]
+    before, n_visual = torch.zeros(len(FIRST_TURN), dtype=torch.long), []
+    for ids in turn_ids:
+        n_visual.append(before.tolist())
+        before = before + (ids == image_id).sum(1)
+    generated = out.sequences[:, -NEW:]
+    with torch.no_grad():
+        reference = reference_logits(
+            model, _whole(model, proc, family, first, pieces), _all_turns(stats, n_visual), None,
+            generated[:, : NEW - 1],
+        )  # fmt: skip
+    for step in range(NEW):
+        logits = reference[0][:, -1] if step == 0 else reference[step]
+        scale = max(1.0, float(logits.abs().max()))
+        torch.testing.assert_close(out.logits[step], logits, atol=TOL * scale, rtol=0)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -91,31 +146,26 @@ def _conversation(model, proc, family, method):
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m if isinstance(m, str) else "composition")
 def test_follow_up_turn_equals_the_masked_whole_conversation(tiny, family, method, attn):
     model, proc = tiny(family, attn)
-    first, gen1, second, out2, stats1, stats2 = _conversation(model, proc, family, method)
-    image_id = model.config.image_token_id
+    first, pieces, out, stats = _conversation(model, proc, family, method)
     # the second turn pruned exactly its own new images, to the budget
-    visual1, visual2 = first["input_ids"] == image_id, second["input_ids"] == image_id
-    assert stats2.visual_in == visual2.sum(1).tolist()
+    visual2 = pieces[1] == model.config.image_token_id
+    assert stats[1].visual_in == visual2.sum(1).tolist()
     assert (
-        stats2.visual_kept == [int(k.numel()) for k in stats2.kept] and stats2.visual_kept < stats2.visual_in
+        stats[1].visual_kept == [int(k.numel()) for k in stats[1].kept]
+        and stats[1].visual_kept < stats[1].visual_in
     )
-    # reference: the whole conversation at once, each turn's dropped tokens masked from the layer its stage
-    # acts at, original positions
-    gen2 = out2.sequences[:, -NEW:]
-    whole = {
-        "input_ids": torch.cat([first["input_ids"], gen1, second["input_ids"]], dim=1),
-        "attention_mask": torch.cat(
-            [first["attention_mask"], torch.ones_like(gen1), torch.ones_like(second["input_ids"])], 1
-        ),
-        **_whole_conversation_pixels(family, proc),
-    }
-    stats = _both_turns(stats1, stats2, visual1.sum(1).tolist())
-    with torch.no_grad():
-        reference = reference_logits(model, whole, stats, None, gen2[:, : NEW - 1])
-    for step in range(NEW):
-        logits = reference[0][:, -1] if step == 0 else reference[step]
-        scale = max(1.0, float(logits.abs().max()))
-        torch.testing.assert_close(out2.logits[step], logits, atol=TOL * scale, rtol=0)
+    _assert_last_turn_equals_the_whole_conversation(model, proc, family, first, pieces, out, stats)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize(
+    "method", ["divprune", COMPOSITION], ids=lambda m: m if isinstance(m, str) else "composition"
+)
+def test_a_third_turn_continues_the_twice_pruned_cache(tiny, family, method):
+    """Three turns with new images: the masks of every stage and (Qwen) the position shift carry over."""
+    model, proc = tiny(family)
+    first, pieces, out, stats = _conversation(model, proc, family, method, turns=3)
+    _assert_last_turn_equals_the_whole_conversation(model, proc, family, first, pieces, out, stats)
 
 
 @pytest.mark.parametrize("family", ["llava", "internvl"])
@@ -153,8 +203,8 @@ def test_text_only_follow_up_keeps_the_pruned_cache(tiny, family, method):
         )
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
-def test_follow_up_images_are_refused_where_positions_or_masks_span_the_whole_conversation(tiny, family):
+def test_follow_up_images_are_refused_where_image_blocks_would_span_cache_and_new_tokens(tiny):
+    family = "gemma3"
     model, proc = tiny(family)
     first = batch_inputs(family, proc, (1, 1))
     with tokprune.apply(model, "divprune", keep_ratio=0.25):
@@ -165,22 +215,16 @@ def test_follow_up_images_are_refused_where_positions_or_masks_span_the_whole_co
             model(**second, past_key_values=cache)
 
 
-@pytest.mark.parametrize("family", ["llava", "internvl"])
+@pytest.mark.parametrize("family", ["llava", "internvl", "qwen2_5_vl"])
 def test_follow_up_scores_attend_to_the_earlier_turns(tiny, family):
     """FastV scores a follow-up's new image by the last token's attention over the whole conversation (the
     cache included): it keeps what FastV keeps of that image when the conversation is one prompt."""
     model, proc = tiny(family)
-    first, gen1, second, _, stats1, stats2 = _conversation(model, proc, family, "fastv")
-    whole = {
-        "input_ids": torch.cat([first["input_ids"], gen1, second["input_ids"]], dim=1),
-        "attention_mask": torch.cat(
-            [first["attention_mask"], torch.ones_like(gen1), torch.ones_like(second["input_ids"])], 1
-        ),
-        **_whole_conversation_pixels(family, proc),
-    }
+    first, pieces, _, stats = _conversation(model, proc, family, "fastv")
+    whole = _whole(model, proc, family, first, pieces)
     with tokprune.apply(model, "fastv", keep_ratio=0.25) as pruner, torch.no_grad():
         model(**whole)
     n_visual1 = (first["input_ids"] == model.config.image_token_id).sum(1).tolist()
     for row, n in enumerate(n_visual1):
         kept = pruner.stats.kept[row]
-        assert torch.equal(kept[kept >= n] - n, stats2.kept[row])
+        assert torch.equal(kept[kept >= n] - n, stats[1].kept[row])

@@ -22,6 +22,7 @@ from tokprune.core.compaction import Compaction
 from tokprune.core.compat import cache_in
 from tokprune.core.forward import Forward, cache_mask
 from tokprune.core.layout import ImageLayout, VisionSignalStore, image_rows
+from tokprune.core.positions import first_position, shifted, with_rows
 from tokprune.core.selection import align_signals, content_counts, select_pre, text_after_images
 from tokprune.core.stages import StageHooks, llm_stages
 from tokprune.core.state import PrefillState, TokenMap, max_position
@@ -53,6 +54,8 @@ class Engine(StageHooks):
         self.fwd: Forward | None = None
         self.last_stats: PruneStats | None = None
         self._decode_tail: torch.Tensor | None = None
+        # M-RoPE families after a renumbered follow-up turn: (B,) what to add to transformers' positions
+        self._position_shift: torch.Tensor | None = None
         self._decode_masks: dict[tuple[int, str], object] = {}
         # the attention_mask the inner model received this forward (2-D or None); {} = unknown. Families
         # whose inner model hands the LM a dict of per-layer-type masks (Gemma 3) build it from this one.
@@ -101,13 +104,16 @@ class Engine(StageHooks):
         _reject_static_cache(past_key_values)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if past == 0:
+            self._position_shift = None
             self._new_forward(args, kwargs, self.adapter.image_layout(kwargs), follow_up=False)
             return None
         self.fwd = None
         if _brings_images(kwargs):
             self._begin_follow_up(args, kwargs)
+        elif self._position_shift is not None and kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = shifted(kwargs["position_ids"], self._position_shift)
         if self.state is None or not self.state.pruned:
-            return None
+            return args, kwargs
         return self._continue_positions(args, kwargs)
 
     def _begin_follow_up(self, args, kwargs) -> None:
@@ -123,6 +129,26 @@ class Engine(StageHooks):
                 "conversation as one prompt)"
             )
         self._new_forward(args, kwargs, layout, follow_up=True)
+        self._renumber_follow_up(kwargs)
+
+    def _renumber_follow_up(self, kwargs) -> None:
+        """Give the follow-up turn the positions the whole conversation would (the adapter's, where
+        transformers numbers a continued turn otherwise) and keep the shift for the steps after it."""
+        input_ids, given, mask = self.fwd.input_ids, kwargs.get("position_ids"), kwargs.get("attention_mask")
+        batch, length = input_ids.shape
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            mask = torch.ones(
+                batch, 1, dtype=torch.long, device=input_ids.device
+            )  # no padding: counts from 0
+            mask = mask.expand(-1, cache_in(kwargs).get_seq_length() + length)
+        first = first_position(given, mask, length, getattr(self.adapter.inner, "rope_deltas", None))
+        shift = self._position_shift if self._position_shift is not None else torch.zeros_like(first)
+        rows = self.adapter.follow_up_positions(kwargs, input_ids, mask[:, -length:], first + shift)
+        if rows is None:
+            return
+        kwargs["position_ids"] = with_rows(given, rows)
+        transformers_next = first + mask[:, -length:].long().sum(1)  # how transformers numbers the next token
+        self._position_shift = rows.amax(0).amax(1) + 1 - transformers_next
 
     def _new_forward(self, args, kwargs, layout: ImageLayout | None, follow_up: bool) -> None:
         """Start the bookkeeping of a prefill (or a follow-up turn's new tokens) with images `layout`."""
