@@ -10,7 +10,7 @@ out and the original positions.
 
 import pytest
 import torch
-from reference import reference_logits
+from reference import reference_logits, visual_mask
 from test_invariants import COMPOSITION, _special_ids
 from tiny_models import batch_images, batch_inputs, process, prompt_text, rand_image
 
@@ -120,21 +120,17 @@ def _conversation(model, proc, family, method, turns: int = 2):
     return first, pieces, out, stats
 
 
-def _assert_last_turn_equals_the_whole_conversation(model, proc, family, first, pieces, out, stats):
-    """The last turn's logits (prefill and decode steps) equal the unpatched model on the whole
+def _assert_last_turn_equals_the_whole_conversation(model, whole, first, pieces, out, stats):
+    """The last turn's logits (prefill and decode steps) equal the unpatched model on the `whole`
     conversation at once, each turn's dropped tokens masked from the layer its stage acts at."""
-    image_id = model.config.image_token_id
     turn_ids = [first["input_ids"], *pieces[1::2]]
-    before, n_visual = torch.zeros(len(FIRST_TURN), dtype=torch.long), []
+    before, n_visual = torch.zeros(turn_ids[0].shape[0], dtype=torch.long), []
     for ids in turn_ids:
         n_visual.append(before.tolist())
-        before = before + (ids == image_id).sum(1)
+        before = before + visual_mask(model, ids).sum(1)
     generated = out.sequences[:, -NEW:]
     with torch.no_grad():
-        reference = reference_logits(
-            model, _whole(model, proc, family, first, pieces), _all_turns(stats, n_visual), None,
-            generated[:, : NEW - 1],
-        )  # fmt: skip
+        reference = reference_logits(model, whole, _all_turns(stats, n_visual), None, generated[:, : NEW - 1])
     for step in range(NEW):
         logits = reference[0][:, -1] if step == 0 else reference[step]
         scale = max(1.0, float(logits.abs().max()))
@@ -154,7 +150,8 @@ def test_follow_up_turn_equals_the_masked_whole_conversation(tiny, family, metho
         stats[1].visual_kept == [int(k.numel()) for k in stats[1].kept]
         and stats[1].visual_kept < stats[1].visual_in
     )
-    _assert_last_turn_equals_the_whole_conversation(model, proc, family, first, pieces, out, stats)
+    whole = _whole(model, proc, family, first, pieces)
+    _assert_last_turn_equals_the_whole_conversation(model, whole, first, pieces, out, stats)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
@@ -165,7 +162,8 @@ def test_a_third_turn_continues_the_twice_pruned_cache(tiny, family, method):
     """Three turns with new images: the masks of every stage and (Qwen) the position shift carry over."""
     model, proc = tiny(family)
     first, pieces, out, stats = _conversation(model, proc, family, method, turns=3)
-    _assert_last_turn_equals_the_whole_conversation(model, proc, family, first, pieces, out, stats)
+    whole = _whole(model, proc, family, first, pieces)
+    _assert_last_turn_equals_the_whole_conversation(model, whole, first, pieces, out, stats)
 
 
 @pytest.mark.parametrize("family", ["llava", "internvl"])
@@ -228,3 +226,39 @@ def test_follow_up_scores_attend_to_the_earlier_turns(tiny, family):
     for row, n in enumerate(n_visual1):
         kept = pruner.stats.kept[row]
         assert torch.equal(kept[kept >= n] - n, stats[1].kept[row])
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("method", ["divprune", "fastv"])
+def test_a_follow_up_that_brings_a_video(tiny, family, method):
+    """Turn 1 shows an image per row, turn 2 a video clip per row: the clip is pruned on arrival and gets
+    the temporal M-RoPE rows the whole conversation would give it."""
+    from test_video import _frames, _video_text, video_batch, video_pixels
+
+    model, proc = tiny(family)
+    first, _ = video_batch(family, proc, (("image",), ("image",)))
+    clips = [video_pixels(_frames(4, 56, 84, seed=10 + row), proc.image_processor) for row in range(2)]
+    text = " USER: " + _video_text(family, clips[0][1]) + " what happens ASSISTANT:"
+    with tokprune.apply(model, method, keep_ratio=0.25) as pruner:
+        out1 = _generate(model, **first)
+        stats = [pruner.stats]
+        second = proc.tokenizer([text] * 2, return_tensors="pt", add_special_tokens=False)
+        pieces = [out1.sequences[:, -NEW:], second["input_ids"]]
+        new_ids = torch.cat([pieces[0][:, -1:], second["input_ids"]], dim=1)
+        videos = {
+            "pixel_values_videos": torch.cat([pixels for pixels, _ in clips]),
+            "video_grid_thw": torch.tensor([grid for _, grid in clips]),
+        }
+        mask = torch.cat([first["attention_mask"], *(torch.ones_like(p) for p in pieces)], 1)
+        out = _generate(
+            model, input_ids=new_ids, attention_mask=mask, past_key_values=out1.past_key_values, **videos,
+            **_token_types(model, new_ids),
+        )  # fmt: skip
+        stats.append(pruner.stats)
+    assert stats[1].visual_in == [int(visual_mask(model, second["input_ids"])[row].sum()) for row in range(2)]
+    ids = torch.cat([first["input_ids"], *pieces], dim=1)
+    whole = {
+        "input_ids": ids, "attention_mask": mask, "pixel_values": first["pixel_values"],
+        "image_grid_thw": first["image_grid_thw"], **videos, **_token_types(model, ids),
+    }  # fmt: skip
+    _assert_last_turn_equals_the_whole_conversation(model, whole, first, pieces, out, stats)
