@@ -32,9 +32,6 @@ class Adapter:
     # from that). Methods with `needs_tiles` (HiRED, GlobalCom²) are refused on adapters without it.
     # Tiles laid out one after another (InternVL) do not say where each tile sits, so they do not qualify.
     tiles: ClassVar[bool] = False
-    # a follow-up turn that reuses the KV cache may bring new images, pruned as they arrive. Gemma 3 sets it
-    # False and refuses such a turn (its bidirectional image blocks would span cache and new tokens).
-    follow_up_images: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

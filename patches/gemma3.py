@@ -52,7 +52,6 @@ class Gemma3Adapter(Adapter):
 
     model_classes = ("Gemma3ForConditionalGeneration",)
     family = "gemma3"
-    follow_up_images = False
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -84,6 +83,8 @@ class Gemma3Adapter(Adapter):
         token_types, input_ids = inner_kwargs.get("token_type_ids"), inner_kwargs.get("input_ids")
         if token_types is None or input_ids is None:
             return False
+        # a follow-up turn on a reused cache: transformers reads them by position from the conversation's start
+        token_types = token_types[:, token_types.shape[1] - input_ids.shape[1] :]
         if not torch.equal(token_types == 1, self.visual_mask(input_ids)):
             raise UnsupportedInputError(
                 "token_type_ids must be 1 exactly at the image tokens (as Gemma3Processor returns them): "
@@ -102,11 +103,15 @@ class Gemma3Adapter(Adapter):
         tokens: TokenMap | None = None,
     ):
         """Gemma 3's mask for layers of type `kind` (sized against `layer_idx`'s cache), as
-        `create_masks_for_vision_model` builds it: with `tokens` (a prefill) each run of image tokens is a
-        bidirectional block; sliding layers AND the window over OR(causal, block)."""
+        `create_masks_for_vision_model` builds it: with `tokens` (a prefill, or a follow-up turn's new tokens
+        after the cache that `mask_2d` also covers) each run of image tokens is a bidirectional block;
+        sliding layers AND the window over OR(causal, block)."""
         if tokens is None or not self._bidirectional:
             return super().layer_mask(hidden_states, mask_2d, past_key_values, layer_idx, kind, tokens)
         blocks = get_block_sequence_ids_for_mask(tokens.image_id >= 0, device=hidden_states.device)  # (B, L)
+        # a follow-up turn: the cached earlier turns come first (their image blocks are complete: the new
+        # tokens attend to them causally)
+        blocks = nn.functional.pad(blocks, (mask_2d.shape[1] - blocks.shape[1], 0), value=-1)
         common = dict(
             config=self.text_config,
             inputs_embeds=hidden_states,

@@ -122,12 +122,6 @@ class Engine(StageHooks):
         layout = self.adapter.image_layout(kwargs)
         if layout is None:
             return
-        if not self.adapter.follow_up_images:
-            raise UnsupportedInputError(
-                f"{type(self.adapter.model).__name__}: a follow-up turn that brings new images on a reused KV "
-                "cache is not supported for this family; run the turn without past_key_values (the whole "
-                "conversation as one prompt)"
-            )
         self._new_forward(args, kwargs, layout, follow_up=True)
         self._renumber_follow_up(kwargs)
 

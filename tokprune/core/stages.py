@@ -68,7 +68,9 @@ class StageHooks:
         position_embeddings = fwd.position_embeddings.get(kind) or kwargs["position_embeddings"]
         tokens, pkv = fwd.tokens, cache_in(kwargs)
         context = None
-        if fwd.prefix is not None:  # a follow-up turn: its queries also attend to the earlier turns' cache
+        # a follow-up turn: its queries also attend to the earlier turns' cache. A sliding-window layer's
+        # cache keeps only its window, and not the part this turn pushed out: it scores over the turn alone.
+        if fwd.prefix is not None and kind != "sliding_attention":
             context = cached_prefix(pkv, attn.layer_idx, fwd.cache_mask_at(attn.layer_idx))
         return layer_signals(
             wanted, attn, normed, position_embeddings, pkv,
