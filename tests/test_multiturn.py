@@ -23,7 +23,7 @@ FOLLOW_UP = "and what about this one"
 FIRST_TURN = (1, 2)  # images per row in turn 1; turn 2 brings one new image per row
 FAMILIES = [
     "llava", "llava_next", "llava_onevision", "internvl", "smolvlm", "idefics3", "qwen2_vl", "qwen2_5_vl",
-    "qwen3_vl", "gemma3",
+    "qwen3_vl", "qwen3_vl_moe", "gemma3",
 ]  # fmt: skip
 TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")  # per-token types the processor returns (Qwen: M-RoPE)
 # pre-LLM, in-LLM (last-query, instruction-query, visual-visual and key signals), and a composition
