@@ -9,8 +9,9 @@ out and the original positions.
 """
 
 import pytest
+import reference
 import torch
-from reference import reference_logits, visual_mask
+from reference import reference_logits
 from test_invariants import COMPOSITION, _special_ids
 from tiny_models import batch_images, batch_inputs, process, prompt_text, rand_image
 
@@ -129,12 +130,12 @@ def _assert_last_turn_equals_the_whole_conversation(model, whole, first, pieces,
     before, n_visual = torch.zeros(turn_ids[0].shape[0], dtype=torch.long), []
     for ids in turn_ids:
         n_visual.append(before.tolist())
-        before = before + visual_mask(model, ids).sum(1)
+        before = before + reference.visual_mask(model, ids).sum(1)
     generated = out.sequences[:, -NEW:]
     with torch.no_grad():
-        reference = reference_logits(model, whole, _all_turns(stats, n_visual), None, generated[:, : NEW - 1])
+        expected = reference_logits(model, whole, _all_turns(stats, n_visual), None, generated[:, : NEW - 1])
     for step in range(NEW):
-        logits = reference[0][:, -1] if step == 0 else reference[step]
+        logits = expected[0][:, -1] if step == 0 else expected[step]
         scale = max(1.0, float(logits.abs().max()))
         torch.testing.assert_close(out.logits[step], logits, atol=TOL * scale, rtol=0)
 
@@ -195,9 +196,9 @@ def test_text_only_follow_up_keeps_the_pruned_cache(tiny, family, method):
         "attention_mask": mask,
     }
     with torch.no_grad():
-        reference = reference_logits(model, {**whole, **pixels}, stats1, None, gen2[:, : NEW - 1])
+        expected = reference_logits(model, {**whole, **pixels}, stats1, None, gen2[:, : NEW - 1])
     for step in range(NEW):
-        logits = reference[0][:, -1] if step == 0 else reference[step]
+        logits = expected[0][:, -1] if step == 0 else expected[step]
         torch.testing.assert_close(
             out2.logits[step], logits, atol=TOL * max(1.0, float(logits.abs().max())), rtol=0
         )
@@ -245,10 +246,46 @@ def test_a_follow_up_that_brings_a_video(tiny, family, method):
             **_token_types(model, new_ids),
         )  # fmt: skip
         stats.append(pruner.stats)
-    assert stats[1].visual_in == [int(visual_mask(model, second["input_ids"])[row].sum()) for row in range(2)]
+    assert stats[1].visual_in == reference.visual_mask(model, second["input_ids"]).sum(1).tolist()
     ids = torch.cat([first["input_ids"], *pieces], dim=1)
     whole = {
         "input_ids": ids, "attention_mask": mask, "pixel_values": first["pixel_values"],
         "image_grid_thw": first["image_grid_thw"], **videos, **_token_types(model, ids),
     }  # fmt: skip
+    _assert_last_turn_equals_the_whole_conversation(model, whole, first, pieces, out, stats)
+
+
+def test_a_follow_up_that_brings_a_video_on_llava_onevision(tiny, monkeypatch):
+    """LLaVA-OneVision: turn 2 brings a clip per row after turn 1's images; the clip is pruned on arrival."""
+    from test_video_onevision import _visual
+    from tiny_onevision import rand_clip
+
+    monkeypatch.setattr(reference, "visual_mask", _visual)  # <video> placeholders are visual tokens too
+    model, proc = tiny("llava_onevision")
+    first = batch_inputs("llava_onevision", proc, FIRST_TURN)
+    with tokprune.apply(model, "divprune", keep_ratio=0.25) as pruner:
+        out1 = _generate(model, **first)
+        stats = [pruner.stats]
+        clips = [rand_clip(3, seed=10 + row) for row in range(2)]
+        second = proc(
+            text=[" USER: <video> what happens ASSISTANT:"] * 2, videos=clips, return_tensors="pt",
+            add_special_tokens=False,
+        )  # fmt: skip
+        pieces = [out1.sequences[:, -NEW:], second["input_ids"]]
+        new_ids = torch.cat([pieces[0][:, -1:], second["input_ids"]], dim=1)
+        mask = torch.cat([first["attention_mask"], *(torch.ones_like(p) for p in pieces)], 1)
+        videos = {"pixel_values_videos": second["pixel_values_videos"]}
+        out = _generate(
+            model, input_ids=new_ids, attention_mask=mask, past_key_values=out1.past_key_values, **videos
+        )
+        stats.append(pruner.stats)
+    assert stats[1].visual_in == _visual(model, second["input_ids"]).sum(1).tolist()
+    assert stats[1].visual_kept < stats[1].visual_in
+    images = {k: v for k, v in first.items() if k not in ("input_ids", "attention_mask")}
+    whole = {
+        "input_ids": torch.cat([first["input_ids"], *pieces], 1),
+        "attention_mask": mask,
+        **images,
+        **videos,
+    }
     _assert_last_turn_equals_the_whole_conversation(model, whole, first, pieces, out, stats)
