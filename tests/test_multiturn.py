@@ -289,3 +289,25 @@ def test_a_follow_up_that_brings_a_video_on_llava_onevision(tiny, monkeypatch):
         **videos,
     }
     _assert_last_turn_equals_the_whole_conversation(model, whole, first, pieces, out, stats)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_5_vl", "internvl"])
+@pytest.mark.parametrize(
+    "method", ["divprune", "fastv", COMPOSITION], ids=lambda m: m if isinstance(m, str) else "composition"
+)
+def test_follow_up_under_flash_attention_2_equals_sdpa(family, method):
+    """transformers' flash_attention_2 path (reference kernel on the CPU) on a follow-up turn: the cache
+    of the pruned earlier turns, left-padded rows and the new turn's pruned image give the sdpa run."""
+    from flash_reference import reference_flash_attention
+    from test_flash_varlen import _flash_model
+
+    flash, sdpa, proc = _flash_model(family)
+    first, pieces, expected, stats = _conversation(sdpa, proc, family, method)
+    with reference_flash_attention() as calls:
+        _, flash_pieces, got, flash_stats = _conversation(flash, proc, family, method)
+    assert calls and all(torch.equal(a, b) for a, b in zip(flash_pieces, pieces))
+    assert [s.kept for s in flash_stats] and all(
+        torch.equal(x, y) for a, b in zip(flash_stats, stats) for x, y in zip(a.kept, b.kept)
+    )
+    for a, b in zip(got.logits, expected.logits):
+        torch.testing.assert_close(a, b, atol=TOL * max(1.0, float(b.abs().max())), rtol=0)
