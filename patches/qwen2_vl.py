@@ -85,6 +85,9 @@ class Qwen2VLAdapter(Adapter):
         start = rows[0].gather(1, mask.long().argmax(1, keepdim=True)).squeeze(1)  # at the first real token
         return (rows + (first.to(rows) - start)[None, :, None]).masked_fill(~mask.bool()[None], 1)
 
+    def install_lm_hooks(self) -> list:
+        return [InstanceWrap(self.model, _GENERATION_POSITIONS, _continued_turn_positions(self.model))]
+
     def object_layer(self, num_layers: int) -> int:
         """Half the depth: the 16th of Qwen2.5-VL's 32 blocks (HiPrune's setting, counted from 1), index 15."""
         return max(0, num_layers // 2 - 1)
@@ -319,6 +322,28 @@ def _expansion(counts: dict[str, list[int]], precomputed: dict[str, list[int] | 
 def _frames(t: int, h: int, w: int) -> list[Unit]:
     """The t temporal slices of a video, each an (h, w) grid of LLM tokens."""
     return [Unit(index=torch.arange(f * h * w, (f + 1) * h * w), grid=(h, w), kind="frame") for f in range(t)]
+
+
+_GENERATION_POSITIONS = "_prepare_position_ids_for_generation"
+
+
+def _continued_turn_positions(model: nn.Module):
+    """generate()'s position preparation without `mm_token_type_ids` when it continues a cache.
+
+    transformers looks for new images in `mm_token_type_ids[:, cache length:]`, which a pruned (shorter)
+    cache mis-aligns: it then runs `get_rope_index` on the new turn with the whole conversation's mask and
+    fails. The engine renumbers a continued turn that brings images itself (`follow_up_positions`), so the
+    text positions transformers gives a continued turn without them are all it needs."""
+    original = getattr(model, _GENERATION_POSITIONS)
+
+    @functools.wraps(original)
+    def prepare(inputs_tensor, model_kwargs):
+        cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        if cache is not None and cache.get_seq_length() > 0:
+            model_kwargs = {k: v for k, v in model_kwargs.items() if k != "mm_token_type_ids"}
+        return original(inputs_tensor, model_kwargs)
+
+    return prepare
 
 
 def _wrap_features(adapter: Qwen2VLAdapter, kind: str) -> InstanceWrap:

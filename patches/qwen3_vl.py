@@ -80,7 +80,8 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     def install_lm_hooks(self) -> list:
         lm = self.language_model
         reset = lm.register_forward_pre_hook(self._new_lm_forward)
-        return [reset, InstanceWrap(lm, "_deepstack_process", self._wrap_deepstack(lm._deepstack_process))]
+        deepstack = InstanceWrap(lm, "_deepstack_process", self._wrap_deepstack(lm._deepstack_process))
+        return [*super().install_lm_hooks(), reset, deepstack]
 
     def _new_lm_forward(self, module, args) -> None:
         self._stage = None

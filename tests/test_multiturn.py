@@ -8,12 +8,14 @@ model on the whole conversation in one prefill, with every dropped visual token 
 out and the original positions.
 """
 
+from dataclasses import dataclass
+
 import pytest
 import reference
 import torch
 from reference import reference_logits
 from test_invariants import COMPOSITION, _special_ids
-from tiny_models import batch_images, batch_inputs, process, prompt_text, rand_image
+from tiny_models import BUILDERS, batch_images, batch_inputs, process, prompt_text, rand_image
 
 import tokprune
 from tokprune.core.stats import StageStats
@@ -31,6 +33,18 @@ TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")  # per-token types the proce
 METHODS = ["divprune", "fastervlm", "random", "fastv", "pdrop", "sparsevlm", "dart", COMPOSITION]
 
 
+@dataclass
+class Conversation:
+    """Turn 1's inputs, the tokens that followed them (generated, new turn, generated, ...), the mask of the
+    whole conversation, the last turn's generate() output and the stats of every turn."""
+
+    first: dict
+    pieces: list[torch.Tensor]
+    mask: torch.Tensor
+    out: object
+    stats: list
+
+
 def _generate(model, **inputs):
     with torch.no_grad():
         return model.generate(
@@ -43,10 +57,14 @@ def _new_images(batch: int, turn: int = 2) -> list[list]:
     return [[rand_image(112, 140, 10 * turn + 30 + row)] for row in range(batch)]
 
 
-def _follow_up(family, proc, batch: int, turn: int = 2) -> dict:
-    """The new turn of every row (equal lengths: no padding inside it), with its new image."""
-    text = " " + prompt_text(family, 1, FOLLOW_UP)
-    return process(family, proc, [text] * batch, _new_images(batch, turn), add_special_tokens=False)
+def _follow_up(family, proc, batch: int, turn: int = 2, padded: bool = False) -> dict:
+    """The new turn of every row, with its new image: equal lengths, or (padded) row 0 shorter and
+    left-padded, so that padding sits inside the conversation."""
+    texts = [
+        " " + prompt_text(family, 1, FOLLOW_UP + (" w1 w2 w3" * row if padded else ""))
+        for row in range(batch)
+    ]
+    return process(family, proc, texts, _new_images(batch, turn), add_special_tokens=False, padding=padded)
 
 
 def _whole_conversation_pixels(family, proc, turns: int = 2) -> dict:
@@ -71,11 +89,10 @@ def _token_types(model, ids: torch.Tensor) -> dict:
     return {}
 
 
-def _whole(model, proc, family, first: dict, pieces: list[torch.Tensor]) -> dict:
-    """The whole conversation as one prompt: turn 1, then `pieces` (generated tokens and the later turns'
-    tokens, alternating), the mask (no padding after turn 1), every image in order."""
-    ids = torch.cat([first["input_ids"], *pieces], dim=1)
-    mask = torch.cat([first["attention_mask"], *(torch.ones_like(p) for p in pieces)], 1)
+def _whole(model, proc, family, talk: Conversation) -> dict:
+    """The whole conversation as one prompt: its tokens, its mask, every image in order."""
+    ids, mask = torch.cat([talk.first["input_ids"], *talk.pieces], dim=1), talk.mask
+    pieces = talk.pieces
     return {
         "input_ids": ids, "attention_mask": mask, **_whole_conversation_pixels(family, proc, 1 + len(pieces) // 2),
         **_token_types(model, ids),
@@ -97,21 +114,20 @@ def _all_turns(stats: list, n_visual: list[list[int]]):
     return type(stats[0])(stages=stages)
 
 
-def _conversation(model, proc, family, method, turns: int = 2):
-    """`turns` turns under `method`, each after the first bringing one new image per row: (turn-1 inputs,
-    the tokens that followed it: generated, new turn, generated, ..., the last turn's output, the stats
-    of every turn)."""
+def _conversation(model, proc, family, method, turns: int = 2, padded: bool = False) -> Conversation:
+    """`turns` turns under `method`, each after the first bringing one new image per row (padded: the
+    new turns left-padded to rows of different lengths)."""
     first = batch_inputs(family, proc, FIRST_TURN)
-    pieces, stats = [], []
+    pieces, stats, mask = [], [], first["attention_mask"]
     with tokprune.apply(model, method, keep_ratio=0.25) as pruner:
         out = _generate(model, **first)
         stats.append(pruner.stats)
         for turn in range(2, turns + 1):
-            new = _follow_up(family, proc, first["input_ids"].shape[0], turn)
+            new = _follow_up(family, proc, first["input_ids"].shape[0], turn, padded)
             generated = out.sequences[:, -NEW:]
             pieces += [generated, new["input_ids"]]
             new_ids = torch.cat([generated[:, -1:], new["input_ids"]], dim=1)
-            mask = torch.cat([first["attention_mask"], *(torch.ones_like(p) for p in pieces)], 1)
+            mask = torch.cat([mask, torch.ones_like(generated), new["attention_mask"]], 1)
             turn_inputs = {
                 **new,
                 "input_ids": new_ids,
@@ -120,12 +136,13 @@ def _conversation(model, proc, family, method, turns: int = 2):
             }
             out = _generate(model, **turn_inputs, past_key_values=out.past_key_values)
             stats.append(pruner.stats)
-    return first, pieces, out, stats
+    return Conversation(first, pieces, mask, out, stats)
 
 
-def _assert_last_turn_equals_the_whole_conversation(model, whole, first, pieces, out, stats):
+def _assert_last_turn_equals_the_whole_conversation(model, whole, talk: Conversation):
     """The last turn's logits (prefill and decode steps) equal the unpatched model on the `whole`
     conversation at once, each turn's dropped tokens masked from the layer its stage acts at."""
+    first, pieces, out, stats = talk.first, talk.pieces, talk.out, talk.stats
     turn_ids = [first["input_ids"], *pieces[1::2]]
     before, n_visual = torch.zeros(turn_ids[0].shape[0], dtype=torch.long), []
     for ids in turn_ids:
@@ -145,16 +162,34 @@ def _assert_last_turn_equals_the_whole_conversation(model, whole, first, pieces,
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m if isinstance(m, str) else "composition")
 def test_follow_up_turn_equals_the_masked_whole_conversation(tiny, family, method, attn):
     model, proc = tiny(family, attn)
-    first, pieces, out, stats = _conversation(model, proc, family, method)
+    talk = _conversation(model, proc, family, method)
     # the second turn pruned exactly its own new images, to the budget
-    visual2 = pieces[1] == model.config.image_token_id
-    assert stats[1].visual_in == visual2.sum(1).tolist()
+    visual2, stats2 = talk.pieces[1] == model.config.image_token_id, talk.stats[1]
+    assert stats2.visual_in == visual2.sum(1).tolist()
     assert (
-        stats[1].visual_kept == [int(k.numel()) for k in stats[1].kept]
-        and stats[1].visual_kept < stats[1].visual_in
+        stats2.visual_kept == [int(k.numel()) for k in stats2.kept] and stats2.visual_kept < stats2.visual_in
     )
-    whole = _whole(model, proc, family, first, pieces)
-    _assert_last_turn_equals_the_whole_conversation(model, whole, first, pieces, out, stats)
+    _assert_last_turn_equals_the_whole_conversation(model, _whole(model, proc, family, talk), talk)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_onevision", "qwen2_5_vl", "gemma3"])
+@pytest.mark.parametrize("method", ["divprune", "fastv"])
+def test_a_left_padded_follow_up_turn(tiny, family, method):
+    """Rows whose new turns differ in length: the shorter one is left-padded, so padding sits in the middle
+    of the conversation, between the cache and the new tokens.
+
+    Gemma 3 runs with a sliding window longer than the conversation: transformers counts a window in cache
+    slots, padding slots included, and its sliding cache keeps only that many slots, so padding inside the
+    window pushes earlier tokens out of it (with or without tokprune); the masked reference counts tokens.
+    """
+    if family == "gemma3":
+        model, proc = BUILDERS["gemma3"]("sdpa")  # a model of its own: the shared one keeps its window
+        model.config.get_text_config().sliding_window = 4096
+    else:
+        model, proc = tiny(family)
+    talk = _conversation(model, proc, family, method, padded=True)
+    assert not talk.mask[:, talk.first["input_ids"].shape[1] :].all()
+    _assert_last_turn_equals_the_whole_conversation(model, _whole(model, proc, family, talk), talk)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
@@ -164,9 +199,8 @@ def test_follow_up_turn_equals_the_masked_whole_conversation(tiny, family, metho
 def test_a_third_turn_continues_the_twice_pruned_cache(tiny, family, method):
     """Three turns with new images: the masks of every stage and (Qwen) the position shift carry over."""
     model, proc = tiny(family)
-    first, pieces, out, stats = _conversation(model, proc, family, method, turns=3)
-    whole = _whole(model, proc, family, first, pieces)
-    _assert_last_turn_equals_the_whole_conversation(model, whole, first, pieces, out, stats)
+    talk = _conversation(model, proc, family, method, turns=3)
+    _assert_last_turn_equals_the_whole_conversation(model, _whole(model, proc, family, talk), talk)
 
 
 @pytest.mark.parametrize("family", ["llava", "internvl"])
@@ -209,8 +243,8 @@ def test_follow_up_scores_attend_to_the_earlier_turns(tiny, family):
     """FastV scores a follow-up's new image by the last token's attention over the whole conversation (the
     cache included): it keeps what FastV keeps of that image when the conversation is one prompt."""
     model, proc = tiny(family)
-    first, pieces, _, stats = _conversation(model, proc, family, "fastv")
-    whole = _whole(model, proc, family, first, pieces)
+    talk = _conversation(model, proc, family, "fastv")
+    first, stats, whole = talk.first, talk.stats, _whole(model, proc, family, talk)
     with tokprune.apply(model, "fastv", keep_ratio=0.25) as pruner, torch.no_grad():
         model(**whole)
     n_visual1 = (first["input_ids"] == model.config.image_token_id).sum(1).tolist()
@@ -252,7 +286,9 @@ def test_a_follow_up_that_brings_a_video(tiny, family, method):
         "input_ids": ids, "attention_mask": mask, "pixel_values": first["pixel_values"],
         "image_grid_thw": first["image_grid_thw"], **videos, **_token_types(model, ids),
     }  # fmt: skip
-    _assert_last_turn_equals_the_whole_conversation(model, whole, first, pieces, out, stats)
+    _assert_last_turn_equals_the_whole_conversation(
+        model, whole, Conversation(first, pieces, mask, out, stats)
+    )
 
 
 def test_a_follow_up_that_brings_a_video_on_llava_onevision(tiny, monkeypatch):
@@ -288,7 +324,9 @@ def test_a_follow_up_that_brings_a_video_on_llava_onevision(tiny, monkeypatch):
         **images,
         **videos,
     }
-    _assert_last_turn_equals_the_whole_conversation(model, whole, first, pieces, out, stats)
+    _assert_last_turn_equals_the_whole_conversation(
+        model, whole, Conversation(first, pieces, mask, out, stats)
+    )
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_5_vl", "internvl"])
@@ -297,17 +335,16 @@ def test_a_follow_up_that_brings_a_video_on_llava_onevision(tiny, monkeypatch):
 )
 def test_follow_up_under_flash_attention_2_equals_sdpa(family, method):
     """transformers' flash_attention_2 path (reference kernel on the CPU) on a follow-up turn: the cache
-    of the pruned earlier turns, left-padded rows and the new turn's pruned image give the sdpa run."""
+    of the pruned earlier turns, rows left-padded in both turns and the new turn's pruned image give the
+    sdpa run."""
     from flash_reference import reference_flash_attention
     from test_flash_varlen import _flash_model
 
     flash, sdpa, proc = _flash_model(family)
-    first, pieces, expected, stats = _conversation(sdpa, proc, family, method)
+    expected = _conversation(sdpa, proc, family, method, padded=True)
     with reference_flash_attention() as calls:
-        _, flash_pieces, got, flash_stats = _conversation(flash, proc, family, method)
-    assert calls and all(torch.equal(a, b) for a, b in zip(flash_pieces, pieces))
-    assert [s.kept for s in flash_stats] and all(
-        torch.equal(x, y) for a, b in zip(flash_stats, stats) for x, y in zip(a.kept, b.kept)
-    )
-    for a, b in zip(got.logits, expected.logits):
+        got = _conversation(flash, proc, family, method, padded=True)
+    assert calls and all(torch.equal(a, b) for a, b in zip(got.pieces, expected.pieces))
+    assert all(torch.equal(x, y) for a, b in zip(got.stats, expected.stats) for x, y in zip(a.kept, b.kept))
+    for a, b in zip(got.out.logits, expected.out.logits):
         torch.testing.assert_close(a, b, atol=TOL * max(1.0, float(b.abs().max())), rtol=0)
