@@ -130,11 +130,9 @@ class Engine(StageHooks):
         transformers numbers a continued turn otherwise) and keep the shift for the steps after it."""
         input_ids, given, mask = self.fwd.input_ids, kwargs.get("position_ids"), kwargs.get("attention_mask")
         batch, length = input_ids.shape
-        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-            mask = torch.ones(
-                batch, 1, dtype=torch.long, device=input_ids.device
-            )  # no padding: counts from 0
-            mask = mask.expand(-1, cache_in(kwargs).get_seq_length() + length)
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:  # no padding anywhere
+            columns = self._unpruned_length(cache_in(kwargs).get_seq_length()) + length
+            mask = torch.ones(batch, columns, dtype=torch.long, device=input_ids.device)
         first = first_position(given, mask, length, getattr(self.adapter.inner, "rope_deltas", None))
         shift = self._position_shift if self._position_shift is not None else torch.zeros_like(first)
         rows = self.adapter.follow_up_positions(kwargs, input_ids, mask[:, -length:], first + shift)
@@ -208,7 +206,7 @@ class Engine(StageHooks):
         batch, length, _ = embeds.shape
         if fwd.input_ids.shape != embeds.shape[:2]:
             raise UnsupportedInputError("the new turn's input_ids and inputs_embeds differ in shape")
-        orig_past = past if state is None else state.orig_len + past - state.cache_len_layer0()
+        orig_past = self._unpruned_length(past)
         if mask is None:
             mask = torch.ones(batch, orig_past + length, dtype=torch.long, device=embeds.device)
         if mask.shape[1] != orig_past + length:
@@ -229,6 +227,11 @@ class Engine(StageHooks):
             else:
                 fwd.stage_prefixes[b] = fwd.prefix
         return self._on_lm_prefill(fwd, args, kwargs, mask[:, orig_past:])
+
+    def _unpruned_length(self, past: int) -> int:
+        """The unpruned length of a conversation whose cache holds `past` slots (at layer 0)."""
+        state = self.state
+        return past if state is None else state.orig_len + past - state.cache_len_layer0()
 
     def _on_lm_prefill(self, fwd: Forward, args, kwargs, mask: torch.Tensor | None):
         """mask: (B, L) the 2-D padding mask of the new tokens (behind the LM's mask dict where the family
