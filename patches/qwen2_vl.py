@@ -71,9 +71,9 @@ class Qwen2VLAdapter(Adapter):
         """The new turn's M-RoPE rows (3, B, L) as the whole conversation numbers them: the model's own
         `get_rope_index` over the turn (which counts from 0 at its first real token, a text token) moved
         to `first` (B,). mask: (B, L) the turn's padding mask."""
-        types = torch.zeros_like(input_ids, dtype=torch.int)
-        types[input_ids == self.image_token_id] = 1
-        types[input_ids == self.video_token_id] = 2
+        types = torch.zeros_like(input_ids, dtype=torch.int)  # transformers' codes: 1 image, 2 video
+        for code, kind in enumerate(KINDS, start=1):
+            types[input_ids == self._token_ids()[kind]] = code
         grids = {
             f"{kind}_grid_thw": self._grid(kind, inner_kwargs) if self._present(kind, inner_kwargs) else None
             for kind in KINDS

@@ -20,7 +20,7 @@ import torch
 from tokprune.core.budget import Budget
 from tokprune.core.compaction import Compaction
 from tokprune.core.compat import cache_in
-from tokprune.core.forward import Forward, cache_mask
+from tokprune.core.forward import Forward
 from tokprune.core.layout import ImageLayout, VisionSignalStore, image_rows
 from tokprune.core.positions import first_position, shifted, with_rows
 from tokprune.core.selection import align_signals, content_counts, select_pre, text_after_images
@@ -129,10 +129,8 @@ class Engine(StageHooks):
         """Give the follow-up turn the positions the whole conversation would (the adapter's, where
         transformers numbers a continued turn otherwise) and keep the shift for the steps after it."""
         input_ids, given, mask = self.fwd.input_ids, kwargs.get("position_ids"), kwargs.get("attention_mask")
-        batch, length = input_ids.shape
-        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:  # no padding anywhere
-            columns = self._unpruned_length(cache_in(kwargs).get_seq_length()) + length
-            mask = torch.ones(batch, columns, dtype=torch.long, device=input_ids.device)
+        length = input_ids.shape[1]
+        mask = self._conversation_mask(mask, cache_in(kwargs).get_seq_length(), input_ids)
         first = first_position(given, mask, length, getattr(self.adapter.inner, "rope_deltas", None))
         shift = self._position_shift if self._position_shift is not None else torch.zeros_like(first)
         rows = self.adapter.follow_up_positions(kwargs, input_ids, mask[:, -length:], first + shift)
@@ -201,32 +199,30 @@ class Engine(StageHooks):
 
         mask: (B, P + L) 2-D mask of the whole unpruned conversation (P tokens before this turn's L), as
         generate() carries it; None = no padding anywhere."""
-        state = self.state
         embeds = kwargs["inputs_embeds"]
-        batch, length, _ = embeds.shape
+        length = embeds.shape[1]
         if fwd.input_ids.shape != embeds.shape[:2]:
             raise UnsupportedInputError("the new turn's input_ids and inputs_embeds differ in shape")
         orig_past = self._unpruned_length(past)
-        if mask is None:
-            mask = torch.ones(batch, orig_past + length, dtype=torch.long, device=embeds.device)
+        mask = self._conversation_mask(mask, past, fwd.input_ids)
         if mask.shape[1] != orig_past + length:
             raise UnsupportedInputError(
                 f"attention_mask has {mask.shape[1]} columns but the unpruned conversation with this turn has "
                 f"{orig_past + length}: pass only the new tokens as input_ids and the mask of the whole "
                 "(unpruned) conversation"
             )
-        tail = mask[:, state.orig_len : orig_past] if state is not None else None
-        fwd.prefix = cache_mask(state.lm_mask if state is not None else None, mask[:, :orig_past], tail)
-        fwd.orig_past = orig_past
-        for b in (
-            self.boundaries
-        ):  # each stage's cache: the earlier turns as that stage (or the last before it) left them
-            earlier = [c for c in (state.stage_masks if state is not None else {}) if c <= b]
-            if earlier:
-                fwd.stage_prefixes[b] = cache_mask(state.stage_masks[max(earlier)], None, tail)
-            else:
-                fwd.stage_prefixes[b] = fwd.prefix
+        fwd.orig_past, fwd.unpruned_prefix, fwd.earlier = orig_past, mask[:, :orig_past], self.state
+        fwd.prefix = fwd.cache_mask_at(0)
         return self._on_lm_prefill(fwd, args, kwargs, mask[:, orig_past:])
+
+    def _conversation_mask(self, mask, past: int, new_ids: torch.Tensor) -> torch.Tensor:
+        """(B, P + L) 2-D mask of the whole unpruned conversation with the new tokens `new_ids` (B, L) on a
+        cache of `past` slots: `mask` itself, or all ones where none was given (no padding anywhere)."""
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            return mask
+        batch, length = new_ids.shape
+        columns = self._unpruned_length(past) + length
+        return torch.ones(batch, columns, dtype=torch.long, device=new_ids.device)
 
     def _unpruned_length(self, past: int) -> int:
         """The unpruned length of a conversation whose cache holds `past` slots (at layer 0)."""

@@ -8,7 +8,7 @@ import torch
 
 from tokprune.core.compaction import Compaction
 from tokprune.core.layout import ImageLayout
-from tokprune.core.state import TokenMap
+from tokprune.core.state import PrefillState, TokenMap
 from tokprune.core.stats import PruneStats
 
 
@@ -21,12 +21,13 @@ class Forward:
 
     input_ids: torch.Tensor | None
     layout: ImageLayout | None
-    # a follow-up turn on a reused KV cache: the 2-D mask of what the cache holds (earlier turns as they
-    # were pruned) and the unpruned length of that conversation; None / 0 for a fresh prefill
+    # a follow-up turn on a reused KV cache: the 2-D mask of what layer 0's cache holds (earlier turns as
+    # they were pruned), the unpruned length and 2-D mask of that conversation, and what the last pruned
+    # forward before it left behind; None / 0 for a fresh prefill
     prefix: torch.Tensor | None = None
     orig_past: int = 0
-    # a follow-up turn: boundary -> 2-D mask of what the cache of layers >= that boundary holds
-    stage_prefixes: dict[int, torch.Tensor] = field(default_factory=dict)
+    unpruned_prefix: torch.Tensor | None = None
+    earlier: PrefillState | None = None
     follow_up: bool = False
     tokens: TokenMap | None = None
     image_rows: list[int] = field(default_factory=list)
@@ -47,9 +48,13 @@ class Forward:
     seconds: list[float] = field(default_factory=lambda: [0.0])
 
     def cache_mask_at(self, layer: int) -> torch.Tensor:
-        """A follow-up turn: the 2-D mask of the earlier turns in the cache of `layer`."""
-        stages = [b for b in self.stage_prefixes if b <= layer]
-        return self.stage_prefixes[max(stages)] if stages else self.prefix
+        """A follow-up turn: (B, P) 2-D mask of the earlier turns in the cache of `layer`: the last pruned
+        prompt as that layer's stage left it, then the unpruned mask of the tokens after it."""
+        pruned = self.earlier.mask_at(layer) if self.earlier is not None else None
+        if pruned is None:
+            return self.unpruned_prefix
+        tail = self.unpruned_prefix[:, self.earlier.orig_len :]
+        return torch.cat([pruned, tail.to(pruned.dtype)], dim=1)
 
     def finished_stats(self, num_layers: int) -> PruneStats:
         """The forward's stats, completed: kept sets, scoring time and the tokens every layer saw."""
@@ -64,13 +69,3 @@ class Forward:
             for row, n in enumerate(real):
                 stats.layer_tokens[row] += [n] * (end - start)
         return stats
-
-
-def cache_mask(
-    pruned: torch.Tensor | None, unpruned: torch.Tensor, tail: torch.Tensor | None
-) -> torch.Tensor:
-    """2-D mask of a cache: the prompt of the last pruned forward as it was pruned (`pruned`, with `tail`,
-    the unpruned mask of the tokens after it, appended), or, where nothing was pruned, `unpruned`."""
-    if pruned is None:
-        return unpruned
-    return pruned if tail is None else torch.cat([pruned, tail.to(pruned.dtype)], dim=1)

@@ -175,7 +175,7 @@ class StageHooks:
         """The masks of layers >= boundary: over the cache those layers hold (a follow-up turn's earlier
         turns, as this stage pruned them) and the current tokens; kept for the decode steps."""
         fwd = self.fwd
-        prefix = fwd.stage_prefixes.get(boundary)
+        prefix = fwd.cache_mask_at(boundary) if fwd.prefix is not None else None
         mask_2d = fwd.mask_2d if prefix is None else torch.cat([prefix, fwd.mask_2d.to(prefix.dtype)], dim=1)
         fwd.layer_masks = {
             kind: self.adapter.layer_mask(hidden, mask_2d, pkv, i, kind, fwd.tokens)
@@ -184,10 +184,9 @@ class StageHooks:
         self.state.stage_masks[boundary] = mask_2d
 
     def _decode_layer(self, j: int, args, kwargs):
-        pruned_at = [b for b in self.state.stage_masks if b <= j]
-        if not pruned_at:
+        boundary = self.state.stage_at(j)
+        if boundary is None:
             return None
-        boundary = max(pruned_at)
         stage_mask = self.state.stage_masks[boundary]
         kind = layer_type(self.adapter.text_config, j)
         key = (boundary, kind)

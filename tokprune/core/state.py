@@ -67,6 +67,16 @@ class PrefillState:
     def pruned(self) -> bool:
         return self.lm_mask is not None or bool(self.stage_masks)
 
+    def stage_at(self, layer: int) -> int | None:
+        """The boundary of the last stage that pruned the cache of `layer` (None: none did)."""
+        stages = [b for b in self.stage_masks if b <= layer]
+        return max(stages) if stages else None
+
+    def mask_at(self, layer: int) -> torch.Tensor | None:
+        """(B, L) 2-D mask of the prompt in the cache of `layer`; None where it was not pruned."""
+        stage = self.stage_at(layer)
+        return self.stage_masks[stage] if stage is not None else self.lm_mask
+
     def cache_len_layer0(self) -> int:
         return self.lm_mask.shape[1] if self.lm_mask is not None else self.orig_len
 
