@@ -49,7 +49,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 )
 
 from tokprune.core.compat import cache_in
-from tokprune.core.layout import Unit
+from tokprune.core.layout import Unit, sequence_order
 from tokprune.core.selection import align_signals
 from tokprune.core.timing import timed
 from tokprune.errors import UnsupportedInputError
@@ -370,25 +370,11 @@ def in_sequence_order(masks: dict[str, torch.Tensor], parts: dict[str, ImageLayo
     """One layout of several kinds of media, ordered by their first token in the sequence.
 
     masks: kind -> (B, L) bool placeholders of that kind; parts: kind -> its layout in the order the model
-    scatters that kind's features (row-major over its own placeholders). Every item must occupy
-    consecutive visual tokens.
+    scatters that kind's features. Every item must occupy consecutive visual tokens of one row.
     """
-    visual = functools.reduce(torch.logical_or, masks.values())
-    starts = []
-    for kind, layout in parts.items():
-        rank = masks[kind][visual].nonzero().squeeze(1)
-        if rank.numel() != sum(layout.counts):
-            raise UnsupportedInputError(
-                f"the prompt holds {rank.numel()} {kind} tokens but the {kind}s give {sum(layout.counts)} features"
-            )
-        for item, chunk in enumerate(torch.split(rank, layout.counts)):
-            if int(chunk[-1] - chunk[0]) + 1 != chunk.numel():
-                raise UnsupportedInputError(
-                    f"the tokens of {kind} {item} are interleaved with another image or video"
-                )
-            starts.append((int(chunk[0]), kind, item))
+    items = sequence_order(masks, {kind: layout.counts for kind, layout in parts.items()})
     merged = ImageLayout(counts=[], grids=[], units=[], separators=[])
-    for _, kind, item in sorted(starts):
+    for kind, item in items:
         layout = parts[kind]
         merged.counts.append(layout.counts[item])
         merged.grids.append(layout.grids[item])

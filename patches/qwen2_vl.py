@@ -24,7 +24,7 @@ from torch import nn
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_window_index
 
-from tokprune.core.layout import Unit
+from tokprune.core.layout import Item, Unit, sequence_order
 from tokprune.core.timing import timed
 from tokprune.errors import UnsupportedInputError
 from tokprune.signals import received_attention
@@ -33,9 +33,6 @@ from .base import Adapter, ImageLayout, InstanceWrap, VisionSignalStore
 
 KINDS = ("image", "video")  # visual item kinds, in the order their ViT parts are kept
 _PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
-
-# one visual item of a forward: (kind, index among the items of its kind)
-Item = tuple[str, int]
 
 
 class Qwen2VLAdapter(Adapter):
@@ -72,8 +69,8 @@ class Qwen2VLAdapter(Adapter):
         `get_rope_index` over the turn (which counts from 0 at its first real token, a text token) moved
         to `first` (B,). mask: (B, L) the turn's padding mask."""
         types = torch.zeros_like(input_ids, dtype=torch.int)  # transformers' codes: 1 image, 2 video
-        for code, kind in enumerate(KINDS, start=1):
-            types[input_ids == self._token_ids()[kind]] = code
+        for code, placeholders in enumerate(self.kind_masks(input_ids).values(), start=1):
+            types[placeholders] = code
         grids = {
             f"{kind}_grid_thw": self._grid(kind, inner_kwargs) if self._present(kind, inner_kwargs) else None
             for kind in KINDS
@@ -117,12 +114,12 @@ class Qwen2VLAdapter(Adapter):
         if input_ids is None:  # the engine rejects this forward (it needs input_ids); any order will do
             items = [(kind, i) for kind in grids for i in range(len(counts[kind]))]
         else:  # generate() repeats every row `expand` times: the originals are rows 0, e, 2e, ...
-            items = sequence_order(input_ids[::expand], self._token_ids(), counts)
+            items = sequence_order(self.kind_masks(input_ids[::expand]), counts)
         self._set_signal_order(items, counts)
         layout = self._items_layout(items, grids)
         if expand > 1:
             counts = {kind: precomputed[kind] or counts[kind] for kind in grids}
-            expanded = sequence_order(input_ids, self._token_ids(), counts)
+            expanded = sequence_order(self.kind_masks(input_ids), counts)
             layout = layout.expanded(self.visual_mask(input_ids), [counts[k][i] for k, i in expanded])
         return layout
 
@@ -146,8 +143,9 @@ class Qwen2VLAdapter(Adapter):
         """LLM tokens of every item of one kind: t * h * w / merge**2."""
         return [int(t * h * w) // self.merge**2 for t, h, w in grid_thw.tolist()]
 
-    def _token_ids(self) -> dict[str, int]:
-        return {"image": self.image_token_id, "video": self.video_token_id}
+    def kind_masks(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """kind -> (B, L) bool placeholders of images and of videos, in the order of KINDS."""
+        return {"image": input_ids == self.image_token_id, "video": input_ids == self.video_token_id}
 
     def _items_layout(self, items: list[Item], grids: dict[str, torch.Tensor]) -> ImageLayout:
         """counts, grids and (for videos) frame units of the items, in the given order."""
@@ -263,48 +261,6 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
             patch_size=self.visual.patch_size,
         )
         return torch.argsort(window_index)
-
-
-def sequence_order(
-    input_ids: torch.Tensor, token_ids: dict[str, int], counts: dict[str, list[int]]
-) -> list[Item]:
-    """The visual items of a batch in the order their tokens appear (rows in order, left to right).
-
-    input_ids: (B, L); token_ids: placeholder id of each kind; counts: tokens of every item of a kind, in
-    the order transformers scatters that kind's features. An item's tokens must be consecutive among the
-    visual tokens of one row (text may separate them, as Qwen3-VL's frame timestamps do).
-    """
-    kinds = [kind for kind in counts if counts[kind]]
-    codes = torch.full_like(input_ids, -1)
-    for code, kind in enumerate(kinds):
-        codes[input_ids == token_ids[kind]] = code
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
-    flat, flat_rows = codes[codes >= 0], rows[codes >= 0]  # every visual token, row-major
-    items: list[Item] = []
-    used = dict.fromkeys(kinds, 0)
-    pos = 0
-    while pos < flat.numel():
-        kind = kinds[int(flat[pos])]
-        if used[kind] == len(counts[kind]):
-            raise UnsupportedInputError(f"the prompt holds more {kind} tokens than its {kind}s give features")
-        n = counts[kind][used[kind]]
-        span = slice(pos, pos + n)
-        if flat[span].numel() != n or bool(
-            (flat[span] != flat[pos]).any() or (flat_rows[span] != flat_rows[pos]).any()
-        ):
-            raise UnsupportedInputError(
-                f"{kind} {used[kind]} needs {n} consecutive {kind} tokens in one row of the prompt, "
-                "interrupted by another image or video, the row end, or the prompt end"
-            )
-        items.append((kind, used[kind]))
-        used[kind] += 1
-        pos += n
-    missing = [kind for kind in kinds if used[kind] != len(counts[kind])]
-    if missing:
-        raise UnsupportedInputError(
-            f"the prompt holds fewer {missing[0]} tokens than its {missing[0]}s give features"
-        )
-    return items
 
 
 def _expansion(counts: dict[str, list[int]], precomputed: dict[str, list[int] | None]) -> int:

@@ -7,7 +7,7 @@ from tiny_models import batch_inputs, text_inputs
 
 import tokprune
 from tokprune import errors
-from tokprune.core.compat import CACHE_KWARG
+from tokprune.core.compat import CACHE_KWARG, output_cache
 
 
 def test_unknown_method_lists_available(tiny):
@@ -127,14 +127,14 @@ def test_hand_written_decode_loop_matches_generate(tiny, family, method):
             pad_token_id=0,
         )
         out = model(**inputs, position_ids=original_positions(model, inputs), use_cache=True)
-        past, mask = out.past_key_values, inputs["attention_mask"]
+        past, mask = output_cache(out), inputs["attention_mask"]
         token = gen.sequences[:, inputs["input_ids"].shape[1]][:, None]
         torch.testing.assert_close(out.logits[:, -1], gen.logits[0], atol=1e-5, rtol=0)
         for step in range(1, 3):
             mask = torch.cat([mask, torch.ones_like(token)], 1)
             step_out = model(input_ids=token, attention_mask=mask, use_cache=True, **{CACHE_KWARG: past})
             torch.testing.assert_close(step_out.logits[:, -1], gen.logits[step], atol=1e-5, rtol=0)
-            past = step_out.past_key_values
+            past = output_cache(step_out)
             token = gen.sequences[:, inputs["input_ids"].shape[1] + step][:, None]
 
 

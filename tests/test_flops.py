@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers import LlamaConfig
 
 import tokprune
-from tokprune.core.compat import CACHE_KWARG
+from tokprune.core.compat import CACHE_KWARG, output_cache
 from tokprune.flops import (
     FlopsBreakdown,
     decode_step_flops,
@@ -172,7 +172,7 @@ def test_decode_step_matches_flop_counter(tiny, family, method):
             lambda: model(
                 input_ids=token,
                 attention_mask=mask,
-                **{CACHE_KWARG: out.past_key_values},
+                **{CACHE_KWARG: output_cache(out)},
                 logits_to_keep=1,
                 **kwargs,
             )

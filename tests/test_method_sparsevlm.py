@@ -13,6 +13,7 @@ from tiny_models import batch_inputs
 
 import tokprune
 from tokprune.core.budget import Budget
+from tokprune.core.compat import output_cache
 from tokprune.errors import MethodOptionError
 from tokprune.methods import make_method
 from tokprune.methods.base import ImageTokens
@@ -107,7 +108,7 @@ def _layer_inputs(model, batch, layer: int):
             out = lm(**batch, output_attentions=True, use_cache=True)
     finally:
         handle.remove()
-    return captured, out.attentions[layer], out.past_key_values
+    return captured, out.attentions[layer], output_cache(out)
 
 
 @pytest.mark.parametrize("layer", [0, 2, 3])

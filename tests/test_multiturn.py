@@ -18,6 +18,7 @@ from test_invariants import COMPOSITION, _special_ids
 from tiny_models import BUILDERS, batch_images, batch_inputs, process, prompt_text, rand_image
 
 import tokprune
+from tokprune.core.compat import CACHE_KWARG, output_cache
 from tokprune.core.stats import StageStats
 
 TOL = 1e-5
@@ -134,7 +135,7 @@ def _conversation(model, proc, family, method, turns: int = 2, padded: bool = Fa
                 "attention_mask": mask,
                 **_token_types(model, new_ids),
             }
-            out = _generate(model, **turn_inputs, past_key_values=out.past_key_values)
+            out = _generate(model, **turn_inputs, past_key_values=output_cache(out))
             stats.append(pruner.stats)
     return Conversation(first, pieces, mask, out, stats)
 
@@ -221,7 +222,7 @@ def test_text_only_follow_up_keeps_the_pruned_cache(tiny, family, method):
         )
         new_ids = torch.cat([gen1[:, -1:], extra["input_ids"]], dim=1)
         mask = torch.cat([first["attention_mask"], torch.ones_like(gen1), extra["attention_mask"]], 1)
-        out2 = _generate(model, input_ids=new_ids, attention_mask=mask, past_key_values=out1.past_key_values)
+        out2 = _generate(model, input_ids=new_ids, attention_mask=mask, past_key_values=output_cache(out1))
         assert pruner.stats is stats1  # nothing new was pruned
     gen2 = out2.sequences[:, -NEW:]
     pixels = {k: v for k, v in first.items() if k not in ("input_ids", "attention_mask", "token_type_ids")}
@@ -276,7 +277,7 @@ def test_a_follow_up_that_brings_a_video(tiny, family, method):
         }
         mask = torch.cat([first["attention_mask"], *(torch.ones_like(p) for p in pieces)], 1)
         out = _generate(
-            model, input_ids=new_ids, attention_mask=mask, past_key_values=out1.past_key_values, **videos,
+            model, input_ids=new_ids, attention_mask=mask, past_key_values=output_cache(out1), **videos,
             **_token_types(model, new_ids),
         )  # fmt: skip
         stats.append(pruner.stats)
@@ -312,7 +313,7 @@ def test_a_follow_up_that_brings_a_video_on_llava_onevision(tiny, monkeypatch):
         mask = torch.cat([first["attention_mask"], *(torch.ones_like(p) for p in pieces)], 1)
         videos = {"pixel_values_videos": second["pixel_values_videos"]}
         out = _generate(
-            model, input_ids=new_ids, attention_mask=mask, past_key_values=out1.past_key_values, **videos
+            model, input_ids=new_ids, attention_mask=mask, past_key_values=output_cache(out1), **videos
         )
         stats.append(pruner.stats)
     assert stats[1].visual_in == _visual(model, second["input_ids"]).sum(1).tolist()
@@ -348,3 +349,33 @@ def test_follow_up_under_flash_attention_2_equals_sdpa(family, method):
     assert all(torch.equal(x, y) for a, b in zip(got.stats, expected.stats) for x, y in zip(a.kept, b.kept))
     for a, b in zip(got.out.logits, expected.out.logits):
         torch.testing.assert_close(a, b, atol=TOL * max(1.0, float(b.abs().max())), rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llava", "internvl", "qwen2_5_vl", "qwen3_vl", "gemma3"])
+@pytest.mark.parametrize(
+    "method", ["divprune", "fastv", COMPOSITION], ids=lambda m: m if isinstance(m, str) else "composition"
+)
+def test_a_follow_up_through_hand_written_forward_calls(tiny, family, method):
+    """A follow-up run by plain model() calls (no generate(), no position_ids): its prefill on the cache
+    of the pruned first turn, then a decode loop that only grows the mask, give generate()'s logits for
+    that turn (which the tests above check against the masked whole conversation)."""
+    model, proc = tiny(family)
+    talk = _conversation(model, proc, family, method)
+    first = talk.first
+    new = _follow_up(family, proc, first["input_ids"].shape[0])
+    generated, later = talk.pieces[0], talk.out.sequences[:, -NEW:]
+    with tokprune.apply(model, method, keep_ratio=0.25), torch.no_grad():
+        cache = output_cache(_generate(model, **first))  # turn 1 again: the cache generate() extended is gone
+        ids = torch.cat([generated[:, -1:], new["input_ids"]], dim=1)
+        mask = torch.cat([first["attention_mask"], torch.ones_like(generated), new["attention_mask"]], 1)
+        inputs = {**new, "input_ids": ids, "attention_mask": mask, **_token_types(model, ids)}
+        out = model(**inputs, use_cache=True, **{CACHE_KWARG: cache})
+        logits = [out.logits[:, -1]]
+        for step in range(1, NEW):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            out = model(
+                input_ids=later[:, step - 1 : step], attention_mask=mask, **{CACHE_KWARG: output_cache(out)}
+            )
+            logits.append(out.logits[:, -1])
+    for got, expected in zip(logits, talk.out.logits):
+        torch.testing.assert_close(got, expected, atol=TOL * max(1.0, float(expected.abs().max())), rtol=0)

@@ -13,6 +13,9 @@ import tokprune
 from tokprune.errors import TokpruneError
 
 DTYPES = ("float32", "bfloat16", "float16")
+# transformers' attention backends tokprune is tested with (flex_attention: on families whose
+# transformers classes support it; its kernels are compiled, which needs a GPU or a working inductor)
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 
 
 class CliError(Exception):
@@ -66,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--budgets", nargs="*", default=[], help="default: keep ratios 0.5 0.25 0.125")
     demo.add_argument("--questions", type=int, default=200, help="held-out questions (default 200)")
     demo.add_argument("--batch-size", type=int, default=50)
-    demo.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"))
+    demo.add_argument("--attn", default="sdpa", choices=ATTENTION)
     demo.add_argument("--dtype", default="float32", choices=DTYPES)
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--out", default="demo-results", help="folder for the table, plot and picture")
@@ -87,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-new-tokens", type=int, default=16)
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--warmup", type=int, default=1)
-    bench.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
+    bench.add_argument("--attn", choices=ATTENTION, default="sdpa")
     bench.add_argument("--dtype", choices=DTYPES, default="float32")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--layers", type=int, default=None, help="truncate the LLM of a preset to N layers")
@@ -107,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     robust.add_argument("--noise-std", type=float, default=0.01, help="Gaussian noise in normalised pixels")
     robust.add_argument("--trials", type=int, default=5)
     robust.add_argument("--layers", type=int, default=None)
-    robust.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
+    robust.add_argument("--attn", choices=ATTENTION, default="sdpa")
     robust.add_argument("--dtype", choices=DTYPES, default="float32")
     robust.add_argument("--device", default="cpu")
     sub.add_parser("methods", help="list the registered methods")

@@ -24,6 +24,7 @@ from tokprune.bench.measure import (
     stopwatch,
     synchronize,
 )
+from tokprune.core.compat import output_cache
 
 
 @dataclass(frozen=True)
@@ -123,9 +124,9 @@ def _measure_once(model, inputs: dict, setting: Setting, max_new_tokens: int, de
         with PeakMemory(device) as memory, stopwatch(record, "prefill_s", device):
             out = model(**inputs, use_cache=True, logits_to_keep=1, **extra)
         record["peak_prefill_bytes"] = memory.peak_bytes
-        record["kv_cache_bytes"] = kv_cache_bytes(out.past_key_values)
+        record["kv_cache_bytes"] = kv_cache_bytes(output_cache(out))
         stats = pruner.stats if pruner is not None else None
-        lengths = cache_lengths(out.past_key_values)
+        lengths = cache_lengths(output_cache(out))
         del out
         with (
             PeakMemory(device) as memory,

@@ -19,3 +19,10 @@ def cache_in(kwargs: dict):
     """The KV cache a hooked forward received (under either name), or None."""
     cache = kwargs.get("cache")
     return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def output_cache(output):
+    """The KV cache of a model or generate() output, read under whichever field name it has (`cache` in
+    5.24, where reading `past_key_values` warns; `past_key_values` before), or None."""
+    fields = dict(output.items())
+    return fields.get("cache", fields.get("past_key_values"))

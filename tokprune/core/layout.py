@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tokprune.errors import UnsupportedInputError
+
+# one visual item of a forward: (kind, index among the items of its kind), e.g. ("video", 0)
+Item = tuple[str, int]
+
 
 @dataclass
 class Unit:
@@ -92,3 +97,46 @@ def image_rows(visual: torch.Tensor, counts: list[int]) -> list[int]:
         rows.append(row)
         filled += n
     return rows
+
+
+def sequence_order(masks: dict[str, torch.Tensor], counts: dict[str, list[int]]) -> list[Item]:
+    """The visual items of a batch in the order their tokens appear (rows in order, left to right).
+
+    masks: kind -> (B, L) bool placeholders of that kind; counts: tokens of every item of a kind, in the
+    order transformers scatters that kind's features (row-major over its own placeholders). An item's
+    tokens must be consecutive among the visual tokens of one row (text may separate them, as Qwen3-VL's
+    frame timestamps do). Placeholders of a kind without items are ignored.
+    """
+    kinds = [kind for kind in counts if counts[kind]]
+    if not kinds:
+        return []
+    codes = torch.full(masks[kinds[0]].shape, -1, dtype=torch.long)  # on the CPU: read item by item
+    for code, kind in enumerate(kinds):
+        codes[masks[kind].cpu()] = code
+    rows = torch.arange(codes.shape[0])[:, None].expand_as(codes)
+    flat, flat_rows = codes[codes >= 0], rows[codes >= 0]  # every visual token, row-major
+    items: list[Item] = []
+    used = dict.fromkeys(kinds, 0)
+    pos = 0
+    while pos < flat.numel():
+        kind = kinds[int(flat[pos])]
+        if used[kind] == len(counts[kind]):
+            raise UnsupportedInputError(f"the prompt holds more {kind} tokens than its {kind}s give features")
+        n = counts[kind][used[kind]]
+        span = slice(pos, pos + n)
+        if flat[span].numel() != n or bool(
+            (flat[span] != flat[pos]).any() or (flat_rows[span] != flat_rows[pos]).any()
+        ):
+            raise UnsupportedInputError(
+                f"{kind} {used[kind]} needs {n} consecutive {kind} tokens in one row of the prompt; they are "
+                "interleaved with another image or video, or cut by the row end or the prompt end"
+            )
+        items.append((kind, used[kind]))
+        used[kind] += 1
+        pos += n
+    missing = [kind for kind in kinds if used[kind] != len(counts[kind])]
+    if missing:
+        raise UnsupportedInputError(
+            f"the prompt holds fewer {missing[0]} tokens than its {missing[0]}s give features"
+        )
+    return items

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import tokprune
-from tokprune.core.compat import CACHE_KWARG
+from tokprune.core.compat import CACHE_KWARG, output_cache
 from tokprune.eval.args import RunArgs
 from tokprune.eval.measure import FirstTokenClock, RowReport, row_reports, synchronize
 from tokprune.eval.prompting import Turn, render
@@ -205,12 +205,12 @@ class EvalSession:
         out = self.model(**context, use_cache=True, logits_to_keep=1)
         synchronize(self.device)
         ttft = time.perf_counter() - start
-        logits, past, mask = [out.logits[0, -1]], out.past_key_values, context["attention_mask"]
+        logits, past, mask = [out.logits[0, -1]], output_cache(out), context["attention_mask"]
         for token in cont[:-1]:
             mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
             out = self.model(
                 input_ids=token.view(1, 1), attention_mask=mask, use_cache=True, **{CACHE_KWARG: past}
             )
             logits.append(out.logits[0, -1])
-            past = out.past_key_values
+            past = output_cache(out)
         return torch.stack(logits), ttft

@@ -1,0 +1,113 @@
+"""Pruned batches through transformers' flex_attention backend (torch's FlexAttention).
+
+tokprune hands every decoder layer the mask transformers' own mask builders make for the layer's cache
+(`create_causal_mask` and friends), so under flex_attention a layer gets a BlockMask over its pruned
+cache, built from the same 2-D padding mask and (Gemma 3) the same bidirectional image blocks. Checked:
+keep-all is bit-identical to the unpatched flex model, and a pruned ragged, left-padded batch gives the
+logits of the same pruned batch under sdpa, in prefill and every decode step.
+
+On a CPU the kernel runs uncompiled: torch 2.13's inductor cannot compile transformers' flex kernels here
+(a C++ compile error, `cur_kvSplitSize0` not declared, with or without tokprune), so the fixture hands
+transformers torch's own uncompiled `flex_attention`. Everything transformers does around the kernel (the
+BlockMask of each layer's cache, the padding and image-block mask functions) runs for real. On a GPU
+nothing is replaced. Slow: the block masks are still compiled, per shape.
+"""
+
+import pytest
+import torch
+import transformers.integrations.flex_attention as hf_flex
+from test_invariants import COMPOSITION, _generate
+from tiny_models import BUILDERS, batch_inputs
+from torch.nn.attention.flex_attention import flex_attention
+
+import tokprune
+
+pytestmark = pytest.mark.slow
+
+TOL = 1e-5  # relative to the largest |logit|: the two kernels sum in different orders
+FAMILIES = list(BUILDERS)
+METHODS = ["divprune", "visionzip", "fastv", "pdrop", "sparsevlm", COMPOSITION]
+_MODELS: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def flex_calls(monkeypatch) -> list:
+    """The query lengths of every flex_attention kernel call (recorded on a CPU only)."""
+    calls: list[int] = []
+
+    def uncompiled(query, key, value, training=False, **kwargs):
+        calls.append(int(query.shape[-2]))
+        return flex_attention(query, key, value, **kwargs)
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention", uncompiled)
+    return calls
+
+
+def _flex(family: str):
+    """The tiny model of `family` under flex_attention: the whole model where transformers supports it,
+    else its language model; None where transformers supports it for neither."""
+    for request in ("flex_attention", {"text_config": "flex_attention"}):
+        model, _ = BUILDERS[family]("sdpa")
+        try:
+            model.set_attn_implementation(request)
+        except (
+            ValueError
+        ):  # "... does not support an attention implementation through torch's flex_attention"
+            continue
+        return model
+    return None
+
+
+def _models(family: str):
+    """(model under flex_attention, the same weights under sdpa, processor)."""
+    if family not in _MODELS:
+        sdpa, proc = BUILDERS[family]("sdpa")
+        _MODELS[family] = (_flex(family), sdpa, proc)
+    flex, sdpa, proc = _MODELS[family]
+    if flex is None:
+        pytest.skip(f"transformers 5.24 runs {family}'s language model without flex_attention")
+    return flex, sdpa, proc
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_all_under_flex_attention_is_bit_identical(family, flex_calls):
+    flex, _, proc = _models(family)
+    inputs = batch_inputs(family, proc, (1, 2))
+    with torch.no_grad():
+        expected = flex(**inputs).logits
+        tokens, steps = _generate(flex, inputs)
+        with tokprune.apply(flex, "random", keep_ratio=1.0):
+            assert torch.equal(flex(**inputs).logits, expected)
+            got_tokens, got_steps = _generate(flex, inputs)
+    assert torch.equal(got_tokens, tokens)
+    assert all(torch.equal(a, b) for a, b in zip(got_steps, steps))
+    assert flex_calls or torch.cuda.is_available()  # the kernel ran
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m if isinstance(m, str) else "composition")
+def test_pruned_flex_attention_equals_pruned_sdpa(family, method, flex_calls):
+    flex, sdpa, proc = _models(family)
+    inputs = batch_inputs(family, proc, (1, 2))
+    assert not inputs["attention_mask"].all()  # rows of different lengths: left padding
+    options = dict(keep_ratio=0.25)
+    with tokprune.apply(sdpa, method, **options) as pruner, torch.no_grad():
+        expected = sdpa(**inputs).logits[:, -1]
+        kept = pruner.stats.kept
+        tokens, steps = _generate(sdpa, inputs)
+    with tokprune.apply(flex, method, **options) as pruner, torch.no_grad():
+        flex_calls.clear()
+        prefill = flex(**inputs).logits[:, -1]
+        layers = len(pruner.stats.layer_tokens[0])
+        # every LLM layer ran the kernel, on the batch's longest pruned row
+        assert torch.cuda.is_available() or flex_calls[-layers:] == [
+            max(row[i] for row in pruner.stats.layer_tokens) for i in range(layers)
+        ]
+        assert all(torch.equal(a, b) for a, b in zip(pruner.stats.kept, kept))
+        flex_tokens, flex_steps = _generate(flex, inputs)
+    scale = max(1.0, float(steps[0].abs().max()))
+    torch.testing.assert_close(prefill, expected, atol=TOL * scale, rtol=0)
+    assert torch.equal(flex_tokens, tokens)
+    for a, b in zip(flex_steps, steps):
+        torch.testing.assert_close(a, b, atol=TOL * scale, rtol=0)
