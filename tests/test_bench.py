@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from tiny_models import batch_inputs
+from transformers.utils import is_flash_attn_2_available
 
 from tokprune import cli
 from tokprune.bench.harness import Setting, run_benchmark
@@ -88,6 +89,16 @@ def test_cli_errors_are_messages(argv, message, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(is_flash_attn_2_available(), reason="flash-attn is installed here")
+@pytest.mark.parametrize("command", ["demo", "robustness"])
+def test_cli_unusable_attention_backend_is_a_message(command, capsys):
+    """flash-attn is not installed on this machine: transformers refuses the backend when loading."""
+    argv = [command, "--attn", "flash_attention_2", "--methods", "divprune"]
+    assert cli.main(argv + (["--model", "toy"] if command == "robustness" else [])) == 2
+    err = capsys.readouterr().err
+    assert "--attn flash_attention_2 cannot be used here" in err and "Traceback" not in err
 
 
 def test_cli_unknown_flag_is_a_usage_error(capsys):

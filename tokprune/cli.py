@@ -7,6 +7,7 @@ import datetime
 import platform
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import tokprune
@@ -118,8 +119,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def attention_backend(attn: str):
+    """Around building a model: transformers' refusal of the --attn backend (flash-attn not installed, an
+    architecture without flex_attention) becomes a one-line CliError."""
+    try:
+        yield
+    except (ImportError, ValueError) as error:
+        text = str(error)
+        if "ttention" not in text:
+            raise
+        raise CliError(f"--attn {attn} cannot be used here: {text.splitlines()[0]}") from None
+
+
 def load_model(name: str, layers: int | None, attn: str, dtype: str, device: str):
     """(model, make_inputs(batch_size)) from a preset, a local folder or an HF id."""
+    with attention_backend(attn):
+        return _load_model(name, layers, attn, dtype, device)
+
+
+def _load_model(name: str, layers: int | None, attn: str, dtype: str, device: str):
     import torch
 
     from tokprune.bench.presets import PRESETS
@@ -303,11 +322,13 @@ def _demo_answerer(args):
     if args.model == "toy":
         from tokprune.toy.model import load_toy
 
-        model, processor = load_toy(attn=args.attn)
+        with attention_backend(args.attn):
+            model, processor = load_toy(attn=args.attn)
         return demo.ToyAnswerer(model.to(args.device), processor)
     from tokprune.eval.loading import load_pretrained, prepare
 
-    model, processor = load_pretrained(args.model, args.dtype, args.attn)
+    with attention_backend(args.attn):
+        model, processor = load_pretrained(args.model, args.dtype, args.attn)
     import torch
 
     return demo.ChatAnswerer(prepare(model, processor, torch.device(args.device)), processor)
