@@ -3,8 +3,10 @@
 tokprune hands every decoder layer the mask transformers' own mask builders make for the layer's cache
 (`create_causal_mask` and friends), so under flex_attention a layer gets a BlockMask over its pruned
 cache, built from the same 2-D padding mask and (Gemma 3) the same bidirectional image blocks. Checked:
-keep-all is bit-identical to the unpatched flex model, and a pruned ragged, left-padded batch gives the
-logits of the same pruned batch under sdpa, in prefill and every decode step.
+keep-all and remove() are bit-identical to the unpatched flex model; a pruned ragged, left-padded batch
+gives the logits of the same pruned batch under sdpa (which the invariant tests check against the masked
+reference), in prefill and every decode step, keeps the same tokens, and every LLM layer's kernel runs on
+the pruned length.
 
 On a CPU the kernel runs uncompiled: torch 2.13's inductor cannot compile transformers' flex kernels here
 (a C++ compile error, `cur_kvSplitSize0` not declared, with or without tokprune), so the fixture hands
@@ -71,7 +73,7 @@ def _models(family: str):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_keep_all_under_flex_attention_is_bit_identical(family, flex_calls):
+def test_keep_all_and_remove_under_flex_attention_are_bit_identical(family, flex_calls):
     flex, _, proc = _models(family)
     inputs = batch_inputs(family, proc, (1, 2))
     with torch.no_grad():
@@ -83,6 +85,10 @@ def test_keep_all_under_flex_attention_is_bit_identical(family, flex_calls):
     assert torch.equal(got_tokens, tokens)
     assert all(torch.equal(a, b) for a, b in zip(got_steps, steps))
     assert flex_calls or torch.cuda.is_available()  # the kernel ran
+    with torch.no_grad():
+        with tokprune.apply(flex, "divprune", keep_ratio=0.25):
+            flex(**inputs)
+        assert torch.equal(flex(**inputs).logits, expected)  # removing the pruner restores the model
 
 
 @pytest.mark.parametrize("family", FAMILIES)
