@@ -20,6 +20,7 @@ import torch
 import transformers.integrations.flex_attention as hf_flex
 from test_invariants import COMPOSITION, _generate
 from tiny_models import BUILDERS, batch_inputs
+from tiny_onevision import onevision_batch
 from torch.nn.attention.flex_attention import flex_attention
 
 import tokprune
@@ -95,7 +96,17 @@ def test_keep_all_and_remove_under_flex_attention_are_bit_identical(family, flex
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m if isinstance(m, str) else "composition")
 def test_pruned_flex_attention_equals_pruned_sdpa(family, method, flex_calls):
     flex, sdpa, proc = _models(family)
-    inputs = batch_inputs(family, proc, (1, 2))
+    _assert_flex_equals_sdpa(flex, sdpa, batch_inputs(family, proc, (1, 2)), method, flex_calls)
+
+
+@pytest.mark.parametrize("method", ["divprune", "fastv"])
+def test_pruned_images_and_videos_under_flex_attention(method, flex_calls):
+    """LLaVA-OneVision rows holding an image and a video clip in different orders."""
+    flex, sdpa, proc = _models("llava_onevision")
+    _assert_flex_equals_sdpa(flex, sdpa, onevision_batch(proc, "mixed"), method, flex_calls)
+
+
+def _assert_flex_equals_sdpa(flex, sdpa, inputs: dict, method, flex_calls: list) -> None:
     assert not inputs["attention_mask"].all()  # rows of different lengths: left padding
     options = dict(keep_ratio=0.25)
     with tokprune.apply(sdpa, method, **options) as pruner, torch.no_grad():
