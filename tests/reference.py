@@ -168,6 +168,7 @@ def _with_states(hidden: torch.Tensor, recorded: torch.Tensor, present: torch.Te
     return hidden
 
 
+@torch.no_grad()
 def reference_logits(
     model,
     inputs: dict,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from reference import original_positions
-from tiny_models import batch_inputs, text_inputs
+from tiny_models import BUILDERS, batch_inputs, text_inputs
 
 import tokprune
 from tokprune import errors
@@ -173,6 +173,37 @@ def test_static_cache_is_rejected(tiny):
     cache = StaticCache(config=model.config.text_config, max_cache_len=256)
     with tokprune.apply(model, "random"), pytest.raises(errors.UnsupportedInputError, match="StaticCache"):
         model(**inputs, **{CACHE_KWARG: cache})
+
+
+def test_custom_attention_without_a_mask_function_is_refused(tiny):
+    """An attention function registered without a mask function gets no mask from transformers: pruned
+    (left-padded) batches would silently attend to padding. tokprune refuses it until a mask is registered,
+    and then prunes as under sdpa; a text-only prompt passes through meanwhile."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    name = "tokprune_test_sdpa"
+    AttentionInterface.register(name, sdpa_attention_forward)
+    model, proc = BUILDERS["llava"]("sdpa")
+    reference, _ = tiny("llava")
+    inputs = batch_inputs("llava", proc, (1, 2))
+    try:
+        model.set_attn_implementation({"text_config": name})
+        text = proc.tokenizer(["USER: hello ASSISTANT:"], return_tensors="pt")
+        with tokprune.apply(model, "divprune", keep_ratio=0.25), torch.no_grad():
+            model(**text)
+            with pytest.raises(errors.UnsupportedModelError, match="AttentionMaskInterface.register"):
+                model(**inputs)
+        AttentionMaskInterface.register(name, sdpa_mask)
+        with tokprune.apply(model, "divprune", keep_ratio=0.25), torch.no_grad():
+            got = model(**inputs).logits[:, -1]
+        with tokprune.apply(reference, "divprune", keep_ratio=0.25), torch.no_grad():
+            expected = reference(**inputs).logits[:, -1]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    finally:
+        AttentionInterface._global_mapping.pop(name, None)
+        AttentionMaskInterface._global_mapping.pop(name, None)
 
 
 def test_compose_pre_then_llm(tiny):

@@ -22,6 +22,7 @@ from tokprune.core.compaction import Compaction
 from tokprune.core.compat import cache_in
 from tokprune.core.forward import Forward
 from tokprune.core.layout import ImageLayout, VisionSignalStore, image_rows
+from tokprune.core.masks import check_mask_support
 from tokprune.core.positions import first_position, shifted, with_rows
 from tokprune.core.selection import align_signals, content_counts, select_pre, text_after_images
 from tokprune.core.stages import StageHooks, llm_stages
@@ -147,6 +148,8 @@ class Engine(StageHooks):
             raise UnsupportedInputError(
                 "tokprune needs input_ids (not only inputs_embeds) to find the image tokens"
             )
+        if layout is not None:  # a forward tokprune may prune: its batches need padding masks
+            check_mask_support(self.adapter.text_config)
         self.fwd = Forward(input_ids=input_ids, layout=layout, follow_up=follow_up)
         if _runs_vision_tower(kwargs):
             self.store.clear()  # the vision tower runs inside this forward (else generate() ran it)

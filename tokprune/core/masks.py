@@ -3,9 +3,32 @@
 from __future__ import annotations
 
 import torch
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+)
 
 from tokprune.core.compat import CACHE_KWARG
+from tokprune.errors import UnsupportedModelError
+
+
+def check_mask_support(config) -> None:
+    """Refuse a language model whose attention implementation has no mask function.
+
+    Pruned batches are re-packed with left padding, so every decoder layer needs its padding mask; for an
+    implementation registered with `AttentionInterface.register` but not `AttentionMaskInterface.register`,
+    transformers builds no mask at all and padding would be silently attended.
+    """
+    name = config._attn_implementation
+    registered = getattr(ALL_MASK_ATTENTION_FUNCTIONS, "_global_mapping", ALL_MASK_ATTENTION_FUNCTIONS)
+    if name is not None and name not in registered:
+        raise UnsupportedModelError(
+            f"the language model runs attention {name!r}, which has no mask function, so transformers would "
+            "ignore the padding of pruned batches: register one under the same name "
+            f"(transformers.AttentionMaskInterface.register({name!r}, ...), e.g. "
+            "transformers.masking_utils.sdpa_mask) or use sdpa, eager, flash_attention_2 or flex_attention"
+        )
 
 
 def layer_type(config, layer_idx: int) -> str:
