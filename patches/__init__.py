@@ -40,6 +40,16 @@ def adapter_for(model: nn.Module) -> Adapter:
     for adapter in ADAPTERS:
         if name in adapter.model_classes:
             return adapter(model)
+    inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+    if inner is not None:
+        raise UnsupportedModelError(
+            f"this is a torch.compile'd {type(inner).__name__}: tokprune changes sequence lengths per prompt "
+            "through hooks a compiled graph would not see; apply tokprune to the uncompiled model (do not compile it)"
+        )
+    if hasattr(model, "get_base_model") and model.get_base_model() is not model:  # a PEFT wrapper
+        raise UnsupportedModelError(
+            f"{name} wraps a {type(model.get_base_model()).__name__}: pass model.get_base_model() to tokprune.apply"
+        )
     raise UnsupportedModelError(
         f"tokprune has no adapter for {name}. Supported model classes: {', '.join(supported_model_classes())}. "
         "Load the model with its *ForConditionalGeneration class (e.g. LlavaForConditionalGeneration)."

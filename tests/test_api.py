@@ -29,6 +29,24 @@ def test_unsupported_model_names_class_and_families():
     assert isinstance(info.value, TypeError)
 
 
+def test_compiled_and_wrapped_models_say_what_to_pass(tiny):
+    model, _ = tiny("llava")
+    with pytest.raises(errors.UnsupportedModelError, match="torch.compile'd LlavaForConditionalGeneration"):
+        tokprune.apply(torch.compile(model), "random")  # compiles lazily: nothing is compiled here
+
+    class Wrapper(torch.nn.Module):  # the shape of a PEFT model
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def get_base_model(self):
+            return self.base
+
+    with pytest.raises(errors.UnsupportedModelError, match="pass model.get_base_model()"):
+        tokprune.apply(Wrapper(model), "random")
+    assert not hasattr(model, "_tokprune_pruner")  # nothing was installed on the model itself
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
