@@ -38,14 +38,13 @@ def main() -> int:
     parser.add_argument("--repeats", default="3")
     parser.add_argument("--max-new-tokens", default="8")
     parser.add_argument("--methods", nargs="+", default=tokprune.available_methods())
+    parser.add_argument(
+        "--results", type=Path, default=Path(__file__).parent / "results", help="parent folder"
+    )
     args = parser.parse_args()
     date = datetime.date.today().isoformat()
     depth = f"-{args.layers}layers" if args.layers else ""
-    out = (
-        Path(__file__).parent
-        / "results"
-        / f"{args.preset}{depth}-{args.attn}-{args.device.split(':')[0]}-{date}"
-    )
+    out = args.results / f"{args.preset}{depth}-{args.attn}-{args.device.split(':')[0]}-{date}"
     argv = ["bench", "--model", args.preset, "--methods", *args.methods, "--budgets", *BUDGETS[args.preset],
             "--eager-baseline", "--repeats", args.repeats, "--max-new-tokens", args.max_new_tokens,
             "--device", args.device, "--dtype", args.dtype, "--attn", args.attn, "--out", str(out)]  # fmt: skip
