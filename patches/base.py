@@ -15,6 +15,7 @@ from torch import nn
 from tokprune.core.layout import ImageLayout, VisionSignalStore  # noqa: F401 (re-exported)
 from tokprune.core.masks import build_layer_mask
 from tokprune.core.state import TokenMap
+from tokprune.core.wrap import InstanceWrap  # noqa: F401 (re-exported)
 from tokprune.errors import MethodOptionError
 
 
@@ -169,14 +170,3 @@ class Adapter:
             getattr(layers[index], attention).register_forward_hook(make_hook(wanted), with_kwargs=True)
             for index, wanted in by_layer.items()
         ]
-
-
-class InstanceWrap:
-    """Removable wrapper of one bound method on one instance (never on the class)."""
-
-    def __init__(self, owner, name: str, wrapper) -> None:
-        self.owner, self.name = owner, name
-        setattr(owner, name, wrapper)
-
-    def remove(self) -> None:
-        self.owner.__dict__.pop(self.name, None)

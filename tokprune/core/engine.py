@@ -21,6 +21,7 @@ from tokprune.core.budget import Budget
 from tokprune.core.compaction import Compaction
 from tokprune.core.compat import cache_in
 from tokprune.core.forward import Forward
+from tokprune.core.generation import reads_text, refuse_assisted_generation
 from tokprune.core.layout import ImageLayout, VisionSignalStore, image_rows
 from tokprune.core.masks import check_mask_support
 from tokprune.core.positions import first_position, shifted, with_rows
@@ -78,6 +79,10 @@ class Engine(StageHooks):
         vit_names |= self._llm_vision_names()
         self.handles += a.install_vision_hooks(vit_names, self.store)
         self.handles += a.install_lm_hooks()
+        methods = ([self.pre] if self.pre is not None else []) + [m for m, _ in self.llm]
+        readers = list(dict.fromkeys(m.name for m in methods if reads_text(m.signals)))
+        if readers:
+            self.handles.append(refuse_assisted_generation(a.model, " + ".join(readers)))
         self.handles.append(a.language_model.register_forward_pre_hook(self._on_lm, with_kwargs=True))
         self.handles.append(a.language_model.register_forward_hook(self._on_lm_done))
         if not self.boundaries:
@@ -115,7 +120,9 @@ class Engine(StageHooks):
             kwargs["position_ids"] = shifted(kwargs["position_ids"], self._position_shift)
         if self.state is None or not self.state.pruned:
             return args, kwargs
-        return self._continue_positions(args, kwargs)
+        if past < self.state.cache_len_layer0():  # the cache was cropped into the prompt
+            self.state.drop_last(self.state.cache_len_layer0() - past)
+        return self._continue_positions(args, kwargs, past)
 
     def _begin_follow_up(self, args, kwargs) -> None:
         """A forward on a non-empty cache that brings images: a follow-up turn whose new images are pruned
@@ -154,8 +161,9 @@ class Engine(StageHooks):
         if _runs_vision_tower(kwargs):
             self.store.clear()  # the vision tower runs inside this forward (else generate() ran it)
 
-    def _continue_positions(self, args, kwargs):
-        """Decode step: track the original numbering; supply it if the caller passed no position ids."""
+    def _continue_positions(self, args, kwargs, past: int):
+        """Decode step (layer 0's cache holds `past` slots): track the original numbering; supply it if the
+        caller passed no position ids. Counted from the cache length, so a cropped cache renumbers right."""
         state = self.state
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
@@ -163,12 +171,11 @@ class Engine(StageHooks):
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             steps = torch.arange(length, device=state.next_position.device)
-            positions = state.next_position[:, None] + steps  # (B, n)
+            positions = state.positions_from(past)[:, None] + steps  # (B, n)
             rows = self.adapter.position_rows()
             kwargs["position_ids"] = positions if rows == 1 else positions[None].expand(rows, -1, -1)
-            state.next_position = state.next_position + length
             return args, kwargs
-        state.next_position = max_position(position_ids) + 1
+        state.next_position, state.positions_at = max_position(position_ids) + 1, past + length
         return None
 
     # ------------------------------------------------------------------ language model

@@ -55,13 +55,15 @@ class PrefillState:
     orig_len: the unpruned prompt length (what generate()'s 2-D mask counts).
     lm_mask: (B, L0) 2-D mask the LLM input was compacted to (None: the LLM input was not changed).
     stage_masks: boundary layer -> (B, L_s) 2-D mask of the cache of layers >= that boundary.
-    next_position: (B,) the original position the next token takes (for loops passing no position_ids).
+    next_position: (B,) the original position of the token that follows the first `positions_at` slots of
+    layer 0's cache (for loops passing no position_ids); positions_at: None = right after the prompt.
     """
 
     orig_len: int
     lm_mask: torch.Tensor | None = None
     stage_masks: dict[int, torch.Tensor] = field(default_factory=dict)
     next_position: torch.Tensor | None = None
+    positions_at: int | None = None
 
     @property
     def pruned(self) -> bool:
@@ -79,6 +81,18 @@ class PrefillState:
 
     def cache_len_layer0(self) -> int:
         return self.lm_mask.shape[1] if self.lm_mask is not None else self.orig_len
+
+    def positions_from(self, past: int) -> torch.Tensor:
+        """(B,) the original position of the next token when layer 0's cache holds `past` slots."""
+        at = self.positions_at if self.positions_at is not None else self.cache_len_layer0()
+        return self.next_position + (past - at)
+
+    def drop_last(self, n: int) -> None:
+        """The cache lost the prompt's last `n` tokens (generate() cropped rejected draft tokens that were
+        verified in the prefill itself). They are text after the images, the last `n` slots of every layer."""
+        self.lm_mask = self.lm_mask[:, :-n] if self.lm_mask is not None else None
+        self.stage_masks = {b: mask[:, :-n] for b, mask in self.stage_masks.items()}
+        self.orig_len -= n
 
 
 def max_position(position_ids: torch.Tensor) -> torch.Tensor:

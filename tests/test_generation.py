@@ -1,0 +1,77 @@
+"""Assisted generation (speculative decoding with a draft model): its first verification forward runs the
+prompt and the draft tokens at once, and rejected drafts are cropped from every layer's cache.
+
+Methods that read no text are unaffected by tokens after the prompt: their assisted greedy output equals
+plain greedy generate(), through pruned caches of different lengths per layer (in-LLM methods) being
+cropped. Methods that read the prompt's text would score with the drafts: refused before anything runs.
+"""
+
+import pytest
+import torch
+from test_invariants import COMPOSITION
+from tiny_models import BUILDERS, batch_inputs
+from transformers import DynamicCache
+
+import tokprune
+from tokprune import errors
+
+NEW = 10
+_MODELS: dict = {}
+
+
+def _main_and_draft(family: str):
+    """(model, a draft model of the same shape with perturbed weights, processor)."""
+    if family not in _MODELS:
+        model, proc = BUILDERS[family]("sdpa")
+        draft, _ = BUILDERS[family]("sdpa")
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for param in draft.parameters():
+                param.add_(0.5 * torch.randn(param.shape, generator=generator))
+        _MODELS[family] = (model, draft, proc)
+    return _MODELS[family]
+
+
+def _greedy(model, inputs: dict, **kwargs) -> torch.Tensor:
+    """NEW greedy tokens; token 0 suppressed (the tiny Gemma 3 would repeat it, main and draft alike)."""
+    with torch.no_grad():
+        return model.generate(
+            **inputs,
+            max_new_tokens=NEW,
+            min_new_tokens=NEW,
+            do_sample=False,
+            pad_token_id=0,
+            suppress_tokens=[0],
+            **kwargs,
+        )
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "gemma3"])
+@pytest.mark.parametrize("method", ["divprune", "fastervlm", "dart", "visiondrop"])
+def test_assisted_generation_equals_greedy_for_methods_that_read_no_text(family, method, monkeypatch):
+    model, draft, proc = _main_and_draft(family)
+    inputs = batch_inputs(family, proc, (2,))  # assisted generation takes one row
+    removed: list[int] = []
+    crop = DynamicCache.crop
+    monkeypatch.setattr(DynamicCache, "crop", lambda self, n: (removed.append(-n), crop(self, n))[1])
+    with tokprune.apply(model, method, keep_ratio=0.25):
+        expected = _greedy(model, inputs)
+        got = _greedy(model, inputs, assistant_model=draft)
+    assert torch.equal(got, expected)
+    assert any(removed)  # some drafts were rejected: pruned caches were cropped
+
+
+@pytest.mark.parametrize(
+    "method", ["fastv", "sparsevlm", "cdpruner", "mustdrop", COMPOSITION],
+    ids=lambda m: m if isinstance(m, str) else "composition",
+)  # fmt: skip
+def test_assisted_generation_is_refused_for_methods_that_read_the_prompt(method):
+    model, draft, proc = _main_and_draft("llava")
+    inputs = batch_inputs("llava", proc, (2,))
+    with tokprune.apply(model, method, keep_ratio=0.25):
+        with pytest.raises(errors.UnsupportedInputError, match="assisted generation"):
+            _greedy(model, inputs, assistant_model=draft)
+        with pytest.raises(errors.UnsupportedInputError, match="assisted generation"):
+            _greedy(model, inputs, prompt_lookup_num_tokens=3)
+        _greedy(model, inputs)  # plain generate() still works
+    assert "generate" not in model.__dict__  # the guard is gone with the pruner
