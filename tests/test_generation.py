@@ -1,9 +1,11 @@
-"""Assisted generation (speculative decoding with a draft model): its first verification forward runs the
-prompt and the draft tokens at once, and rejected drafts are cropped from every layer's cache.
+"""generate() modes whose prefill is not one forward over exactly the prompt.
 
-Methods that read no text are unaffected by tokens after the prompt: their assisted greedy output equals
-plain greedy generate(), through pruned caches of different lengths per layer (in-LLM methods) being
-cropped. Methods that read the prompt's text would score with the drafts: refused before anything runs.
+Assisted generation (speculative decoding with a draft model) verifies the first drafts in the prefill
+itself and crops rejected drafts from every layer's cache. Methods that read no text are unaffected by
+tokens after the prompt: their assisted greedy output equals plain greedy generate(), through pruned caches
+of different lengths per layer (in-LLM methods) being cropped. Methods that read the prompt's text would
+score with the drafts: refused before anything runs. Chunked prefill splits images across forwards:
+refused for prompts with images.
 """
 
 import pytest
@@ -75,3 +77,16 @@ def test_assisted_generation_is_refused_for_methods_that_read_the_prompt(method)
             _greedy(model, inputs, prompt_lookup_num_tokens=3)
         _greedy(model, inputs)  # plain generate() still works
     assert "generate" not in model.__dict__  # the guard is gone with the pruner
+
+
+@pytest.mark.parametrize("method", ["divprune", "fastv"])
+def test_chunked_prefill_of_a_prompt_with_images_is_refused(method):
+    """prefill_chunk_size splits an image across forwards: refused; a text-only prompt passes through."""
+    model, _, proc = _main_and_draft("llava")
+    inputs = batch_inputs("llava", proc, (1, 2))
+    text = dict(proc.tokenizer(["USER: hello there, how are you? ASSISTANT:"], return_tensors="pt"))
+    expected = _greedy(model, text)
+    with tokprune.apply(model, method, keep_ratio=0.25):
+        with pytest.raises(errors.UnsupportedInputError, match="prefill_chunk_size"):
+            _greedy(model, inputs, prefill_chunk_size=32)
+        assert torch.equal(_greedy(model, text, prefill_chunk_size=4), expected)

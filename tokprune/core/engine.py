@@ -21,7 +21,7 @@ from tokprune.core.budget import Budget
 from tokprune.core.compaction import Compaction
 from tokprune.core.compat import cache_in
 from tokprune.core.forward import Forward
-from tokprune.core.generation import reads_text, refuse_assisted_generation
+from tokprune.core.generation import guard_generate, reads_text
 from tokprune.core.layout import ImageLayout, VisionSignalStore, image_rows
 from tokprune.core.masks import check_mask_support
 from tokprune.core.positions import first_position, shifted, with_rows
@@ -81,8 +81,7 @@ class Engine(StageHooks):
         self.handles += a.install_lm_hooks()
         methods = ([self.pre] if self.pre is not None else []) + [m for m, _ in self.llm]
         readers = list(dict.fromkeys(m.name for m in methods if reads_text(m.signals)))
-        if readers:
-            self.handles.append(refuse_assisted_generation(a.model, " + ".join(readers)))
+        self.handles.append(guard_generate(a.model, readers))
         self.handles.append(a.language_model.register_forward_pre_hook(self._on_lm, with_kwargs=True))
         self.handles.append(a.language_model.register_forward_hook(self._on_lm_done))
         if not self.boundaries:

@@ -1,4 +1,7 @@
-"""generate() modes whose prefill is more than the prompt: refused for methods that read the prompt's text.
+"""generate() modes whose prefill is not one forward over exactly the prompt.
+
+Chunked prefill (`prefill_chunk_size=`) splits the prompt, images included, across several forwards, while
+tokprune prunes an image inside the one forward that holds all of it: refused for prompts with images.
 
 Assisted generation (`assistant_model=`, `prompt_lookup_num_tokens=`, `assistant_early_exit=`) runs its first
 verification forward on the prompt *and* the draft tokens at once. A method that scores with the prompt's
@@ -33,17 +36,36 @@ def is_assisted(model: nn.Module, kwargs: dict) -> bool:
     return any(kwargs.get(k) is not None or getattr(config, k, None) is not None for k in ASSISTED)
 
 
-def refuse_assisted_generation(model: nn.Module, methods: str) -> InstanceWrap:
-    """Wrap `model.generate` (on the instance) to refuse assisted generation before it starts."""
+def is_chunked(model: nn.Module, kwargs: dict) -> bool:
+    """Whether generate(**kwargs) on `model` splits the prefill into chunks."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    return (kwargs.get("prefill_chunk_size") or getattr(config, "prefill_chunk_size", None)) is not None
+
+
+def brings_images(kwargs: dict) -> bool:
+    return any(
+        kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
+    )
+
+
+def guard_generate(model: nn.Module, text_readers: list[str]) -> InstanceWrap:
+    """Wrap `model.generate` (on the instance) to refuse, before anything runs, chunked prefill of a prompt
+    with images and (where any of `text_readers`, the names of methods reading text, is installed)
+    assisted generation."""
     original = model.generate
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
-        if is_assisted(model, kwargs):
+        if is_chunked(model, kwargs) and brings_images(kwargs):
             raise UnsupportedInputError(
-                f"assisted generation runs the prompt and the draft tokens in one prefill, so {methods} would "
-                "score with the draft instead of the prompt's text: use generate() without an assistant, or a "
-                "method that reads no text (e.g. divprune, visionzip, dart)"
+                "chunked prefill (prefill_chunk_size) splits the images across forwards, and tokprune prunes an "
+                "image within the forward that holds all of it: pass prefill_chunk_size=None"
+            )
+        if text_readers and is_assisted(model, kwargs):
+            raise UnsupportedInputError(
+                f"assisted generation runs the prompt and the draft tokens in one prefill, so "
+                f"{' + '.join(text_readers)} would score with the draft instead of the prompt's text: use "
+                "generate() without an assistant, or a method that reads no text (e.g. divprune, visionzip, dart)"
             )
         return original(*args, **kwargs)
 
