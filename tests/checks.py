@@ -10,3 +10,15 @@ def assert_valid_keep(keep: torch.Tensor, n: int, k: int) -> None:
     values = keep.tolist()
     assert values == sorted(set(values)), "indices must be sorted and distinct"
     assert all(0 <= v < n for v in values)
+
+
+def assert_same_run(got: tuple, expected: tuple, tol: float) -> None:
+    """Two runs of one pruned batch agree: got / expected = (last-position prefill logits (B, V), generated
+    tokens (B, n), per-step logits [(B, V)] * n). Logits within tol x the largest first-step |logit|."""
+    prefill, tokens, steps = got
+    expected_prefill, expected_tokens, expected_steps = expected
+    scale = max(1.0, float(expected_steps[0].abs().max()))
+    torch.testing.assert_close(prefill, expected_prefill, atol=tol * scale, rtol=0)
+    assert torch.equal(tokens, expected_tokens)
+    for a, b in zip(steps, expected_steps):
+        torch.testing.assert_close(a, b, atol=tol * scale, rtol=0)

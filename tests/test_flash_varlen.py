@@ -11,6 +11,7 @@ the real tokens of the batch (none of the padding).
 import pytest
 import torch
 import torch.nn.functional as F
+from checks import assert_same_run
 from flash_reference import reference_flash_attention, use_flash_attention_2
 from test_invariants import METHODS, TINY_OPTIONS, _generate, _refuses_without_tiles
 from tiny_models import BUILDERS, batch_inputs
@@ -118,11 +119,7 @@ def test_pruned_flash_attention_2_equals_pruned_sdpa(family, method):
         stats = pruner.stats
         prefill_calls, calls[:] = list(calls), []
         flash_tokens, flash_steps = _generate(flash, inputs)
-    scale = max(1.0, float(steps[0].abs().max()))
-    torch.testing.assert_close(prefill, expected, atol=TOL * scale, rtol=0)
-    assert torch.equal(flash_tokens, tokens)
-    for a, b in zip(flash_steps, steps):
-        torch.testing.assert_close(a, b, atol=TOL * scale, rtol=0)
+    assert_same_run((prefill, flash_tokens, flash_steps), (expected, tokens, steps), TOL)
     # prefill: one kernel call per LLM layer, over exactly the real tokens that layer sees
     per_layer = [sum(row[i] for row in stats.layer_tokens) for i in range(len(stats.layer_tokens[0]))]
     assert [n for _, n in prefill_calls] == per_layer
