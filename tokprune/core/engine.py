@@ -22,7 +22,13 @@ from tokprune.core.compaction import Compaction
 from tokprune.core.compat import cache_in
 from tokprune.core.forward import Forward
 from tokprune.core.generation import guard_generate, reads_text
-from tokprune.core.layout import ImageLayout, VisionSignalStore, image_rows
+from tokprune.core.layout import (
+    ImageLayout,
+    VisionSignalStore,
+    brings_images,
+    image_rows,
+    runs_vision_tower,
+)
 from tokprune.core.masks import check_mask_support
 from tokprune.core.positions import first_position, shifted, with_rows
 from tokprune.core.selection import align_signals, content_counts, select_pre, text_after_images
@@ -113,7 +119,7 @@ class Engine(StageHooks):
             self._new_forward(args, kwargs, self.adapter.image_layout(kwargs), follow_up=False)
             return None
         self.fwd = None
-        if _brings_images(kwargs):
+        if brings_images(kwargs):
             self._begin_follow_up(args, kwargs)
         elif self._position_shift is not None and kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = shifted(kwargs["position_ids"], self._position_shift)
@@ -157,7 +163,7 @@ class Engine(StageHooks):
         if layout is not None:  # a forward tokprune may prune: its batches need padding masks
             check_mask_support(self.adapter.text_config)
         self.fwd = Forward(input_ids=input_ids, layout=layout, follow_up=follow_up)
-        if _runs_vision_tower(kwargs):
+        if runs_vision_tower(kwargs):
             self.store.clear()  # the vision tower runs inside this forward (else generate() ran it)
 
     def _continue_positions(self, args, kwargs, past: int):
@@ -365,16 +371,6 @@ class Engine(StageHooks):
     def _finish(self, fwd: Forward) -> None:
         self.last_stats = fwd.finished_stats(len(self.adapter.decoder_layers))
         self.fwd = None
-
-
-def _runs_vision_tower(inner_kwargs: dict) -> bool:
-    """The inner model will encode pixels itself in this forward."""
-    return inner_kwargs.get("pixel_values") is not None or inner_kwargs.get("pixel_values_videos") is not None
-
-
-def _brings_images(inner_kwargs: dict) -> bool:
-    """Pixels, or the image features generate() encoded before calling the model."""
-    return _runs_vision_tower(inner_kwargs) or bool(inner_kwargs.get("mm_encoder_outputs"))
 
 
 def _reject_static_cache(past_key_values) -> None:

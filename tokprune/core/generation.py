@@ -16,6 +16,7 @@ import functools
 
 from torch import nn
 
+from tokprune.core.layout import brings_images
 from tokprune.core.wrap import InstanceWrap
 from tokprune.errors import UnsupportedInputError
 
@@ -30,22 +31,21 @@ def reads_text(signals) -> bool:
     return any(name.split("@")[0] in TEXT_SIGNALS for name in signals)
 
 
+def _generation_config(model: nn.Module, kwargs: dict):
+    """The GenerationConfig generate(**kwargs) starts from."""
+    return kwargs.get("generation_config") or getattr(model, "generation_config", None)
+
+
 def is_assisted(model: nn.Module, kwargs: dict) -> bool:
     """Whether generate(**kwargs) on `model` runs assisted generation."""
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    config = _generation_config(model, kwargs)
     return any(kwargs.get(k) is not None or getattr(config, k, None) is not None for k in ASSISTED)
 
 
 def is_chunked(model: nn.Module, kwargs: dict) -> bool:
     """Whether generate(**kwargs) on `model` splits the prefill into chunks."""
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    config = _generation_config(model, kwargs)
     return (kwargs.get("prefill_chunk_size") or getattr(config, "prefill_chunk_size", None)) is not None
-
-
-def brings_images(kwargs: dict) -> bool:
-    return any(
-        kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
-    )
 
 
 def guard_generate(model: nn.Module, text_readers: list[str]) -> InstanceWrap:

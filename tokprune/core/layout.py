@@ -87,6 +87,16 @@ class VisionSignalStore:
         self.seconds = [0.0]
 
 
+def runs_vision_tower(kwargs: dict) -> bool:
+    """The (inner) model will encode pixels itself in the forward (or generate() call) given `kwargs`."""
+    return kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+
+
+def brings_images(kwargs: dict) -> bool:
+    """Pixels, or the image features generate() encoded before calling the model."""
+    return runs_vision_tower(kwargs) or bool(kwargs.get("mm_encoder_outputs"))
+
+
 def image_rows(visual: torch.Tensor, counts: list[int]) -> list[int]:
     """Batch row of every image (images fill visual positions row by row, in order)."""
     per_row = visual.sum(1).tolist()
