@@ -38,9 +38,6 @@ fi
 if [ -z "$DRY" ]; then
     $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
     nvidia-smi -L
-    DEVICE=cuda DTYPE=bfloat16
-else
-    DEVICE=cpu DTYPE=float32
 fi
 $PY -c "import torch, transformers, tokprune; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 ATTN=${GPU_CHECKS_ATTN:-sdpa}  # a second run with GPU_CHECKS_ATTN=flash_attention_2 where flash-attn is installed
