@@ -156,13 +156,11 @@ def _load_model(name: str, layers: int | None, attn: str, dtype: str, device: st
         raise CliError(
             f"unknown model {name!r}: not a preset ({', '.join(PRESETS)}), 'toy', a local folder or an HF id"
         )
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     from tokprune.bench.synthetic import rand_image
+    from tokprune.eval.loading import load_pretrained
 
     try:
-        model = AutoModelForImageTextToText.from_pretrained(name, attn_implementation=attn, dtype=torch_dtype)
-        processor = AutoProcessor.from_pretrained(name)
+        model, processor = load_pretrained(name, dtype, attn)
     except OSError as error:
         raise CliError(f"cannot load {name!r} (weights must be on this machine): {error}") from None
     model = model.to(device).eval()
