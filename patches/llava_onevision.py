@@ -49,7 +49,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 )
 
 from tokprune.core.compat import cache_in
-from tokprune.core.layout import Unit, sequence_order
+from tokprune.core.layout import Unit, in_sequence_order
 from tokprune.core.selection import align_signals
 from tokprune.core.timing import timed
 from tokprune.errors import UnsupportedInputError
@@ -364,23 +364,6 @@ def _as_channels(values: dict[str, torch.Tensor], tokens: int):
         return {name: part.reshape(-1, *shape) for (name, (_, shape)), part in zip(widths.items(), parts)}
 
     return channels.view(-1, tokens, channels.shape[-1]), split
-
-
-def in_sequence_order(masks: dict[str, torch.Tensor], parts: dict[str, ImageLayout]) -> ImageLayout:
-    """One layout of several kinds of media, ordered by their first token in the sequence.
-
-    masks: kind -> (B, L) bool placeholders of that kind; parts: kind -> its layout in the order the model
-    scatters that kind's features. Every item must occupy consecutive visual tokens of one row.
-    """
-    items = sequence_order(masks, {kind: layout.counts for kind, layout in parts.items()})
-    merged = ImageLayout(counts=[], grids=[], units=[], separators=[])
-    for kind, item in items:
-        layout = parts[kind]
-        merged.counts.append(layout.counts[item])
-        merged.grids.append(layout.grids[item])
-        merged.units.append(layout.units_of(item))
-        merged.separators.append(layout.separators_of(item))
-    return merged
 
 
 def _wrap_features(adapter: LlavaOnevisionAdapter, store: VisionSignalStore, kind: str) -> InstanceWrap:

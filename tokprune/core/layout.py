@@ -150,3 +150,20 @@ def sequence_order(masks: dict[str, torch.Tensor], counts: dict[str, list[int]])
             f"the prompt holds fewer {missing[0]} tokens than its {missing[0]}s give features"
         )
     return items
+
+
+def in_sequence_order(masks: dict[str, torch.Tensor], parts: dict[str, ImageLayout]) -> ImageLayout:
+    """One layout of several kinds of media, ordered by their first token in the sequence.
+
+    masks: kind -> (B, L) bool placeholders of that kind; parts: kind -> its layout in the order the model
+    scatters that kind's features. Every item must occupy consecutive visual tokens of one row.
+    """
+    items = sequence_order(masks, {kind: layout.counts for kind, layout in parts.items()})
+    merged = ImageLayout(counts=[], grids=[], units=[], separators=[])
+    for kind, item in items:
+        layout = parts[kind]
+        merged.counts.append(layout.counts[item])
+        merged.grids.append(layout.grids[item])
+        merged.units.append(layout.units_of(item))
+        merged.separators.append(layout.separators_of(item))
+    return merged
