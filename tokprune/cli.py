@@ -266,8 +266,7 @@ def _device_name(device: str) -> str:
 def run_demo(args) -> int:
     import torch
 
-    from tokprune.methods import REGISTRY, make_method
-    from tokprune.patches import adapter_for
+    from tokprune.methods import make_method
     from tokprune.toy import demo
     from tokprune.toy.task import generate
     from tokprune.toy.train import HELD_OUT_SEED
@@ -283,8 +282,7 @@ def run_demo(args) -> int:
             raise CliError(f"{name} must be >= 1")
     answerer = _demo_answerer(args)
     if not methods:  # every registered method this model can run (AnyRes-only ones need tiles)
-        tiles = adapter_for(answerer.model).tiles
-        methods = [m for m in tokprune.available_methods() if tiles or not REGISTRY[m].needs_tiles]
+        methods = _runnable(tokprune.available_methods(), answerer.model)
         skipped = sorted(set(tokprune.available_methods()) - set(methods))
         if skipped:
             print(f"skipped (need AnyRes tiles, which this model has not): {', '.join(skipped)}")
