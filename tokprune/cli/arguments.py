@@ -1,0 +1,43 @@
+"""Command-line values: dtypes and attention backends offered, budgets and options parsed, the user error."""
+
+from __future__ import annotations
+
+DTYPES = ("float32", "bfloat16", "float16")
+# transformers' attention backends tokprune is tested with (flex_attention: on families whose
+# transformers classes support it; its kernels are compiled, which needs a GPU or a working inductor)
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flex_attention")
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def parse_budget(text: str) -> dict:
+    """'64' -> budget=64; '0.25' -> keep_ratio=0.25; '33.3%' -> keep_ratio=0.333."""
+    try:
+        if text.endswith("%"):
+            return {"keep_ratio": float(text[:-1]) / 100}
+        if "." in text:
+            return {"keep_ratio": float(text)}
+        return {"budget": int(text)}
+    except ValueError:
+        raise CliError(
+            f"budget {text!r} is not a token count (64), a keep ratio (0.25) or a percentage (33.3%)"
+        ) from None
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """'layer=3' -> ('layer', 3); values are Python literals where they parse, else strings."""
+    import ast
+
+    if "=" not in text:
+        raise CliError(f"option {text!r} must look like name=value (e.g. layer=3)")
+    name, value = text.split("=", 1)
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name, value
+
+
+def split_list(values: list[str]) -> list[str]:
+    return [item for value in values for item in value.split(",") if item]

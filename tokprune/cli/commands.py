@@ -1,0 +1,218 @@
+"""The commands: `bench`, `demo`, `robustness`, `methods`, `models`."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import time
+from pathlib import Path
+
+import tokprune
+from tokprune.cli.arguments import CliError, parse_budget, parse_option, split_list
+from tokprune.cli.loading import attention_backend, load_model
+
+
+def settings_from(args) -> list:
+    from tokprune.bench.harness import Setting
+    from tokprune.methods import LLMMethod, make_method
+
+    methods = split_list(args.methods)
+    budgets = [parse_budget(b) for b in split_list(args.budgets)]
+    options = tuple(parse_option(o) for o in args.option)
+    if methods and not budgets:
+        raise CliError("give --budgets with --methods (e.g. --budgets 192 128 64, or 0.25)")
+    settings = [Setting()]
+    for method in methods:
+        instance = make_method(
+            method, dict(options)
+        )  # unknown names/options fail here, before any model loads
+        for budget in budgets:
+            settings.append(Setting(method=method, options=options, **budget))
+            eager_scored = isinstance(instance, LLMMethod) and "last_query_attention" in instance.signals
+            if args.eager_baseline and eager_scored:
+                settings.append(Setting(method=method, options=options, scoring="eager", **budget))
+    return settings
+
+
+def run_bench(args) -> int:
+    import torch
+    import transformers
+
+    from tokprune.bench.harness import run_benchmark
+    from tokprune.bench.report import markdown_table, target_checks, write_results
+
+    settings = settings_from(args)
+    for name, value in (("--repeats", args.repeats), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise CliError(f"{name} must be >= 1")
+    model, make_inputs = load_model(args.model, args.layers, args.attn, args.dtype, args.device)
+    for setting in settings[1:]:  # every setting installs once before any measuring: bad layers fail now
+        tokprune.apply(
+            model,
+            setting.method,
+            budget=setting.budget,
+            keep_ratio=setting.keep_ratio,
+            **dict(setting.options),
+        ).remove()
+    inputs = make_inputs(args.batch_size)
+    rows = run_benchmark(
+        model,
+        inputs,
+        settings,
+        max_new_tokens=args.max_new_tokens,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        progress=not args.no_progress,
+    )
+    meta = {
+        "model": args.model,
+        "layers": args.layers,
+        "attn": args.attn,
+        "dtype": args.dtype,
+        "device": _device_name(args.device),
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokprune": tokprune.__version__,
+        "flops_convention": "multiply-add = 2 FLOPs (as torch.utils.flop_counter)",
+        "budget_accounting": "vis→LLM = visual tokens entering the LLM; vis avg/layer = sum (L_{i+1}-L_i) T_i / L",
+    }
+    paths = write_results(rows, meta, args.out)
+    print(markdown_table(rows))
+    print("\ntargets (reported, not enforced):")
+    for line in target_checks(rows):
+        print(f"  {line}")
+    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def run_demo(args) -> int:
+    import torch
+
+    from tokprune.methods import make_method
+    from tokprune.toy import demo
+    from tokprune.toy.task import generate
+    from tokprune.toy.train import HELD_OUT_SEED
+
+    methods = split_list(args.methods)
+    for method in methods:
+        make_method(method, demo.TOY_OPTIONS.get(method, {}) if args.model == "toy" else {})
+    budgets = [parse_budget(b) for b in split_list(args.budgets)] or [
+        {"keep_ratio": r} for r in demo.KEEP_RATIOS
+    ]
+    for name, value in (("--questions", args.questions), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise CliError(f"{name} must be >= 1")
+    answerer = _demo_answerer(args)
+    if not methods:  # every registered method this model can run (AnyRes-only ones need tiles)
+        methods = _runnable(tokprune.available_methods(), answerer.model)
+        skipped = sorted(set(tokprune.available_methods()) - set(methods))
+        if skipped:
+            print(f"skipped (need AnyRes tiles, which this model has not): {', '.join(skipped)}")
+    samples = generate(args.questions, HELD_OUT_SEED)
+    settings = [(None, {})] + [(m, b) for m in methods for b in budgets]
+    print(
+        f"{len(settings)} settings x {len(samples)} held-out questions on {args.model} ({args.device})",
+        flush=True,
+    )
+
+    def progress(row):
+        print(f"  {row.method:<14} {row.budget:<12} accuracy {100 * row.accuracy:5.1f}%", flush=True)
+
+    start = time.perf_counter()
+    rows = demo.run_settings(answerer, samples, settings, args.batch_size, progress)
+    meta = {
+        "model": args.model,
+        "questions": len(samples),
+        "device": _device_name(args.device),
+        "threads": torch.get_num_threads(),
+        "seconds": round(time.perf_counter() - start, 1),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    print("\n" + demo.table(rows))
+    paths = demo.write_report(rows, samples, meta, Path(args.out))
+    print(f"\n{meta['seconds']} s; wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _demo_answerer(args):
+    from tokprune.toy import demo
+
+    if args.model == "toy":
+        from tokprune.toy.model import load_toy
+
+        with attention_backend(args.attn):
+            model, processor = load_toy(attn=args.attn)
+        return demo.ToyAnswerer(model.to(args.device), processor)
+    from tokprune.eval.loading import load_pretrained, prepare
+
+    with attention_backend(args.attn):
+        model, processor = load_pretrained(args.model, args.dtype, args.attn)
+    import torch
+
+    return demo.ChatAnswerer(prepare(model, processor, torch.device(args.device)), processor)
+
+
+def run_robustness(args) -> int:
+    from tokprune.robustness import kept_set_stability
+
+    budget = parse_budget(args.budget)
+    methods = split_list(args.methods) or tokprune.available_methods()
+    model, make_inputs = load_model(args.model, args.layers, args.attn, args.dtype, args.device)
+    if not split_list(args.methods):
+        methods = _runnable(methods, model)
+    inputs = make_inputs(1)
+    print(
+        f"kept-set stability: mean Jaccard over {args.trials} noisy copies (std {args.noise_std}), {args.budget}"
+    )
+    from tokprune.toy.demo import TOY_OPTIONS
+
+    for method in methods:
+        options = TOY_OPTIONS.get(method, {}) if args.model == "toy" else {}  # the toy's 4-layer ViT
+        result = kept_set_stability(
+            model, inputs, method, noise_std=args.noise_std, trials=args.trials, **budget, **options
+        )
+        print(f"  {method:<13} mean {result['mean_jaccard']:.3f}  min {result['min_jaccard']:.3f}")
+    return 0
+
+
+def _runnable(methods: list[str], model) -> list[str]:
+    """`methods` without those the model refuses: AnyRes-only methods (`needs_tiles`) on models whose
+    images have no tiles. For the default "every method" lists; named methods fail with the reason."""
+    from tokprune.methods import REGISTRY
+    from tokprune.patches import adapter_for
+
+    tiles = adapter_for(model).tiles
+    return [m for m in methods if tiles or not REGISTRY[m].needs_tiles]
+
+
+def print_methods() -> int:
+    from tokprune.methods import REGISTRY
+
+    for name in tokprune.available_methods():
+        cls = REGISTRY[name]
+        print(f"{name:<11} {cls.where:<4} default {cls.default_budget}  {cls.paper}")
+    return 0
+
+
+def print_models() -> int:
+    from tokprune.bench.presets import PRESETS
+
+    print("supported model classes:")
+    for name in tokprune.available_models():
+        print(f"  {name}")
+    print("benchmark presets (random weights, real shapes):")
+    for preset in PRESETS.values():
+        print(f"  {preset.name:<15} {preset.description}")
+    return 0
