@@ -8,13 +8,7 @@ from dataclasses import dataclass
 from tokprune.core.budget import Budget
 from tokprune.errors import BudgetError, MethodOptionError
 from tokprune.methods.base import ImageTokens, LLMMethod, Selection, topk_sorted
-
-
-def check_layer(layer: int, num_layers: int, option: str, method: str) -> None:
-    if not isinstance(layer, int) or not 1 <= layer < num_layers:
-        raise MethodOptionError(
-            f"{method}: {option}={layer!r} must be an int in [1, {num_layers - 1}] for this {num_layers}-layer LLM"
-        )
+from tokprune.methods.options import check_int, check_int_tuple, check_llm_layer, check_ratio_tuple
 
 
 @dataclass
@@ -34,8 +28,11 @@ class FastV(LLMMethod):
     paper = "Chen et al., ECCV 2024 (FastV)"
     layer: int = 2
 
+    def __post_init__(self) -> None:
+        check_int(self, "layer", 1)
+
     def boundaries(self, num_layers: int) -> list[int]:
-        check_layer(self.layer, num_layers, "layer", self.name)
+        check_llm_layer(self.layer, num_layers, "layer", self.name)
         return [self.layer]
 
     def select(self, image: ImageTokens, k: int) -> Selection:
@@ -66,17 +63,10 @@ class PyramidDrop(LLMMethod):
     ratios: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        for option in ("layers", "ratios"):
-            value = getattr(self, option)
-            if value is not None and (not isinstance(value, (list, tuple)) or not value):
-                raise MethodOptionError(
-                    f"pdrop: {option} must be a non-empty tuple, one entry per stage; got {value!r}"
-                )
-        if self.ratios is not None:
-            if not all(isinstance(r, (int, float)) and 0 < r <= 1 for r in self.ratios):
-                raise MethodOptionError(f"pdrop: ratios must each be in (0, 1], got {self.ratios!r}")
-            if self.layers is not None and len(self.layers) != len(self.ratios):
-                raise MethodOptionError(f"pdrop: {len(self.layers)} layers but {len(self.ratios)} ratios")
+        check_int_tuple(self, "layers")
+        check_ratio_tuple(self, "ratios")
+        if self.ratios is not None and self.layers is not None and len(self.layers) != len(self.ratios):
+            raise MethodOptionError(f"pdrop: {len(self.layers)} layers but {len(self.ratios)} ratios")
 
     @property
     def fixes_budget(self) -> bool:
@@ -86,7 +76,7 @@ class PyramidDrop(LLMMethod):
         n_stages = len(self.ratios) if self.ratios is not None else 3
         layers = self.layers or tuple(num_layers * (s + 1) // (n_stages + 1) for s in range(n_stages))
         for layer in layers:
-            check_layer(layer, num_layers, "layers", self.name)
+            check_llm_layer(layer, num_layers, "layers", self.name)
         if list(layers) != sorted(set(layers)):
             raise MethodOptionError(f"pdrop: layers must be strictly increasing, got {tuple(layers)}")
         return list(layers)

@@ -160,11 +160,6 @@ def vision_signal(base: str, layer: int | str | None) -> str:
     return base if layer is None else f"{base}@{layer}"
 
 
-def is_int(value) -> bool:
-    """An int option value (bool, though an int subclass, is not one)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores, sorted ascending (kept tokens stay in their original order).
 

@@ -10,6 +10,7 @@ import torch
 
 from tokprune.core.budget import Budget
 from tokprune.methods.base import ImageTokens, Method, Selection
+from tokprune.methods.options import check_int
 
 
 @dataclass
@@ -24,6 +25,9 @@ class RandomPrune(Method):
     default_budget = Budget(ratio=0.25)
     paper = "baseline (UniPruneBench, 2025)"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_int(self, "seed")
 
     def select(self, image: ImageTokens, k: int) -> Selection:
         generator = torch.Generator().manual_seed(self.seed)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from tokprune.core.budget import Budget
-from tokprune.errors import MethodOptionError
 from tokprune.methods.base import ImageTokens, Method, Selection
+from tokprune.methods.options import check_bool, check_number
 
 
 def instruction_relevance(
@@ -128,14 +128,9 @@ class CDPruner(Method):
     rank_tol: float = 1e-6
 
     def __post_init__(self) -> None:
-        if self.theta is not None and (
-            isinstance(self.theta, bool)
-            or not isinstance(self.theta, (int, float))
-            or not 0.0 <= self.theta < 1.0
-        ):
-            raise MethodOptionError(f"cdpruner: theta must be None or in [0, 1), got {self.theta!r}")
-        if not isinstance(self.rank_tol, (int, float)) or not 0.0 < self.rank_tol < 1.0:
-            raise MethodOptionError(f"cdpruner: rank_tol must be in (0, 1), got {self.rank_tol!r}")
+        check_number(self, "theta", 0, 1, high_open=True, optional=True)
+        check_bool(self, "negate_relevance")
+        check_number(self, "rank_tol", 0, 1, low_open=True, high_open=True)
 
     def quality(self, image: ImageTokens) -> torch.Tensor:
         """Per-token quality q (n,) of the conditional kernel, float32 (uniform without an instruction)."""

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from tokprune.core.budget import Budget
 from tokprune.methods.base import ImageTokens, Method, Selection, topk_sorted
+from tokprune.methods.options import check_number
 
 
 @dataclass
@@ -58,6 +59,9 @@ class VisionZip(Method):
     default_budget = Budget(tokens=64)
     paper = "Yang et al., CVPR 2025 (VisionZip)"
     contextual_ratio: float = 10 / 64
+
+    def __post_init__(self) -> None:
+        check_number(self, "contextual_ratio", 0, 1, high_open=True)
 
     def select(self, image: ImageTokens, k: int) -> Selection:
         n_context = min(round(k * self.contextual_ratio), k - 1) if k > 1 else 0

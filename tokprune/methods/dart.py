@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from tokprune.core.budget import Budget
-from tokprune.methods.attention_llm import check_layer
 from tokprune.methods.base import ImageTokens, LLMMethod, Selection
+from tokprune.methods.options import check_int, check_llm_layer
 
 
 @dataclass
@@ -36,13 +36,11 @@ class DART(LLMMethod):
     pivots: int = 8
 
     def __post_init__(self) -> None:
-        if not isinstance(self.pivots, int) or self.pivots < 1:
-            from tokprune.errors import MethodOptionError
-
-            raise MethodOptionError(f"dart: pivots must be a positive int, got {self.pivots!r}")
+        check_int(self, "layer", 1)
+        check_int(self, "pivots", 1)
 
     def boundaries(self, num_layers: int) -> list[int]:
-        check_layer(self.layer, num_layers, "layer", self.name)
+        check_llm_layer(self.layer, num_layers, "layer", self.name)
         return [self.layer]
 
     def select(self, image: ImageTokens, k: int) -> Selection:

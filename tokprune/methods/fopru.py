@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from tokprune.core.budget import Budget
-from tokprune.errors import MethodOptionError
 from tokprune.methods.base import ImageTokens, Method, Selection, topk_sorted, trivial_selection
+from tokprune.methods.options import check_choice
 
 _STRATEGIES = ("rank", "row")
 
@@ -71,8 +71,7 @@ class FoPru(Method):
     strategy: str = "rank"
 
     def __post_init__(self) -> None:
-        if self.strategy not in _STRATEGIES:
-            raise MethodOptionError(f"fopru: strategy must be one of {_STRATEGIES}, got {self.strategy!r}")
+        check_choice(self, "strategy", _STRATEGIES)
 
     def select(self, image: ImageTokens, k: int) -> Selection:
         if (trivial := trivial_selection(image, k)) is not None:

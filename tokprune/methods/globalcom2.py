@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from tokprune.core.budget import Budget, split_budget
-from tokprune.errors import MethodOptionError
 from tokprune.methods.anyres import Mosaic, anyres_mosaic
 from tokprune.methods.base import (
     ImageTokens,
     Method,
     Selection,
-    is_int,
     topk_sorted,
     trivial_selection,
     vision_signal,
 )
 from tokprune.methods.holov import allocate_quotas
+from tokprune.methods.options import check_number, check_vision_layer
 
 
 def crop_weights(mosaic: Mosaic, thumbnail: torch.Tensor, temperature: float) -> list[float]:
@@ -102,22 +100,9 @@ class GlobalCom2(Method):
     layer: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "local_weight"):
-            value = getattr(self, name)
-            positive = name == "temperature"
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or value < 0
-                or (positive and value == 0)
-            ):
-                kind = "a positive" if positive else "a non-negative"
-                raise MethodOptionError(f"globalcom2: {name} must be {kind} finite number, got {value!r}")
-        if self.layer is not None and not is_int(self.layer):
-            raise MethodOptionError(
-                f"globalcom2: layer must be None (the feature layer) or an int vision-layer index, got {self.layer!r}"
-            )
+        check_number(self, "temperature", 0, low_open=True)
+        check_number(self, "local_weight", 0)
+        check_vision_layer(self, "layer", optional=True)
 
     @property
     def signals(self) -> tuple[str, ...]:  # type: ignore[override]

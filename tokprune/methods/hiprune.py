@@ -7,17 +7,16 @@ from dataclasses import dataclass
 import torch
 
 from tokprune.core.budget import Budget
-from tokprune.errors import MethodOptionError
 from tokprune.methods.base import (
     ImageTokens,
     Method,
     Selection,
     grid_of,
-    is_int,
     topk_sorted,
     trivial_selection,
     vision_signal,
 )
+from tokprune.methods.options import check_choice, check_number, check_vision_layer
 
 _NEIGHBOURHOODS = (4, 8)
 _OFFSETS = {
@@ -130,24 +129,10 @@ class HiPrune(Method):
     neighbourhood: int = 4
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.alpha, bool)
-            or not isinstance(self.alpha, (int, float))
-            or not 0 <= self.alpha <= 1
-        ):
-            raise MethodOptionError(f"hiprune: alpha must be a number in [0, 1], got {self.alpha!r}")
-        if self.object_layer != "object" and not is_int(self.object_layer):
-            raise MethodOptionError(
-                f"hiprune: object_layer must be 'object' or an int vision-layer index, got {self.object_layer!r}"
-            )
-        if self.deep_layer is not None and not is_int(self.deep_layer):
-            raise MethodOptionError(
-                f"hiprune: deep_layer must be None (the feature layer) or an int, got {self.deep_layer!r}"
-            )
-        if self.neighbourhood not in _NEIGHBOURHOODS or isinstance(self.neighbourhood, bool):
-            raise MethodOptionError(
-                f"hiprune: neighbourhood must be one of {_NEIGHBOURHOODS}, got {self.neighbourhood!r}"
-            )
+        check_number(self, "alpha", 0, 1)
+        check_vision_layer(self, "object_layer", named=("object",))
+        check_vision_layer(self, "deep_layer", optional=True)
+        check_choice(self, "neighbourhood", _NEIGHBOURHOODS)
 
     @property
     def object_signal(self) -> str:

@@ -9,18 +9,17 @@ from dataclasses import dataclass
 import torch
 
 from tokprune.core.budget import Budget
-from tokprune.errors import MethodOptionError
 from tokprune.methods.anyres import Mosaic, anyres_mosaic
 from tokprune.methods.base import (
     ImageTokens,
     Method,
     Selection,
-    is_int,
     topk_sorted,
     trivial_selection,
     vision_signal,
 )
 from tokprune.methods.holov import allocate_quotas
+from tokprune.methods.options import check_number, check_vision_layer
 
 
 def base_share(k: int, alpha: float, n_base: int, tile_sizes: list[int]) -> tuple[int, int]:
@@ -96,20 +95,10 @@ class HiRED(Method):
     content_ratio: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("alpha", "content_ratio"):
-            value = getattr(self, name)
-            if value is None and name == "content_ratio":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise MethodOptionError(f"hired: {name} must be a number in [0, 1], got {value!r}")
-        for name in ("early_layer", "final_layer"):
-            value = getattr(self, name)
-            if value is None and name == "final_layer":
-                continue
-            if not is_int(value):
-                raise MethodOptionError(
-                    f"hired: {name} must be an int vision-layer index (negative from the end), got {value!r}"
-                )
+        check_number(self, "alpha", 0, 1)
+        check_number(self, "content_ratio", 0, 1, optional=True)
+        check_vision_layer(self, "early_layer")
+        check_vision_layer(self, "final_layer", optional=True)
 
     @property
     def early_signal(self) -> str:

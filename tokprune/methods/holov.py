@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from tokprune.core.budget import Budget
-from tokprune.errors import MethodOptionError
 from tokprune.methods.base import ImageTokens, Method, Selection, grid_of, topk_sorted, trivial_selection
+from tokprune.methods.options import check_choice, check_int, check_number
 
 _LAYOUTS = ("blocks", "bands")
 _RANK_BY = ("score", "attention")
@@ -195,16 +195,14 @@ class HoloV(Method):
     rank_by: str = "score"
 
     def __post_init__(self) -> None:
-        for field in ("crop_rows", "crop_cols"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise MethodOptionError(f"holov: {field} must be a positive int, got {value!r}")
-        if not (isinstance(self.power, (int, float)) and self.power > 0):
-            raise MethodOptionError(f"holov: power must be a positive number, got {self.power!r}")
-        if self.layout not in _LAYOUTS:
-            raise MethodOptionError(f"holov: layout must be one of {_LAYOUTS}, got {self.layout!r}")
-        if self.rank_by not in _RANK_BY:
-            raise MethodOptionError(f"holov: rank_by must be one of {_RANK_BY}, got {self.rank_by!r}")
+        check_int(self, "crop_rows", 1)
+        check_int(self, "crop_cols", 1)
+        check_number(self, "alpha", 0)
+        check_number(self, "beta", 0)
+        check_number(self, "power", 0, low_open=True)
+        check_number(self, "eps", 0, low_open=True)
+        check_choice(self, "layout", _LAYOUTS)
+        check_choice(self, "rank_by", _RANK_BY)
 
     def select(self, image: ImageTokens, k: int) -> Selection:
         if (trivial := trivial_selection(image, k)) is not None:

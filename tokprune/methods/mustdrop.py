@@ -10,8 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from tokprune.core.budget import Budget
-from tokprune.errors import MethodOptionError
-from tokprune.methods.attention_llm import check_layer
 from tokprune.methods.base import (
     CompositeMethod,
     ImageTokens,
@@ -22,6 +20,7 @@ from tokprune.methods.base import (
     grid_of,
     topk_sorted,
 )
+from tokprune.methods.options import check_int, check_llm_layer, check_number
 
 TEXT_SIGNAL = "text_query_attention"
 
@@ -148,7 +147,7 @@ class MustDropPrefill(LLMMethod):
     key_ratio: float = 0.08
 
     def boundaries(self, num_layers: int) -> list[int]:
-        check_layer(self.layer, num_layers, "layer", self.name)
+        check_llm_layer(self.layer, num_layers, "layer", self.name)
         return [self.layer]
 
     def select(self, image: ImageTokens, k: int) -> Selection:
@@ -162,16 +161,6 @@ class MustDropPrefill(LLMMethod):
         is_key[keys.to(order.device)] = True
         rest = order[~is_key[order]][: k - keys.numel()]
         return Selection(keep=torch.cat([keys.to(order.device), rest]).sort().values)
-
-
-def _number(value, low: float, high: float, option: str, closed_high: bool = True) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float))
-    ok = ok and low <= value and (value <= high if closed_high else value < high)
-    if not ok:
-        bracket = "]" if closed_high else ")"
-        raise MethodOptionError(
-            f"mustdrop: {option} must be a number in [{low}, {high}{bracket}, got {value!r}"
-        )
 
 
 @dataclass
@@ -224,13 +213,11 @@ class MustDrop(CompositeMethod):
     vision_factor: float = 2.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
-            raise MethodOptionError(f"mustdrop: layer must be a positive int, got {self.layer!r}")
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 2:
-            raise MethodOptionError(f"mustdrop: window must be an int >= 2, got {self.window!r}")
-        _number(self.key_ratio, 0, 1, "key_ratio")
-        _number(self.threshold, -1, 1, "threshold")
-        _number(self.vision_factor, 1, math.inf, "vision_factor", closed_high=False)
+        check_int(self, "layer", 1)
+        check_int(self, "window", 2)
+        check_number(self, "key_ratio", 0, 1)
+        check_number(self, "threshold", -1, 1)
+        check_number(self, "vision_factor", 1)
 
     def parts(self) -> list[Method]:
         return [

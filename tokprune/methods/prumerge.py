@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from tokprune.core.budget import Budget
-from tokprune.errors import MethodOptionError
 from tokprune.methods.base import ImageTokens, Method, Selection, topk_sorted, trivial_selection
+from tokprune.methods.options import check_choice, check_int, check_number
 
 _MERGE_MODES = ("mean", "add")
 
@@ -95,11 +95,8 @@ def merge_neighbours(
 
 
 def _check_options(method: PruMerge) -> None:
-    n = method.neighbours
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise MethodOptionError(f"{method.name}: neighbours must be an int >= 0, got {n!r}")
-    if method.merge not in _MERGE_MODES:
-        raise MethodOptionError(f"{method.name}: merge must be one of {_MERGE_MODES}, got {method.merge!r}")
+    check_int(method, "neighbours", 0)
+    check_choice(method, "merge", _MERGE_MODES)
 
 
 @dataclass
@@ -184,9 +181,7 @@ class PruMergePlus(PruMerge):
 
     def __post_init__(self) -> None:
         _check_options(self)
-        f = self.iqr_factor
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not f >= 0:
-            raise MethodOptionError(f"{self.name}: iqr_factor must be a number >= 0, got {f!r}")
+        check_number(self, "iqr_factor", 0)
 
     def keep_set(self, image: ImageTokens, k: int) -> torch.Tensor:
         """(k,) sorted indices: up to k IQR outliers (by attention), then evenly spread samples of the rest."""

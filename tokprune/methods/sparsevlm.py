@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tokprune.core.budget import Budget
 from tokprune.errors import MethodOptionError
 from tokprune.methods.base import ImageTokens, LLMMethod, Selection, topk_sorted
+from tokprune.methods.options import check_bool, check_int, check_int_tuple, check_number
 
 SIGNAL = "text_query_attention"
 # Published per-stage kept visual tokens of LLaVA-1.5 (576 per image, 32 layers), pruning after layers
@@ -164,20 +165,10 @@ class SparseVLM(LLMMethod):
     cluster_size: int = 10
 
     def __post_init__(self) -> None:
-        if self.layers is not None and (
-            not isinstance(self.layers, (list, tuple))
-            or len(self.layers) != len(PUBLISHED_LAYERS)
-            or not all(isinstance(layer, int) and not isinstance(layer, bool) for layer in self.layers)
-        ):
-            raise MethodOptionError(f"sparsevlm: layers must be 3 ints (one per stage), got {self.layers!r}")
-        if not isinstance(self.recycle, bool):
-            raise MethodOptionError(f"sparsevlm: recycle must be a bool, got {self.recycle!r}")
-        ratio = self.recycle_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-            raise MethodOptionError(f"sparsevlm: recycle_ratio must be in (0, 1], got {ratio!r}")
-        size = self.cluster_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise MethodOptionError(f"sparsevlm: cluster_size must be a positive int, got {size!r}")
+        check_int_tuple(self, "layers", len(PUBLISHED_LAYERS))
+        check_bool(self, "recycle")
+        check_number(self, "recycle_ratio", 0, 1, low_open=True)
+        check_int(self, "cluster_size", 1)
 
     def boundaries(self, num_layers: int) -> list[int]:
         """Stage boundaries: each stage's scoring layer + 1 (layers after it see the kept tokens)."""

@@ -9,6 +9,7 @@ from tokprune.core.budget import Budget
 from tokprune.errors import MethodOptionError
 from tokprune.methods.base import CompositeMethod, ImageTokens, LLMMethod, Method, ScaledBudget, Selection
 from tokprune.methods.cls_attention import dominant_contextual
+from tokprune.methods.options import check_int_tuple, check_number
 
 SIGNAL = "visual_attention"
 # The authors' released LLaVA-1.5 configuration (576 tokens per image, 32 LLM layers): kept tokens as
@@ -40,13 +41,6 @@ def contextual_count(k: int, where: str, ratio: float | None) -> int:
     round(k * ratio), the published share when ratio is None; at most k - 1 (0 when k <= 1)."""
     share = ratio if ratio is not None else PUBLISHED_SHARES[where]
     return min(round(k * share), k - 1) if k > 1 else 0
-
-
-def _check_contextual_ratio(ratio) -> None:
-    if ratio is not None and (
-        isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1
-    ):
-        raise MethodOptionError(f"visiondrop: contextual_ratio must be in [0, 1) or None, got {ratio!r}")
 
 
 @dataclass
@@ -145,13 +139,8 @@ class VisionDrop(CompositeMethod):
     contextual_ratio: float | None = None
 
     def __post_init__(self) -> None:
-        if self.layers is not None and (
-            not isinstance(self.layers, (list, tuple))
-            or len(self.layers) != len(PUBLISHED_LAYERS)
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in self.layers)
-        ):
-            raise MethodOptionError(f"visiondrop: layers must be 3 ints (one per stage), got {self.layers!r}")
-        _check_contextual_ratio(self.contextual_ratio)
+        check_int_tuple(self, "layers", len(PUBLISHED_LAYERS))
+        check_number(self, "contextual_ratio", 0, 1, high_open=True, optional=True)
 
     def parts(self) -> list[Method]:
         layers = tuple(self.layers) if self.layers is not None else None

@@ -8,7 +8,8 @@ import torch
 
 from tokprune.core.budget import Budget
 from tokprune.errors import MethodOptionError
-from tokprune.methods.base import ImageTokens, Method, Selection, is_int, topk_sorted
+from tokprune.methods.base import ImageTokens, Method, Selection, topk_sorted
+from tokprune.methods.options import check_vision_layer
 
 
 @dataclass
@@ -47,10 +48,8 @@ class VTCCLS(Method):
     end_layer: int = -2
 
     def __post_init__(self) -> None:
-        for field in ("start_layer", "end_layer"):
-            value = getattr(self, field)
-            if not is_int(value):
-                raise MethodOptionError(f"vtc_cls: {field} must be an int layer index, got {value!r}")
+        check_vision_layer(self, "start_layer")
+        check_vision_layer(self, "end_layer")
         if (self.start_layer < 0) != (self.end_layer < 0):
             raise MethodOptionError(
                 "vtc_cls: start_layer and end_layer must both count from the end (negative) or both from "
