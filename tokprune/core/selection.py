@@ -11,12 +11,15 @@ from tokprune.methods.base import ImageTokens, LLMMethod, Method, Selection
 
 
 def checked_select(method: Method, image: ImageTokens, k: int) -> Selection | None:
-    """`method.select` for one image, or None when nothing needs pruning (k >= n).
+    """`method.select` for one image, or None when nothing needs pruning (k >= n). k == 0 (a unit whose
+    share of a small budget is nothing) keeps no token without asking the method.
 
     Raises RuntimeError if the method breaks its contract (k sorted, distinct, in-range indices).
     """
     if k >= image.n:
         return None
+    if k == 0:
+        return Selection(keep=torch.zeros(0, dtype=torch.long, device=image.embeds.device))
     selection = method.select(image, k)
     keep = selection.keep
     ok = (

@@ -1,0 +1,51 @@
+"""Budgets smaller than the number of AnyRes tiles or crops: every method on every model keeps exactly
+min(budget, n) visual tokens per image (a unit whose share of the budget is 0 loses all its tokens),
+with sorted, in-range indices. Methods and models join from the registry and BUILDERS."""
+
+import pytest
+import torch
+from test_invariants import TINY_OPTIONS
+from test_video import video_batch
+from tiny_models import BUILDERS, batch_inputs, image_counts
+from tokprune.patches import adapter_for
+
+import tokprune
+from tokprune.core.layout import image_rows
+from tokprune.methods import REGISTRY
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+@pytest.mark.parametrize("method", tokprune.available_methods())
+def test_tiny_budgets_keep_exact_counts(tiny, family, method):
+    model, proc = tiny(family, "sdpa")
+    if REGISTRY[method].needs_tiles and not adapter_for(model).tiles:
+        pytest.skip("needs AnyRes tiles (refusal tested in test_invariants)")
+    inputs = batch_inputs(family, proc, (1, 2))
+    counts, content = image_counts(family, model, inputs)
+    rows = image_rows(inputs["input_ids"] == model.config.image_token_id, counts)
+    for budget in (1, 3):
+        options = TINY_OPTIONS.get(method, {})
+        with tokprune.apply(model, method, budget=budget, **options) as pruner, torch.no_grad():
+            logits = model(**inputs).logits
+        stats = pruner.stats
+        expected = [sum(min(budget, c) for c, r in zip(content, rows) if r == row) for row in range(2)]
+        assert stats.visual_kept == expected, (budget, content)
+        for row, kept in enumerate(stats.kept):
+            assert kept.numel() == expected[row]
+            assert bool((kept[1:] > kept[:-1]).all()) and int(kept.min()) >= 0
+            assert int(kept.max()) < stats.visual_in[row]
+        assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("method", [m for m in tokprune.available_methods() if not REGISTRY[m].needs_tiles])
+def test_tiny_budgets_on_clips_keep_exact_counts(tiny, family, method):
+    """A clip is one item: budget 1 or 3 per clip, below its number of frames (2 and 3 frames)."""
+    model, proc = tiny(family, "sdpa")
+    inputs, row_counts = video_batch(family, proc, (("video",), ("image", "video")))
+    for budget in (1, 3):
+        options = TINY_OPTIONS.get(method, {})
+        with tokprune.apply(model, method, budget=budget, **options) as pruner, torch.no_grad():
+            logits = model(**inputs).logits
+        assert pruner.stats.visual_kept == [sum(min(budget, n) for n in counts) for counts in row_counts]
+        assert torch.isfinite(logits).all()
