@@ -73,18 +73,30 @@ def last_query_scores(
     keys: torch.Tensor | None = None,
     context: KeyContext | None = None,
 ) -> torch.Tensor:
-    """Head-mean attention of the last token over all tokens at this layer: (B, N) float32.
+    """Head-mean attention of each row's last real token over all tokens at this layer: (B, N) float32.
 
     normed: (B, N, D) the attention module's input (after input_layernorm); key_mask: (B, N) bool real
-    tokens; keys: (B, H_kv, N, d) post-RoPE keys if already at hand (e.g. from the KV cache); context:
+    tokens (the query is the last True of each row, so a right-padded batch scores like a left-padded
+    one); keys: (B, H_kv, N, d) post-RoPE keys if already at hand (e.g. from the KV cache); context:
     cached keys the last token also attends to (its softmax runs over them too; they get no score).
     """
     cos, sin = position_embeddings
-    query = _rope(_heads(attn, attn.q_proj, "q_norm", normed[:, -1:]), cos[:, -1:], sin[:, -1:])
+    last = last_real_index(key_mask)  # (B, 1)
+    query = _rope(
+        _heads(attn, attn.q_proj, "q_norm", _take(normed, last)), _take(cos, last), _take(sin, last)
+    )
     if keys is None:
         keys = rotated_keys(attn, normed, position_embeddings)
     keys, key_mask, offset = _with_context(keys, key_mask, context)
     return last_query_attention(query, keys, attn.scaling, key_mask)[:, offset:]
+
+
+def last_real_index(key_mask: torch.Tensor) -> torch.Tensor:
+    """(B, 1) position of each row's last real token (the last position for a row without any)."""
+    length = key_mask.shape[1]
+    positions = torch.arange(length, device=key_mask.device).expand_as(key_mask)
+    last = torch.where(key_mask.bool(), positions, -1).amax(1, keepdim=True)
+    return torch.where(last < 0, length - 1, last)
 
 
 def cached_keys(past_key_values, layer_idx: int, length: int) -> torch.Tensor | None:
@@ -145,8 +157,7 @@ def text_query_scores(
     real keys up to its own position) at key j; columns t >= len(query_positions[b]) are 0 (except column
     0 of a row without queries). Keys come first so that token slices give rows (n, T).
     """
-    batch = normed.shape[0]
-    cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)  # a shared (1, N, d) table too
+    cos, sin = position_embeddings
     index, valid = _query_index(query_positions, key_mask)
     query = _rope(
         _heads(attn, attn.q_proj, "q_norm", _take(normed, index)), _take(cos, index), _take(sin, index)
@@ -159,7 +170,8 @@ def text_query_scores(
 
 
 def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (B, N, D) at positions index (B, T): (B, T, D)."""
+    """x (B, N, D) at positions index (B, T): (B, T, D); a table shared by the rows (1, N, D) too."""
+    x = x.expand(index.shape[0], -1, -1)
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
@@ -183,7 +195,7 @@ def visual_received_scores(
     padding. Streams over `chunk` visual queries: memory O(H * chunk * N), never N x N.
     """
     batch, length, _ = normed.shape
-    cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)  # a shared (1, N, d) table too
+    cos, sin = position_embeddings
     if keys is None:
         keys = rotated_keys(attn, normed, position_embeddings)
     all_keys, all_mask, offset = _with_context(keys, key_mask, context)
