@@ -22,6 +22,7 @@ from tokprune.core.compaction import Compaction
 from tokprune.core.compat import cache_in
 from tokprune.core.forward import Forward
 from tokprune.core.generation import guard_generate, reads_text
+from tokprune.core.labels import LabelHooks
 from tokprune.core.layout import (
     ImageLayout,
     VisionSignalStore,
@@ -61,6 +62,8 @@ class Engine(StageHooks):
         self.state: PrefillState | None = None
         self.fwd: Forward | None = None
         self.last_stats: PruneStats | None = None
+        # (B, L') input position of every slot the last forward's LM output covers; None: not compacted
+        self.last_origin: torch.Tensor | None = None
         self._decode_tail: torch.Tensor | None = None
         # M-RoPE families after a renumbered follow-up turn: (B,) what to add to transformers' positions
         self._position_shift: torch.Tensor | None = None
@@ -88,6 +91,7 @@ class Engine(StageHooks):
         methods = ([self.pre] if self.pre is not None else []) + [m for m, _ in self.llm]
         readers = list(dict.fromkeys(m.name for m in methods if reads_text(m.signals)))
         self.handles.append(guard_generate(a.model, readers))
+        self.handles.append(LabelHooks(a.model, lambda: self.last_origin))
         self.handles.append(a.language_model.register_forward_pre_hook(self._on_lm, with_kwargs=True))
         self.handles.append(a.language_model.register_forward_hook(self._on_lm_done))
         if not self.boundaries:
@@ -111,6 +115,7 @@ class Engine(StageHooks):
     # ------------------------------------------------------------------ inner model
     def _on_inner(self, module, args, kwargs):
         self._inner_mask = kwargs.get("attention_mask")
+        self.last_origin = None
         past_key_values = cache_in(kwargs)
         _reject_static_cache(past_key_values)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -370,6 +375,7 @@ class Engine(StageHooks):
 
     def _finish(self, fwd: Forward) -> None:
         self.last_stats = fwd.finished_stats(len(self.adapter.decoder_layers))
+        self.last_origin = fwd.tokens.origin if fwd.tokens.compacted else None
         self.fwd = None
 
 

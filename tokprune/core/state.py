@@ -16,11 +16,13 @@ class TokenMap:
     image_id: global image index of a visual token, -1 for text and padding.
     visual_rank: index of a visual token in its row's visual-token order, -1 otherwise.
     valid: True for real tokens (False for padding).
+    origin: position of the slot's token in the forward's input_ids (-1 for the padding compaction adds).
     """
 
     image_id: torch.Tensor
     visual_rank: torch.Tensor
     valid: torch.Tensor
+    origin: torch.Tensor
 
     @classmethod
     def initial(cls, visual: torch.Tensor, counts: list[int], valid: torch.Tensor) -> TokenMap:
@@ -29,7 +31,8 @@ class TokenMap:
         ids = torch.arange(len(counts), device=visual.device)
         image_id[visual] = ids.repeat_interleave(torch.tensor(counts, device=visual.device))
         rank = (visual.long().cumsum(1) - 1).masked_fill(~visual, -1)
-        return cls(image_id=image_id, visual_rank=rank, valid=valid)
+        origin = torch.arange(visual.shape[1], device=visual.device).expand(visual.shape).clone()
+        return cls(image_id=image_id, visual_rank=rank, valid=valid, origin=origin)
 
     def take(self, compaction: Compaction) -> TokenMap:
         """The map of the compacted sequence (padding slots: -1 / invalid)."""
@@ -38,7 +41,14 @@ class TokenMap:
             image_id=compaction.take(self.image_id).masked_fill(pad, -1),
             visual_rank=compaction.take(self.visual_rank).masked_fill(pad, -1),
             valid=compaction.valid.clone(),
+            origin=compaction.take(self.origin).masked_fill(pad, -1),
         )
+
+    @property
+    def compacted(self) -> bool:
+        """Whether any token was dropped (the slots no longer are the input's positions in order)."""
+        identity = torch.arange(self.origin.shape[1], device=self.origin.device)
+        return not bool((self.origin == identity).all())
 
     def real_tokens(self) -> list[int]:
         return self.valid.sum(1).tolist()
