@@ -30,7 +30,7 @@ from tokprune.core.layout import (
     image_rows,
     runs_vision_tower,
 )
-from tokprune.core.masks import check_mask_support
+from tokprune.core.masks import check_mask_support, joined
 from tokprune.core.positions import first_position, shifted, with_rows
 from tokprune.core.selection import align_signals, content_counts, select_pre, text_after_images
 from tokprune.core.stages import StageHooks, llm_stages
@@ -254,57 +254,19 @@ class Engine(StageHooks):
         builds one); a follow-up turn also has `fwd.prefix`, the mask of the cache it continues."""
         embeds = kwargs["inputs_embeds"]
         batch, length, _ = embeds.shape
-        visual = self.adapter.visual_mask(fwd.input_ids)
-        counts = fwd.layout.counts
-        if int(visual.sum()) != sum(counts):
-            raise UnsupportedInputError(
-                f"the prompt holds {int(visual.sum())} image tokens but the images give {sum(counts)} features"
-            )
-        valid = mask.bool() if mask is not None else torch.ones_like(visual)
-        fwd.tokens = TokenMap.initial(visual, counts, valid)
-        fwd.image_rows = image_rows(visual, counts)
-        fwd.image_counts = content_counts(fwd.tokens, fwd.layout, fwd.image_rows)
-        if self._llm_vision_names():
-            wanted = self._llm_vision_names()
-            fwd.vision_values = align_signals(
-                {n: v for n, v in self.store.values.items() if n in wanted}, visual
-            )
-            fwd.visual_offsets = visual.sum(1).cumsum(0) - visual.sum(1)
+        visual = self._map_tokens(fwd, mask)
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             position_ids = self._default_positions(batch, length, embeds.device, fwd.orig_past)
-        stats = fwd.stats
-        stats.visual_in = visual.sum(1).tolist()
-        stats.text_tokens = (valid & ~visual).sum(1).tolist()
+        fwd.stats.visual_in = visual.sum(1).tolist()
+        fwd.stats.text_tokens = (fwd.tokens.valid & ~visual).sum(1).tolist()
         state = PrefillState(orig_len=fwd.orig_past + length, next_position=max_position(position_ids) + 1)
         changed = False
         if self.pre is not None:
-            with timed(fwd.seconds, embeds.device):
-                signals = {n: v for n, v in self.store.values.items() if n in self.pre.signals}
-                instruction = None
-                if "instruction" in self.pre.signals:
-                    text = text_after_images(fwd.tokens)
-                    instruction = [embeds[row, text[row]] for row in fwd.image_rows]
-                keep, embeds = select_pre(
-                    self.pre, self.pre_budget, fwd.layout, embeds, visual, signals, instruction
-                )
-                fwd.seconds[0] += self.store.seconds[0]
-                self.store.seconds[0] = 0.0  # the signals stay: generate(use_cache=False) reuses them
-            if keep is not None:
-                self.adapter.compact_lm_kwargs(kwargs, keep & valid, visual)
-                compaction = Compaction.from_keep(keep & valid)
-                fwd.tokens = fwd.tokens.take(compaction)
-                kwargs["inputs_embeds"] = compaction.take(embeds)
-                mask = compaction.take_mask(mask)
-                position_ids = compaction.take_positions(position_ids)
-                kwargs["position_ids"] = position_ids
-                changed = True
-            stats.stages.append(StageStats.of(self.pre.name, "pre", fwd.tokens.kept_visual()))
+            changed, mask, position_ids = self._pre_stage(fwd, kwargs, visual, mask, position_ids)
         # the LLM input, or the cache it continues, is not the one its mask was given for
         if changed or fwd.prefix is not None:
-            lm_mask = (
-                mask if fwd.prefix is None else torch.cat([fwd.prefix, mask.to(fwd.prefix.dtype)], dim=1)
-            )
+            lm_mask = joined(fwd.prefix, mask)
             kwargs["attention_mask"] = self._lm_mask(
                 kwargs.get("attention_mask"), lm_mask, kwargs["inputs_embeds"], cache_in(kwargs), fwd.tokens
             )
@@ -315,6 +277,56 @@ class Engine(StageHooks):
         fwd.segments.append((0, fwd.tokens.real_tokens(), fwd.tokens.valid.shape[1]))
         self.state = state
         return (args, kwargs) if changed else None
+
+    def _map_tokens(self, fwd: Forward, mask: torch.Tensor | None) -> torch.Tensor:
+        """Fill in the forward's token map, image rows and counts, and the ViT signals in-LLM methods read;
+        returns visual (B, L) bool, the image-token positions of the new tokens."""
+        visual = self.adapter.visual_mask(fwd.input_ids)
+        counts = fwd.layout.counts
+        if int(visual.sum()) != sum(counts):
+            raise UnsupportedInputError(
+                f"the prompt holds {int(visual.sum())} image tokens but the images give {sum(counts)} features"
+            )
+        valid = mask.bool() if mask is not None else torch.ones_like(visual)
+        fwd.tokens = TokenMap.initial(visual, counts, valid)
+        fwd.image_rows = image_rows(visual, counts)
+        fwd.image_counts = content_counts(fwd.tokens, fwd.layout, fwd.image_rows)
+        wanted = self._llm_vision_names()
+        if wanted:
+            fwd.vision_values = align_signals(
+                {n: v for n, v in self.store.values.items() if n in wanted}, visual
+            )
+            fwd.visual_offsets = visual.sum(1).cumsum(0) - visual.sum(1)
+        return visual
+
+    def _pre_stage(self, fwd: Forward, kwargs, visual: torch.Tensor, mask, position_ids):
+        """Run the pre-LLM method on the LLM input and compact it (kwargs updated in place).
+
+        Returns (whether the input changed, the 2-D mask and the position ids of the LLM input)."""
+        embeds = kwargs["inputs_embeds"]
+        valid = fwd.tokens.valid
+        with timed(fwd.seconds, embeds.device):
+            signals = {n: v for n, v in self.store.values.items() if n in self.pre.signals}
+            instruction = None
+            if "instruction" in self.pre.signals:
+                text = text_after_images(fwd.tokens)
+                instruction = [embeds[row, text[row]] for row in fwd.image_rows]
+            keep, embeds = select_pre(
+                self.pre, self.pre_budget, fwd.layout, embeds, visual, signals, instruction
+            )
+            fwd.seconds[0] += self.store.seconds[0]
+            self.store.seconds[0] = 0.0  # the signals stay: generate(use_cache=False) reuses them
+        changed = keep is not None
+        if changed:
+            self.adapter.compact_lm_kwargs(kwargs, keep & valid, visual)
+            compaction = Compaction.from_keep(keep & valid)
+            fwd.tokens = fwd.tokens.take(compaction)
+            kwargs["inputs_embeds"] = compaction.take(embeds)
+            mask = compaction.take_mask(mask)
+            position_ids = compaction.take_positions(position_ids)
+            kwargs["position_ids"] = position_ids
+        fwd.stats.stages.append(StageStats.of(self.pre.name, "pre", fwd.tokens.kept_visual()))
+        return changed, mask, position_ids
 
     def _default_positions(self, batch: int, length: int, device, start: int = 0) -> torch.Tensor:
         positions = torch.arange(start, start + length, device=device)[None].expand(batch, -1)
@@ -341,7 +353,7 @@ class Engine(StageHooks):
         self._decode_tail = tail
         if state.lm_mask is None:
             return None
-        mask_2d = torch.cat([state.lm_mask, tail.to(state.lm_mask.dtype)], dim=1)
+        mask_2d = joined(state.lm_mask, tail)
         kwargs["attention_mask"] = self._lm_mask(
             kwargs.get("attention_mask"), mask_2d, embeds, cache_in(kwargs), None
         )

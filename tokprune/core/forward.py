@@ -8,6 +8,7 @@ import torch
 
 from tokprune.core.compaction import Compaction
 from tokprune.core.layout import ImageLayout
+from tokprune.core.masks import joined
 from tokprune.core.state import PrefillState, TokenMap
 from tokprune.core.stats import PruneStats
 
@@ -54,7 +55,7 @@ class Forward:
         if pruned is None:
             return self.unpruned_prefix
         tail = self.unpruned_prefix[:, self.earlier.orig_len :]
-        return torch.cat([pruned, tail.to(pruned.dtype)], dim=1)
+        return joined(pruned, tail)
 
     def finished_stats(self, num_layers: int) -> PruneStats:
         """The forward's stats, completed: kept sets, scoring time and the tokens every layer saw."""

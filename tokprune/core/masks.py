@@ -13,6 +13,12 @@ from tokprune.core.compat import CACHE_KWARG
 from tokprune.errors import UnsupportedModelError
 
 
+def joined(first: torch.Tensor | None, then: torch.Tensor) -> torch.Tensor:
+    """Two 2-D masks side by side along the sequence, (B, P) then (B, L) -> (B, P + L) in first's dtype
+    (e.g. the cache of the earlier turns, then the new tokens); `then` alone when first is None."""
+    return then if first is None else torch.cat([first, then.to(first.dtype)], dim=1)
+
+
 def check_mask_support(config) -> None:
     """Refuse a language model whose attention implementation has no mask function.
 

@@ -13,7 +13,7 @@ from tokprune.core.budget import Budget
 from tokprune.core.compaction import Compaction
 from tokprune.core.compat import cache_in
 from tokprune.core.forward import Forward
-from tokprune.core.masks import layer_type
+from tokprune.core.masks import joined, layer_type
 from tokprune.core.selection import content_counts, select_llm, text_after_images
 from tokprune.core.state import PrefillState
 from tokprune.core.stats import StageStats
@@ -176,7 +176,7 @@ class StageHooks:
         turns, as this stage pruned them) and the current tokens; kept for the decode steps."""
         fwd = self.fwd
         prefix = fwd.cache_mask_at(boundary) if fwd.prefix is not None else None
-        mask_2d = fwd.mask_2d if prefix is None else torch.cat([prefix, fwd.mask_2d.to(prefix.dtype)], dim=1)
+        mask_2d = joined(prefix, fwd.mask_2d)
         fwd.layer_masks = {
             kind: self.adapter.layer_mask(hidden, mask_2d, pkv, i, kind, fwd.tokens)
             for kind, i in self._first_layers(boundary).items()
@@ -192,7 +192,7 @@ class StageHooks:
         key = (boundary, kind)
         if key not in self._decode_masks:
             hidden = args[0] if args else kwargs["hidden_states"]
-            mask_2d = torch.cat([stage_mask, self._decode_tail.to(stage_mask.dtype)], dim=1)
+            mask_2d = joined(stage_mask, self._decode_tail)
             pkv = cache_in(kwargs)
             # the first layer of this type since the boundary sizes the mask (j, as layers run in order)
             self._decode_masks[key] = self.adapter.layer_mask(hidden, mask_2d, pkv, j, kind)
