@@ -21,7 +21,7 @@ from tokprune.core.budget import Budget
 from tokprune.core.compaction import Compaction
 from tokprune.core.compat import cache_in
 from tokprune.core.forward import Forward
-from tokprune.core.generation import guard_generate, reads_text
+from tokprune.core.generation import guard_generate
 from tokprune.core.labels import LabelHooks
 from tokprune.core.layout import (
     ImageLayout,
@@ -64,6 +64,8 @@ class Engine(StageHooks):
         self.last_stats: PruneStats | None = None
         # (B, L') input position of every slot the last forward's LM output covers; None: not compacted
         self.last_origin: torch.Tensor | None = None
+        # inside an assisted generate(): the prompt's length, as its prefill also holds the first drafts
+        self.prompt_length: int | None = None
         self._decode_tail: torch.Tensor | None = None
         # M-RoPE families after a renumbered follow-up turn: (B,) what to add to transformers' positions
         self._position_shift: torch.Tensor | None = None
@@ -88,9 +90,7 @@ class Engine(StageHooks):
         vit_names |= self._llm_vision_names()
         self.handles += a.install_vision_hooks(vit_names, self.store)
         self.handles += a.install_lm_hooks()
-        methods = ([self.pre] if self.pre is not None else []) + [m for m, _ in self.llm]
-        readers = list(dict.fromkeys(m.name for m in methods if reads_text(m.signals)))
-        self.handles.append(guard_generate(a.model, readers))
+        self.handles.append(guard_generate(a.model, self._set_prompt_length))
         self.handles.append(LabelHooks(a.model, lambda: self.last_origin))
         self.handles.append(a.language_model.register_forward_pre_hook(self._on_lm, with_kwargs=True))
         self.handles.append(a.language_model.register_forward_hook(self._on_lm_done))
@@ -105,6 +105,9 @@ class Engine(StageHooks):
             self.handles.append(
                 layers[j].register_forward_pre_hook(self._make_layer_hook(j), with_kwargs=True)
             )
+
+    def _set_prompt_length(self, length: int | None) -> None:
+        self.prompt_length = length
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -288,7 +291,8 @@ class Engine(StageHooks):
                 f"the prompt holds {int(visual.sum())} image tokens but the images give {sum(counts)} features"
             )
         valid = mask.bool() if mask is not None else torch.ones_like(visual)
-        fwd.tokens = TokenMap.initial(visual, counts, valid)
+        prompt_length = self.prompt_length if not fwd.follow_up else None
+        fwd.tokens = TokenMap.initial(visual, counts, valid, prompt_length)
         fwd.image_rows = image_rows(visual, counts)
         fwd.image_counts = content_counts(fwd.tokens, fwd.layout, fwd.image_rows)
         wanted = self._llm_vision_names()

@@ -231,7 +231,7 @@ def select_llm(
 def text_after_images(tokens: TokenMap) -> list[torch.Tensor]:
     """Per row: positions of the real text tokens after the row's last visual token (the instruction)."""
     out = []
-    for image_id, valid in zip(tokens.image_id, tokens.valid):
+    for image_id, valid in zip(tokens.image_id, tokens.prompt):
         visual = (image_id >= 0).nonzero()
         last = int(visual.max()) if visual.numel() else -1
         positions = torch.arange(image_id.shape[0], device=image_id.device)

@@ -74,7 +74,7 @@ class StageHooks:
             context = cached_prefix(pkv, attn.layer_idx, fwd.cache_mask_at(attn.layer_idx))
         return layer_signals(
             wanted, attn, normed, position_embeddings, pkv,
-            tokens.valid, tokens.image_id, text_after_images(tokens), context,
+            tokens.prompt, tokens.image_id, text_after_images(tokens), context,
         )  # fmt: skip
 
     def _make_layer_hook(self, j: int):

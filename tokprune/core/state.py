@@ -17,22 +17,29 @@ class TokenMap:
     visual_rank: index of a visual token in its row's visual-token order, -1 otherwise.
     valid: True for real tokens (False for padding).
     origin: position of the slot's token in the forward's input_ids (-1 for the padding compaction adds).
+    prompt_length: where the prompt ends in input_ids when tokens follow it in the same forward (the draft
+    tokens an assisted generate() verifies in its prefill); None = every real token is the prompt's.
     """
 
     image_id: torch.Tensor
     visual_rank: torch.Tensor
     valid: torch.Tensor
     origin: torch.Tensor
+    prompt_length: int | None = None
 
     @classmethod
-    def initial(cls, visual: torch.Tensor, counts: list[int], valid: torch.Tensor) -> TokenMap:
+    def initial(
+        cls, visual: torch.Tensor, counts: list[int], valid: torch.Tensor, prompt_length: int | None = None
+    ) -> TokenMap:
         """visual: (B, L) bool placeholder positions; counts: tokens per image in masked_scatter order."""
         image_id = torch.full(visual.shape, -1, dtype=torch.long, device=visual.device)
         ids = torch.arange(len(counts), device=visual.device)
         image_id[visual] = ids.repeat_interleave(torch.tensor(counts, device=visual.device))
         rank = (visual.long().cumsum(1) - 1).masked_fill(~visual, -1)
         origin = torch.arange(visual.shape[1], device=visual.device).expand(visual.shape).clone()
-        return cls(image_id=image_id, visual_rank=rank, valid=valid, origin=origin)
+        return cls(
+            image_id=image_id, visual_rank=rank, valid=valid, origin=origin, prompt_length=prompt_length
+        )
 
     def take(self, compaction: Compaction) -> TokenMap:
         """The map of the compacted sequence (padding slots: -1 / invalid)."""
@@ -42,7 +49,15 @@ class TokenMap:
             visual_rank=compaction.take(self.visual_rank).masked_fill(pad, -1),
             valid=compaction.valid.clone(),
             origin=compaction.take(self.origin).masked_fill(pad, -1),
+            prompt_length=self.prompt_length,
         )
+
+    @property
+    def prompt(self) -> torch.Tensor:
+        """(B, L_cur) bool: the prompt's real tokens, what text signals read (not the tokens after it)."""
+        if self.prompt_length is None:
+            return self.valid
+        return self.valid & (self.origin < self.prompt_length)
 
     @property
     def compacted(self) -> bool:
