@@ -4,14 +4,15 @@ Assisted generation (speculative decoding with a draft model) verifies the first
 itself and crops rejected drafts from every layer's cache. Every method's assisted greedy
 output equals plain greedy generate(), through pruned caches of different lengths per layer (in-LLM
 methods) being cropped; methods that read the prompt's text read the prompt alone, not the drafts after
-it. (Prompt lookup, `prompt_lookup_num_tokens=`, fails in transformers 5.24 itself on prompts with
+it; so do the steps of generate(use_cache=False), which re-run the prompt with the tokens generated so
+far. (Prompt lookup, `prompt_lookup_num_tokens=`, fails in transformers 5.24 itself on prompts with
 images: its drafts copy image placeholders. tokprune passes it through.) Chunked prefill splits images
 across forwards: refused for prompts with images.
 """
 
 import pytest
 import torch
-from test_invariants import COMPOSITION, TINY_OPTIONS
+from test_invariants import COMPOSITION, TINY_OPTIONS, _special_ids
 from tiny_models import BUILDERS, batch_inputs
 from transformers import DynamicCache
 
@@ -37,16 +38,12 @@ def _main_and_draft(family: str):
 
 
 def _greedy(model, inputs: dict, **kwargs) -> torch.Tensor:
-    """NEW greedy tokens; token 0 suppressed (the tiny Gemma 3 would repeat it, main and draft alike)."""
+    """NEW greedy tokens; token 0 suppressed unless told (the tiny Gemma 3 would repeat it, main and draft
+    alike)."""
+    kwargs = {"suppress_tokens": [0], **kwargs}
     with torch.no_grad():
         return model.generate(
-            **inputs,
-            max_new_tokens=NEW,
-            min_new_tokens=NEW,
-            do_sample=False,
-            pad_token_id=0,
-            suppress_tokens=[0],
-            **kwargs,
+            **inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0, **kwargs
         )
 
 
@@ -74,6 +71,23 @@ METHODS = [m for m in tokprune.available_methods() if not REGISTRY[m].needs_tile
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m if isinstance(m, str) else "composition")
 def test_assisted_generation_equals_greedy(family, method, monkeypatch):
     _assisted_equals_greedy(family, method, monkeypatch)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m if isinstance(m, str) else "composition")
+def test_generate_without_cache_prunes_like_with_it(family, method):
+    """use_cache=False re-runs the prompt and the tokens generated so far at every step: the text signals
+    still read the prompt alone, so every step keeps the prefill's tokens and the output is the cached one."""
+    model, _, proc = _main_and_draft(family)
+    inputs = batch_inputs(family, proc, (1, 2))
+    options = TINY_OPTIONS.get(method, {}) if isinstance(method, str) else {}
+    with tokprune.apply(model, method, keep_ratio=0.25, **options) as pruner:
+        # a generated image placeholder would be a new image token in the next full forward
+        special = {"suppress_tokens": [0, *_special_ids(model)]}
+        expected, expected_kept = _greedy(model, inputs, **special), pruner.stats.kept
+        got = _greedy(model, inputs, use_cache=False, **special)
+        assert all(torch.equal(a, b) for a, b in zip(pruner.stats.kept, expected_kept))  # the last step's
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("method", ["divprune", "fastv"])

@@ -64,7 +64,8 @@ class Engine(StageHooks):
         self.last_stats: PruneStats | None = None
         # (B, L') input position of every slot the last forward's LM output covers; None: not compacted
         self.last_origin: torch.Tensor | None = None
-        # inside an assisted generate(): the prompt's length, as its prefill also holds the first drafts
+        # inside generate(): the prompt's length (assisted generation's prefill also holds the first drafts,
+        # use_cache=False re-runs the prompt with the tokens generated so far)
         self.prompt_length: int | None = None
         self._decode_tail: torch.Tensor | None = None
         # M-RoPE families after a renumbered follow-up turn: (B,) what to add to transformers' positions

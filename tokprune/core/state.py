@@ -17,8 +17,9 @@ class TokenMap:
     visual_rank: index of a visual token in its row's visual-token order, -1 otherwise.
     valid: True for real tokens (False for padding).
     origin: position of the slot's token in the forward's input_ids (-1 for the padding compaction adds).
-    prompt_length: where the prompt ends in input_ids when tokens follow it in the same forward (the draft
-    tokens an assisted generate() verifies in its prefill); None = every real token is the prompt's.
+    prompt_length: where the prompt ends in input_ids when tokens follow it in the same forward (the drafts
+    an assisted generate() verifies in its prefill; with use_cache=False, the tokens generated so far);
+    None = every real token is the prompt's.
     """
 
     image_id: torch.Tensor
