@@ -7,6 +7,7 @@ from tiny_models import BUILDERS, batch_inputs, text_inputs
 
 import tokprune
 from tokprune import errors
+from tokprune.core.budget import Budget
 from tokprune.core.compat import CACHE_KWARG, output_cache
 
 
@@ -58,6 +59,8 @@ def test_compiled_and_wrapped_models_say_what_to_pass(tiny):
         dict(keep_ratio=-0.1),
         dict(budget=8, keep_ratio=0.5),
         dict(budget=True),
+        dict(keep_ratio=float("nan")),
+        dict(budget="8"),
     ],
 )
 def test_bad_budgets(tiny, kwargs):
@@ -65,6 +68,18 @@ def test_bad_budgets(tiny, kwargs):
     with pytest.raises(errors.BudgetError):
         tokprune.apply(model, "fastervlm", **kwargs)
     assert not hasattr(model, "_tokprune_pruner")
+
+
+def test_numpy_budgets_are_numbers(tiny):
+    import numpy as np
+
+    model, _ = tiny("llava")
+    for kwargs, expected in [
+        (dict(budget=np.int64(8)), Budget(tokens=8)),
+        (dict(keep_ratio=np.float32(0.25)), Budget(ratio=0.25)),
+    ]:
+        with tokprune.apply(model, "fastervlm", **kwargs) as pruner:
+            assert pruner.budgets == [expected] and type(pruner.budgets[0].tokens or 0) is int
 
 
 def test_unknown_option_lists_options(tiny):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 from tokprune.errors import BudgetError
@@ -24,13 +25,13 @@ class Budget:
                 f"got budget={budget!r}, keep_ratio={keep_ratio!r}"
             )
         if budget is not None:
-            if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+            if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget <= 0:
                 raise BudgetError(
                     f"budget must be a positive int (visual tokens kept per image), got {budget!r}"
                 )
-            return cls(tokens=budget)
+            return cls(tokens=int(budget))
         if keep_ratio is not None:
-            if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)):
+            if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real):
                 raise BudgetError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
             if not 0.0 < float(keep_ratio) <= 1.0:
                 raise BudgetError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
