@@ -319,3 +319,23 @@ def test_readme_tables_list_every_method_and_model():
         assert f"| `{name}` |" in readme, f"README's method table lacks {name}"
     for name in tokprune.available_models():
         assert f"| `{name}` |" in readme, f"README's model table lacks {name}"
+
+
+def test_a_patched_model_cannot_be_copied_or_pickled():
+    """A deep copy would keep hooks and generate() wrappers bound to the original model (its generate()
+    would run the original): refused, as is pickling; after remove() both work."""
+    import copy
+    import pickle
+
+    model, _ = BUILDERS["llava"](
+        "sdpa"
+    )  # a fresh one: a forward may leave transformers' own (unpicklable) hooks
+    pruner = tokprune.apply(model, "fastv", keep_ratio=0.25)
+    with pytest.raises(errors.PatchedModelError, match="cannot be copied or pickled.*before tokprune.apply"):
+        copy.deepcopy(model)
+    with pytest.raises(errors.PatchedModelError, match="cannot be copied or pickled"):
+        pickle.dumps(model)
+    assert model.state_dict().keys()  # unaffected
+    pruner.remove()
+    twin = pickle.loads(pickle.dumps(copy.deepcopy(model)))
+    assert not hasattr(twin, "_tokprune_pruner") and not {"generate", "__reduce_ex__"} & set(twin.__dict__)

@@ -7,7 +7,12 @@ from torch import nn
 from tokprune.core.budget import Budget
 from tokprune.core.engine import Engine
 from tokprune.core.stats import PruneStats
-from tokprune.errors import AlreadyPatchedError, MethodOptionError, UnknownMethodError, UnsupportedModelError
+from tokprune.errors import (
+    AlreadyPatchedError,
+    MethodOptionError,
+    UnknownMethodError,
+    UnsupportedModelError,
+)
 from tokprune.methods import LLMMethod, Method, available_methods, make_method
 from tokprune.methods.attention_llm import reject_budget_conflict
 from tokprune.methods.base import CompositeMethod

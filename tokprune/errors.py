@@ -25,5 +25,9 @@ class MethodOptionError(TokpruneError, TypeError):
     """An option that the method does not define, or one with an invalid value."""
 
 
+class PatchedModelError(TokpruneError, TypeError):
+    """Something a patched model cannot do (copying it: its hooks are bound to the original)."""
+
+
 class UnsupportedInputError(TokpruneError, ValueError):
     """An input the engine cannot prune correctly (e.g. a static cache)."""

@@ -37,6 +37,7 @@ from tokprune.core.stages import StageHooks, llm_stages
 from tokprune.core.state import PrefillState, TokenMap, max_position
 from tokprune.core.stats import PruneStats, StageStats
 from tokprune.core.timing import timed
+from tokprune.core.wrap import refuse_copies
 from tokprune.errors import UnsupportedInputError
 from tokprune.methods.base import LLMMethod, Method
 
@@ -93,6 +94,7 @@ class Engine(StageHooks):
         self.handles += a.install_lm_hooks()
         self.handles.append(guard_generate(a.model, self._set_prompt_length))
         self.handles.append(LabelHooks(a.model, lambda: self.last_origin))
+        self.handles.append(refuse_copies(a.model))
         self.handles.append(a.language_model.register_forward_pre_hook(self._on_lm, with_kwargs=True))
         self.handles.append(a.language_model.register_forward_hook(self._on_lm_done))
         if not self.boundaries:
