@@ -68,7 +68,7 @@ def _ranked(indices: list[int], score: dict[int, float]) -> list[int]:
     return sorted(indices, key=lambda i: (-score[i], i))
 
 
-def _ref_select(image: ImageTokens, k: int, layout, temperature=0.1, local_weight=1.0) -> list[int]:
+def _ref_select(image: ImageTokens, k: int, layout, temperature=0.1, alpha=0.5) -> list[int]:
     base, tile_rows, tile_cols = layout
     units, origins = anyres_units(base, list(tile_rows), list(tile_cols))
     attention = image.signals["cls_attention"].double().tolist()
@@ -91,7 +91,7 @@ def _ref_select(image: ImageTokens, k: int, layout, temperature=0.1, local_weigh
         h, w = unit.grid
         glob = _unit_norm([big[r0 + i][c0 + j] for i in range(h) for j in range(w)])
         local = _unit_norm([attention[i] for i in crop])
-        score = {i: g + local_weight * v for i, g, v in zip(crop, glob, local)}
+        score = {i: alpha * g + (1 - alpha) * v for i, g, v in zip(crop, glob, local)}
         keep += _ranked(crop, score)[:q]
     return sorted(keep)
 
@@ -128,6 +128,18 @@ def test_uniform_ratios_give_crops_their_size_share():
     assert kept_per_part(image, keep) == [8, 7, 4, 7, 4]
 
 
+def test_unequal_crops_keep_the_papers_ratio_proportions():
+    # crops of 16, 8, 16, 8 tokens; all thumbnail attention in crop 0's area: sigma ≈ (1, 0, 0, 0), so the
+    # paper's ratios r_j = R (1 + sigma_j - 1/4) stand as 1.75 : 0.75 : 0.75 : 0.75. k = 35: thumbnail
+    # 8.75 -> 9, crops 26; counts ∝ size * ratio = 28 : 6 : 12 : 6 (sum 52), i.e. 14, 3, 6, 3 for 26
+    image = _thumbnail(anyres_image(tile_rows=(4, 4), tile_cols=(4, 2), seed=10), {0: 1.0})
+    keep = GlobalCom2().select(image, 35).keep
+    counts = kept_per_part(image, keep)
+    assert counts == [9, 14, 3, 6, 3]
+    ratios = [c / len(idx) for c, idx in zip(counts[1:], parts(image)[1:])]
+    assert ratios[0] / ratios[1] == pytest.approx(1.75 / 0.75) and ratios[1] == ratios[2] == ratios[3]
+
+
 def test_crop_weights_formula():
     image = _thumbnail(anyres_image(seed=4), {0: 0.3, 3: 0.2, 12: 0.1, 15: 0.4})
     mosaic = anyres_mosaic(image, "test")
@@ -152,19 +164,36 @@ def test_thumbnail_keeps_its_size_share_by_its_own_attention():
 
 def test_global_attention_alone_ranks_tokens_by_the_resized_thumbnail():
     # thumbnail attention grows along columns (and a little along rows): the resized map does too, so
-    # with local_weight 0 a 4 x 4 crop keeping 4 tokens keeps its right-most column
+    # with alpha 1 (global score alone) a 4 x 4 crop keeping 4 tokens keeps its right-most column
     image = anyres_image(seed=6)
     i, j = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
     image.signals["cls_attention"][:16] = (1 + j + 0.1 * i).reshape(-1) / 100
-    keep = GlobalCom2(local_weight=0.0, temperature=1e9).select(image, 20).keep  # thumbnail 4, crops 4 each
+    keep = GlobalCom2(alpha=1.0, temperature=1e9).select(image, 20).keep  # thumbnail 4, crops 4 each
     for idx in parts(image)[1:]:
         right_column = idx.view(4, 4)[:, -1]
         assert torch.equal(keep[torch.isin(keep, idx)], right_column)
 
 
-def test_large_local_weight_ranks_crop_tokens_by_their_own_attention():
+def test_alpha_weights_global_and_local_scores():
+    # thumbnail attention 1 on base token (0, 0), 0 elsewhere: resized onto the 8 x 8 mosaic, crop 0 sees
+    # g = a a^T with a = (1, 0.75, 0.25, 0), so normalised g = 1 / 1.625 at its token 0 and 0 at token 15;
+    # the crop's own attention is 1 at token 15 only. One token per crop (k = 5, equal ratios): token 0
+    # wins when alpha / 1.625 > 1 - alpha, i.e. alpha > 0.619; the paper's alpha = 0.5 keeps token 15
+    image = anyres_image(seed=11)
+    crop0 = image.units[1].index
+    attention = torch.zeros(image.n)
+    attention[0] = 1.0
+    attention[crop0[15]] = 1.0
+    image.signals["cls_attention"] = attention
+    for alpha, expected in [(1.0, 0), (0.75, 0), (0.5, 15), (0.0, 15)]:
+        keep = GlobalCom2(alpha=alpha, temperature=1e9).select(image, 5).keep
+        assert kept_per_part(image, keep) == [1, 1, 1, 1, 1]
+        assert keep[torch.isin(keep, crop0)].tolist() == [int(crop0[expected])], alpha
+
+
+def test_alpha_zero_ranks_crop_tokens_by_their_own_attention():
     image = anyres_image(seed=7)
-    keep = set(GlobalCom2(local_weight=1e6).select(image, 37).keep.tolist())
+    keep = set(GlobalCom2(alpha=0.0).select(image, 37).keep.tolist())
     attention = image.signals["cls_attention"]
     for idx in parts(image)[1:]:
         kept = [i for i in idx.tolist() if i in keep]
@@ -188,15 +217,15 @@ def test_global_scores_match_loop_bilinear(layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("temperature,local_weight", [(0.1, 1.0), (1.0, 0.0), (0.02, 3.0)])
-def test_exactly_k_and_matches_loop_reference(layout, temperature, local_weight):
+@pytest.mark.parametrize("temperature,alpha", [(0.1, 0.5), (1.0, 1.0), (0.02, 0.25), (0.5, 0.0)])
+def test_exactly_k_and_matches_loop_reference(layout, temperature, alpha):
     base, tile_rows, tile_cols = layout
     image = anyres_image(base, tile_rows, tile_cols, seed=len(tile_cols) + base[0])
-    method = GlobalCom2(temperature=temperature, local_weight=local_weight)
+    method = GlobalCom2(temperature=temperature, alpha=alpha)
     for k in range(1, image.n):
         keep = method.select(image, k).keep
         assert_valid_keep(keep, image.n, k)
-        assert keep.tolist() == _ref_select(image, k, layout, temperature, local_weight), k
+        assert keep.tolist() == _ref_select(image, k, layout, temperature, alpha), k
 
 
 def test_float16_signals_plain_images_and_layer_option():
@@ -215,16 +244,17 @@ def test_metadata_and_options():
     assert GlobalCom2.where == "pre" and GlobalCom2.needs_tiles and not GlobalCom2.spatial
     assert GlobalCom2.default_budget == Budget(ratio=0.25)
     method = GlobalCom2()
-    assert (method.temperature, method.local_weight, method.layer) == (0.1, 1.0, None)
+    assert (method.temperature, method.alpha, method.layer) == (0.1, 0.5, None)
     assert method.signals == ("cls_attention",)
     bad = [
         {"temperature": 0},
         {"temperature": -1.0},
         {"temperature": float("inf")},
         {"temperature": "hot"},
-        {"local_weight": -0.5},
-        {"local_weight": float("nan")},
-        {"local_weight": True},
+        {"alpha": -0.5},
+        {"alpha": 1.5},
+        {"alpha": float("nan")},
+        {"alpha": True},
         {"layer": 1.0},
         {"layer": "last"},
     ]

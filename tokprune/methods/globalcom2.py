@@ -26,8 +26,10 @@ def crop_weights(mosaic: Mosaic, thumbnail: torch.Tensor, temperature: float) ->
 
     thumbnail: (n_base,) [CLS] attention of the thumbnail's tokens, row-major. s_i = the thumbnail
     attention inside crop i's area of the image (`Mosaic.base_regions`), sigma = softmax(s / temperature)
-    over the N crops; a crop's retention ratio is proportional to 1 + sigma_i - 1/N (the authors'
-    r_i = R (1 + sigma_i - 1/N), which averages R over equal crops).
+    over the N crops (the paper's max-shifted softmax; its epsilon in the denominator is left out). The
+    paper gives crop i the retention ratio r_i = R (1 + sigma_i - 1 / N); weighting by size keeps the
+    ratios of the crops in exactly those proportions, and on crops of equal size the shares are
+    exactly r_i * size_i (the weights sum to N * size, so the common factor is R).
     """
     region = mosaic.base_regions().to(thumbnail.device)
     n_crops = len(mosaic.tiles)
@@ -52,22 +54,28 @@ def global_crop_scores(mosaic: Mosaic, thumbnail: torch.Tensor) -> list[torch.Te
 
 @dataclass
 class GlobalCom2(Method):
-    """GlobalCom² — Liu et al., "Compression with Global Guidance: Towards Training-free High-Resolution
-    MLLMs Acceleration" (arXiv:2501.05179; AAAI 2026 as "Global Compression Commander"). AnyRes only.
+    """GlobalCom² — Liu et al., "Global Compression Commander: Plug-and-Play Inference Acceleration for
+    High-Resolution Large Vision-Language Models", AAAI 2026 (arXiv:2501.05179; v1-v2 titled
+    "Compression with Global Guidance: Towards Training-free High-Resolution MLLMs Acceleration").
+    AnyRes only.
 
     An AnyRes image is a thumbnail (the base view: the whole image at tile resolution) plus crops (the
-    high-resolution tiles). All scores are the head-mean [CLS] attention at one ViT layer (`layer`,
-    default the layer feeding the projector), each view's from its own ViT pass. For k kept tokens of
-    the image (thumbnail + crops, row-end separators excluded), i.e. retention ratio R = k / n:
-      1. thumbnail: keeps its share of k in proportion to its size (R of its tokens, `split_budget`),
-         its top tokens by its own attention;
-      2. crop retention ratios (global guidance): crop i's score s_i is the thumbnail attention inside
-         the crop's area of the image; sigma = softmax(s / temperature); r_i ∝ 1 + sigma_i - 1/N, so the
-         crops share the rest of k in proportion to size_i * (1 + sigma_i - 1/N), capped at each crop's
-         size (overflow re-shared), largest-remainder rounding: exactly k tokens (`allocate_quotas`);
-      3. tokens in a crop: ranked by the global attention (the thumbnail's attention map resized
-         bilinearly onto the crop mosaic and cut to the crop) plus local_weight times the crop's own
-         attention, each L2-normalised over the crop (local_weight = 0: global attention alone).
+    high-resolution tiles). All scores are the head-mean [CLS] attention (softmax row) at one ViT layer
+    (`layer`, default the layer feeding the projector), each view's from its own ViT pass. For k kept
+    tokens of the image (thumbnail + crops, row-end separators excluded), i.e. retention ratio R = k / n:
+      1. thumbnail: keeps R of its tokens (its share of k in proportion to its size, `split_budget`),
+         its top tokens by its own [CLS] attention;
+      2. crop retention ratios (the paper's global-guided allocation): crop j's global score s_j is the
+         sum of the thumbnail's [CLS] attention over the thumbnail tokens lying in the crop's area of
+         the image; sigma = softmax(s / temperature) over the N crops; the paper sets
+         r_j = R (1 + sigma_j - 1/N), which averages R when the crops are equal. Here the crops share
+         the rest of k in proportion to size_j * (1 + sigma_j - 1/N) (`crop_weights`), capped at each
+         crop's size with the overflow re-shared, largest-remainder rounding: exactly k tokens
+         (`allocate_quotas`);
+      3. tokens in a crop (the paper's holistic score): score = alpha * g + (1 - alpha) * l, where g is
+         the global score (the thumbnail's attention map resized bilinearly onto the crop mosaic and cut
+         to the crop) and l the crop's own [CLS] attention, each L2-normalised over the crop; the paper
+         uses alpha = 0.5 (alpha = 1: global score alone, alpha = 0: the crop's own attention alone).
     Kept tokens stay in their original order. An image without a base view and tiles (a video clip, an
     image of a several-image LLaVA-OneVision prompt) raises a ValueError.
 
@@ -75,17 +83,28 @@ class GlobalCom2(Method):
     tokens (the authors' code keeps every row-end newline token besides; here a pruned image loses its
     separators, the engine's rule).
 
-    Deliberate differences from the authors' code (github.com/xuyang-liu16/GlobalCom2): (1) the code
-    scores with the head mean of the pre-softmax [CLS] logits of the last ViT layer and uses
-    temperature 10 on their crop sums; tokprune's signal is the post-softmax attention, whose crop sums
-    add up to about 1, so temperature 10 would give every crop ratio R: the default temperature 0.1
-    keeps the allocation adaptive (a crop holding 0.4 of the attention among 4 crops with 0.2 each gets
-    sigma ≈ 0.71); `layer=-1` selects the last layer; (2) a crop's thumbnail area comes from the
-    unpadded crop mosaic (the code splits the thumbnail into equal blocks for the ratios, but resizes
-    onto the unpadded mosaic for the token scores, as here); (3) exactly k tokens (the code clips
-    ratios at 1 and truncates, keeping fewer); (4) ties go to the lower index. The paper's text was not
-    at hand when this was written: the ratio formula and the token score follow the authors' code and
-    the abstract (the thumbnail directs the crops' retention ratios and their compression).
+    Sources. The crop score, the max-shifted softmax with temperature tau, r_j and the holistic score
+    with alpha = 0.5 follow the equations of the paper's method section (checked against a rendering of
+    those equations; the surrounding text, including the value of tau, the ViT layer and how g and l
+    are normalised, could not be read), so the following details come from the authors' code
+    (github.com/xuyang-liu16/GlobalCom2, llava/model/llava_arch.py): the L2 normalisation of g and l
+    before they are added (the code adds them with equal weights, i.e. alpha = 0.5), the bilinear
+    resize of the thumbnail map onto the unpadded crop mosaic, and the layer and temperature below.
+
+    Deliberate differences from the authors' code: (1) temperature. The code applies its temperature 10 to
+    crop sums of the head mean of the pre-softmax [CLS] logits (q k^T / sqrt(d), not softmax) of the last
+    ViT layer; tokprune's signal is the post-softmax attention, whose crop sums lie in [0, 1] and add up
+    to about 1, so temperature 10 would make sigma uniform and give every crop ratio R (no global
+    guidance). The default temperature 0.1 keeps the allocation adaptive on that scale (a crop holding 0.4
+    of the thumbnail attention, among 4 crops with 0.2 each, gets sigma ≈ 0.71); it is tokprune's choice
+    for post-softmax sums, not a published number. `layer=-1` selects the code's last layer (its [CLS]
+    attention is still post-softmax here). (2) A crop's thumbnail area comes from the unpadded crop mosaic
+    (the code splits the thumbnail into equal blocks for the ratios, but resizes onto the unpadded mosaic
+    for the token scores, as here). (3) Exactly k tokens: the ratios keep the paper's proportions between
+    crops but are scaled by a common factor so that the counts sum to k (R itself when the crops are
+    equal; the paper's r_j * size_j does not sum to R times the crops' tokens when unpadding makes them
+    unequal), and a crop's ratio is capped at 1 with the excess re-shared (the code clips at 1 and
+    truncates each count, keeping fewer). (4) Ties go to the lower index.
     Needs tiles: `tokprune.apply` refuses models without them (`needs_tiles`).
     """
 
@@ -96,12 +115,12 @@ class GlobalCom2(Method):
     needs_tiles = True
 
     temperature: float = 0.1
-    local_weight: float = 1.0
+    alpha: float = 0.5
     layer: int | None = None
 
     def __post_init__(self) -> None:
         check_number(self, "temperature", 0, low_open=True)
-        check_number(self, "local_weight", 0)
+        check_number(self, "alpha", 0, 1)
         check_vision_layer(self, "layer", optional=True)
 
     @property
@@ -122,6 +141,7 @@ class GlobalCom2(Method):
         quotas = allocate_quotas(crop_weights(mosaic, thumbnail, self.temperature), sizes, k_crops)
         kept = [base[topk_sorted(thumbnail, k_base)]]
         for idx, glob, q in zip(crops, global_crop_scores(mosaic, thumbnail), quotas):
-            score = F.normalize(glob, dim=0) + self.local_weight * F.normalize(attention[idx], dim=0)
+            glob, local = F.normalize(glob, dim=0), F.normalize(attention[idx], dim=0)
+            score = self.alpha * glob + (1.0 - self.alpha) * local
             kept.append(idx[topk_sorted(score, q)])
         return Selection(keep=torch.cat(kept).sort().values)

@@ -50,37 +50,51 @@ class HiRED(Method):
     """HiRED — Arif et al., "HiRED: Attention-Guided Token Dropping for Efficient Inference of
     High-Resolution Vision-Language Models", AAAI 2025 (arXiv:2408.10945). AnyRes models only.
 
-    An AnyRes image is a base view (the whole image at tile resolution, the paper's "full image") plus
-    high-resolution tiles ("sub-images"). For k kept tokens of the image (base + tiles, row-end
-    separators excluded):
+    What the paper states (arXiv v3: abstract, §1 contributions, Fig. 4 caption, the inputs of
+    Algorithm 1): a fixed token budget is handed out in two phases. Phase 1 splits the budget between
+    the full image (here: the base view) and the sub-images (here: the tiles), giving each partition a
+    share by a "visual content score" read from the [CLS] attention of an early ViT layer (l_init);
+    phase 2 keeps, inside every partition, the tokens with the highest "feature importance", the [CLS]
+    attention of the final ViT layer (l_final), up to the partition's share. Algorithm 1 takes the
+    budget N_budget, the tokens per partition N_ViT, alpha, a top-k count k, l_init, l_final, the H
+    heads and every partition's per-head [CLS] attention. HiRED-20% keeps 20% of the tokens. The copy
+    of the paper available when this was checked held only its opening, so the exact content-score
+    formula, the head aggregation, the rounding and the default values of alpha, k, l_init and l_final
+    could not be read from the paper itself: they follow the authors' code (github.com/hasanar1f/HiRED,
+    llava_next/modeling_llava_next.py, `HiRED_token_selection` and `HiRED_sub_img_budgets`; its
+    accuracy scripts run token_budget_rate 0.2, alpha 0.5).
+
+    An AnyRes image is a base view (the whole image at tile resolution) plus high-resolution tiles.
+    For k kept tokens of the image (base + tiles, row-end separators excluded):
       1. budget distribution: the base view gets alpha * k tokens (rounded down, at most its size); the
          tiles share the rest by their visual content score, computed from the base view's [CLS]
          attention at an early ViT layer (`early_layer`, default the first): the round(content_ratio *
-         n_base) base tokens with the largest early attention mark the image's visual content, and a
-         tile's score is the number of marked tokens inside the tile's area of the image. Shares are
-         proportional to the scores, capped at each tile's size (the overflow re-shared), largest-
-         remainder rounding, so exactly k tokens are kept (`allocate_quotas`); tiles without marked
-         tokens get none unless the others are full;
+         n_base) base tokens with the largest early attention mark the image's visual content (the
+         code's top-k, presumably Algorithm 1's k; default content_ratio = 1 - alpha, as in the
+         code), and a tile's score is the number of marked tokens inside the tile's area of the
+         image. Shares are proportional to the scores, capped at each tile's size (the overflow
+         re-shared), largest-remainder rounding, so exactly k tokens are kept (`allocate_quotas`);
+         tiles without marked tokens get none unless the others are full;
       2. token dropping: every part (base view and each tile) keeps its top tokens by its own [CLS]
-         attention at the feature layer (the layer whose output feeds the projector; `final_layer`).
+         attention at the feature layer (the layer whose output feeds the projector, the code's ViT
+         layer 22 of 24 on LLaVA-NeXT; `final_layer`).
     Kept tokens stay in their original order. An image without a base view and tiles (a video clip, an
     image of a several-image LLaVA-OneVision prompt) raises a ValueError.
 
-    Budget mapping: the published HiRED-20% keeps 20% of the image's tokens (0.2 * 5 * 576 = 576 of a
-    2x2-tile LLaVA-NeXT image) = default keep_ratio 0.2; alpha = 0.5 (the published setting) is the
-    base view's share of the budget. Layers follow the authors' public code: ViT layer 0 for the budget
-    split and layer 22 of 24 (LLaVA-NeXT's feature layer) for selection; the code marks content with the
-    top (1 - alpha) * 576 base tokens, the default here (content_ratio=None).
+    Budget mapping: default keep_ratio 0.2 = HiRED-20% (0.2 * 5 * 576 = 576 tokens of an unpadded
+    2x2-tile LLaVA-NeXT image); here the ratio is of the image's content tokens after unpadding, while
+    the code takes it of all partitions' 576 tokens before unpadding. alpha = 0.5 is the code's
+    setting, and in the code alpha is the base view's share of the budget.
 
     Deliberate differences from the authors' code: (1) a base token belongs to the tile whose image area
     holds its centre, on the unpadded tile mosaic; the code gives each tile a consecutive raster slice
     of the base view (bands of whole rows, not the tile's rectangle) and picks tokens before unpadding
-    (those in the padding are dropped afterwards); (2) exactly k tokens are kept (the code truncates
-    every tile's share, keeping fewer); (3) attention is the head mean (the code sums heads: same
-    ranking); (4) ties go to the lower index. The paper's text was not at hand when this was written:
-    alpha, the layers and the content score follow the authors' code and the paper's summary (early-
-    layer [CLS] attention shares the budget across partitions, final-layer attention picks tokens).
-    Needs tiles: `tokprune.apply` refuses models without them (`needs_tiles`).
+    (those in the padding are dropped afterwards); (2) exactly k tokens are kept: the code truncates
+    every tile's share, caps it at the tile's size without re-sharing the excess, and does not give
+    what the tiles cannot hold back to the base view, so it keeps fewer; (3) attention is the head mean
+    (the code sums the heads: same ranking, same marked tokens); (4) ties go to the lower index; (5)
+    the number of marked tokens is rounded (Python's round; the code truncates; equal for 576 base
+    tokens and alpha 0.5). Needs tiles: `tokprune.apply` refuses models without them (`needs_tiles`).
     """
 
     name = "hired"
