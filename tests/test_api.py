@@ -296,7 +296,7 @@ def test_bfloat16_model_runs(tiny):
 
 
 def test_vision_layer_out_of_range_is_an_early_error(tiny):
-    model, _ = tiny("llava")  # a 3-layer vision tower: VTC-CLS's default layers -8 .. -2 do not exist
+    model, _ = tiny("llava")  # a 3-layer vision tower: VTC-CLS's default layers -4 .. -2 do not exist
     hooks_before = _hook_count(model)
     with pytest.raises(errors.MethodOptionError, match="vision tower has 3 layers"):
         tokprune.apply(model, "vtc_cls")

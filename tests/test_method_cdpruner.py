@@ -89,6 +89,16 @@ def test_relevance_is_min_max_normalised_mean_cosine():
     assert neg.argmax().item() == s.argmin().item()
 
 
+def test_relevance_equals_cosine_with_the_pooled_unit_text_vector():
+    # mean_j cos(v, t_j) = v/|v| . mean_j t_j/|t_j|; the min-max step removes the pooled vector's norm
+    g = torch.Generator().manual_seed(2)
+    v, t = torch.randn(9, 6, generator=g), torch.randn(5, 6, generator=g)
+    pooled = F.normalize(t, dim=-1).mean(0, keepdim=True)
+    torch.testing.assert_close(
+        instruction_relevance(v, t), instruction_relevance(v, pooled), atol=1e-5, rtol=0
+    )
+
+
 # ------------------------------------------------------------------------------- behaviour by design
 
 

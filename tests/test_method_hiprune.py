@@ -83,6 +83,21 @@ def test_buffers_are_the_grid_neighbours_of_hand_placed_anchors():
     assert anchors.numel() + buffers.numel() + registers.numel() == k
 
 
+def test_border_anchors_do_not_pull_in_the_corner_tokens():
+    # the authors' code clamps index - w and index + w to [0, n - 1]: an anchor in the first row would
+    # bring token 0 and one in the last row token n - 1; in the grid they just have three neighbours
+    h, w = 5, 5
+    obj = torch.zeros(25)
+    obj[2] = 1.0  # row 0, column 2
+    obj[22] = 0.9  # row 4, column 2
+    deep = torch.zeros(25)
+    deep[[0, 24]] = -1.0  # the corners are the last choice as registers too
+    anchors, buffers, registers = hiprune_parts(obj, deep, (h, w), k=10, alpha=1.0)  # round(10 / 5) = 2
+    assert anchors.tolist() == [2, 22]
+    assert buffers.tolist() == [1, 3, 7, 17, 21, 23]
+    assert registers.numel() == 2 and not set(registers.tolist()) & {0, 24}
+
+
 def test_registers_skip_tokens_that_are_already_anchors_or_buffers():
     h, w = 5, 5
     n = h * w

@@ -146,6 +146,30 @@ def test_block_crops_are_near_equal_rectangles(h, w):
     assert max(heights) - min(heights) <= 1 and max(widths) - min(widths) <= 1
 
 
+@pytest.mark.parametrize(
+    "n,sizes",
+    [
+        (576, [36] * 16),
+        (49, [4] + [3] * 15),
+        (20, [2] * 4 + [1] * 12),
+        (35, [3] * 3 + [2] * 13),
+        (5, [1] * 5),
+    ],
+)
+def test_band_crops_split_like_the_authors_code(n, sizes):
+    # the authors' code: n // 16 tokens per run, the first n % 16 runs one longer, runs in raster order
+    crops = crop_partition(1, n, 4, 4, "bands")
+    assert [c.numel() for c in crops] == sizes
+    start = 0
+    for c, size in zip(crops, sizes):
+        assert c.tolist() == list(range(start, start + size))
+        start += size
+    # the layout only depends on the token count, not on the grid's shape
+    assert [c.tolist() for c in crop_partition(7, 7, 4, 4, "bands")] == [
+        c.tolist() for c in crop_partition(1, 49, 4, 4, "bands")
+    ]
+
+
 def test_crop_layout_keeps_sixteen_crops_on_thin_grids():
     assert crop_layout(24, 24, 4, 4) == (4, 4)
     assert crop_layout(1, 100, 4, 4) == (1, 16)
@@ -215,6 +239,27 @@ def test_crop_score_is_scaled_mean_attention():
     _, crop_scores = holistic_scores(image.embeds, attention, crops, beta=0.09)
     expected = torch.stack([attention[c].mean() * 1.09 for c in crops])
     torch.testing.assert_close(crop_scores, expected, rtol=1e-4, atol=0.0)
+
+
+def test_hand_made_crop_where_diversity_beats_attention():
+    # one crop of three tokens: 0 and 1 are orthogonal, 2 lies between them (cosine 1/sqrt(2) to both)
+    embeds = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    attention = torch.tensor([0.30, 0.30, 0.31])
+    crops = [torch.arange(3)]
+    scores, crop_scores = holistic_scores(embeds, attention, crops, alpha=1.0, beta=0.09, eps=0.0)
+    # similarities to the others: token 0 -> {0, r}, token 1 -> {0, r}, token 2 -> {r, r}, r = 1/sqrt(2)
+    # variances over j != i: (r/2)^2 = 1/8, 1/8, 0; lambda = mean(a) / mean(v) = 0.91/3 / (1/12) = 3.64
+    v = torch.tensor([0.125, 0.125, 0.0])
+    lam = (0.91 / 3) / (0.25 / 3)
+    expected = attention + 0.09 * lam * v  # 0.34095, 0.34095, 0.31
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-7)
+    # the crop score is (alpha + beta) * mean attention: the variance only reorders tokens
+    torch.testing.assert_close(crop_scores, torch.tensor([1.09 * 0.91 / 3]), rtol=1e-5, atol=0.0)
+    image = ImageTokens(embeds=embeds, grid=(1, 3), signals={"cls_attention": attention})
+    # keep one: by holistic score the distinctive token 0 (tie with 1 -> lower index) ...
+    assert HoloV(crop_rows=1, crop_cols=1).select(image, 1).keep.tolist() == [0]
+    # ... by attention alone (the authors' in-crop ranking) the redundant token 2
+    assert HoloV(crop_rows=1, crop_cols=1, rank_by="attention").select(image, 1).keep.tolist() == [2]
 
 
 def test_beta_zero_is_per_crop_attention_topk():

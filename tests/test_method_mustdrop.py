@@ -139,6 +139,21 @@ def test_dual_attention_order_by_hand():
     assert dual_attention_order(attention).tolist() == [0, 1, 4, 3, 2]
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dual_attention_prefixes_are_the_released_filters_union(seed):
+    """The released filter keeps a token when either attention clears its threshold. With both thresholds
+    admitting r tokens each, the kept set is the union of the top r by global (sum) and by individual (max)
+    attention; every such union is a prefix of the order."""
+    g = torch.Generator().manual_seed(seed)
+    attention = torch.rand(30, 4, generator=g) ** 3
+    order = dual_attention_order(attention).tolist()
+    by_global = torch.sort(attention.sum(1), descending=True, stable=True).indices.tolist()
+    by_individual = torch.sort(attention.amax(1), descending=True, stable=True).indices.tolist()
+    for r in range(1, 31):
+        union = set(by_global[:r]) | set(by_individual[:r])
+        assert set(order[: len(union)]) == union
+
+
 def _prefill_image(attention: torch.Tensor, cls: torch.Tensor, m: int, full_n: int) -> ImageTokens:
     return ImageTokens(
         embeds=torch.zeros(attention.shape[0], 2), grid=None,

@@ -12,6 +12,7 @@ import pytest
 import torch
 from checks import assert_valid_keep
 
+import tokprune
 from tokprune.core.budget import Budget
 from tokprune.errors import MethodOptionError
 from tokprune.methods import REGISTRY, make_method
@@ -26,6 +27,8 @@ from tokprune.methods.prumerge import (
 )
 
 SPIKES = [5, 77, 300, 431]
+# the default layer: the last ViT block, as in the authors' code (its q/k read the penultimate output)
+ATT, KEYS = "cls_attention@-1", "vit_keys@-1"
 
 
 def _image(n: int, d: int = 8, dk: int = 6, seed: int = 0, spikes=(), grid=None) -> ImageTokens:
@@ -38,7 +41,7 @@ def _image(n: int, d: int = 8, dk: int = 6, seed: int = 0, spikes=(), grid=None)
     return ImageTokens(
         embeds=torch.randn(n, d, generator=g),
         grid=grid,
-        signals={"cls_attention": attention, "vit_keys": torch.randn(n, dk, generator=g)},
+        signals={ATT: attention, KEYS: torch.randn(n, dk, generator=g)},
     )
 
 
@@ -63,9 +66,9 @@ def _ref_outliers(attention: torch.Tensor, factor: float = 1.5) -> set[int]:
 def _ref_merged(image: ImageTokens, keep: list[int], neighbours: int, mode: str = "mean") -> torch.Tensor:
     """Per kept token: cosine of the keys to every other token, the top `neighbours`, then the stated
     attention-weighted mean (or the code's additive update), all in float64 loops."""
-    keys = image.signals["vit_keys"].double().tolist()
+    keys = image.signals[KEYS].double().tolist()
     x = image.embeds.double()
-    a = [max(0.0, v) for v in image.signals["cls_attention"].double().tolist()]
+    a = [max(0.0, v) for v in image.signals[ATT].double().tolist()]
     norm = [math.sqrt(sum(v * v for v in row)) for row in keys]
     out = []
     for i in keep:
@@ -92,9 +95,9 @@ def _ref_merged(image: ImageTokens, keep: list[int], neighbours: int, mode: str 
 
 def test_spikes_are_exactly_the_outliers():
     image = _image(576, spikes=SPIKES)
-    outliers = iqr_outliers(image.signals["cls_attention"])
+    outliers = iqr_outliers(image.signals[ATT])
     assert outliers.tolist() == SPIKES[::-1], "the spikes, highest attention first"
-    assert prumerge_adaptive_count(image.signals["cls_attention"]) == len(SPIKES)
+    assert prumerge_adaptive_count(image.signals[ATT]) == len(SPIKES)
     selection = PruMerge().select(image, len(SPIKES))
     assert selection.keep.tolist() == SPIKES
 
@@ -132,7 +135,7 @@ def test_base_truncates_or_tops_up_by_attention(k):
     image = _image(576, spikes=SPIKES, seed=1)
     keep = PruMerge().select(image, k).keep
     assert_valid_keep(keep, 576, k)
-    a = image.signals["cls_attention"]
+    a = image.signals[ATT]
     expected = sorted(sorted(range(576), key=lambda i: (-float(a[i]), i))[:k])
     assert keep.tolist() == expected
     if k >= len(SPIKES):
@@ -218,7 +221,7 @@ def test_merge_on_hand_made_neighbours():
     keys = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.8, 0.2], [0.0, 1.0], [0.1, 0.9], [0.2, 0.8]])
     embeds = torch.tensor([[1.0, 0.0], [0.0, 2.0], [4.0, 4.0], [8.0, 0.0], [0.0, 8.0], [5.0, 5.0]])
     attention = torch.tensor([0.4, 0.1, 0.1, 0.2, 0.1, 0.1])
-    image = ImageTokens(embeds, None, {"cls_attention": attention, "vit_keys": keys})
+    image = ImageTokens(embeds, None, {ATT: attention, KEYS: keys})
     selection = PruMerge(neighbours=2).select(image, 2)
     assert selection.keep.tolist() == [0, 3]
     assert nearest_neighbours(keys, selection.keep, 2).tolist() == [[1, 2], [4, 5]]
@@ -229,7 +232,7 @@ def test_merge_on_hand_made_neighbours():
 
 def test_zero_attention_gives_plain_mean_and_all_neighbours_cap():
     image = _image(6, seed=4)
-    image.signals["cls_attention"] = torch.zeros(6)
+    image.signals[ATT] = torch.zeros(6)
     selection = PruMerge(neighbours=100).select(image, 2)  # more neighbours than tokens: all others
     expected = image.embeds.mean(0).expand(2, -1)
     torch.testing.assert_close(selection.merged, expected)
@@ -255,16 +258,59 @@ def test_half_precision_inputs():
         assert selection.merged.dtype == torch.float16 and torch.isfinite(selection.merged).all()
 
 
+# ------------------------------------------------------------------------------------ layer
+
+
+def test_signals_come_from_the_chosen_vision_layer():
+    # the feature layer (-2 on LLaVA, plain names) and the last block (-1) disagree on the top token and
+    # on the keys; the default reads the last block, as the authors' code, layer=None the feature layer
+    n = 6
+    embeds = torch.eye(n)
+    last = torch.tensor([0.05, 0.05, 0.6, 0.1, 0.1, 0.1])
+    feature = torch.tensor([0.6, 0.05, 0.05, 0.1, 0.1, 0.1])
+    keys_last = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    keys_feature = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    signals = {"cls_attention": feature, "vit_keys": keys_feature, ATT: last, KEYS: keys_last}
+    image = ImageTokens(embeds, None, signals)
+    got = PruMerge(neighbours=1).select(image, 1)
+    assert got.keep.tolist() == [2]
+    # token 2's nearest key at the last block is token 1: (0.6 x_2 + 0.05 x_1) / 0.65
+    torch.testing.assert_close(got.merged[0], (0.6 * embeds[2] + 0.05 * embeds[1]) / 0.65)
+    got = PruMerge(neighbours=1, layer=None).select(image, 1)
+    assert got.keep.tolist() == [0]
+    torch.testing.assert_close(got.merged[0], (0.6 * embeds[0] + 0.05 * embeds[1]) / 0.65)
+    plus = PruMergePlus(neighbours=0, layer=-1).select(image, 1)
+    assert plus.keep.tolist() == [2]  # the IQR outlier of the last block's attention
+
+
+@pytest.mark.parametrize("cls", [PruMerge, PruMergePlus])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_runs_end_to_end_on_tiny_models(tiny, family, cls):
+    from tiny_models import batch_inputs
+
+    model, proc = tiny(family)
+    inputs = batch_inputs(family, proc, (1, 2))
+    with tokprune.apply(model, cls(), keep_ratio=0.25) as pruner, torch.no_grad():
+        model(**inputs)
+    stats = pruner.stats
+    assert len(stats.visual_kept) == 2
+    assert all(0 < kept < total for kept, total in zip(stats.visual_kept, stats.visual_in))
+    if family == "llava":  # 7 x 7 tokens per image, ceil(0.25 * 49) = 13 kept each
+        assert stats.visual_kept == [13, 26]
+
+
 # ------------------------------------------------------------------------------------ options
 
 
 def test_registry_and_metadata():
     assert REGISTRY["prumerge"] is PruMerge and REGISTRY["prumerge_plus"] is PruMergePlus
     for cls in (PruMerge, PruMergePlus):
-        assert cls.where == "pre" and cls.signals == ("cls_attention", "vit_keys")
+        assert cls.where == "pre" and cls().signals == (ATT, KEYS)
+        assert cls(layer=None).signals == ("cls_attention", "vit_keys")  # the projector's feature layer
+        assert cls(layer=-2).signals == ("cls_attention@-2", "vit_keys@-2")
         assert "2403.15388" in cls.paper
     method = PruMergePlus()
-    assert (method.neighbours, method.merge, method.iqr_factor) == (32, "mean", 1.5)
+    assert (method.neighbours, method.merge, method.iqr_factor, method.layer) == (32, "mean", 1.5, -1)
 
 
 @pytest.mark.parametrize(
@@ -278,6 +324,9 @@ def test_registry_and_metadata():
         (PruMergePlus, {"iqr_factor": -0.5}),
         (PruMergePlus, {"iqr_factor": "1.5"}),
         (PruMergePlus, {"iqr_factor": float("nan")}),
+        (PruMerge, {"layer": 1.5}),
+        (PruMerge, {"layer": True}),
+        (PruMergePlus, {"layer": "last"}),
     ],
 )
 def test_bad_options_raise(cls, bad):

@@ -1,5 +1,6 @@
 """SparseVLM: raters and scores on hand-made attention, the text-query signal and the rater score against eager
-attention maps, the stage schedule, token recycling against its definition, option errors."""
+attention maps, the stage schedule, density peaks (Eq. 8-9, cosine assignment) and token recycling against their
+definitions, option errors."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from tokprune.methods.sparsevlm import (
     SIGNAL,
     SparseVLM,
     density_peak_clusters,
+    density_peaks,
     rater_scores,
-    recycle_into_kept,
+    recycle_select,
 )
 from tokprune.signals.llm import cached_keys, text_query_scores
 
@@ -58,6 +60,13 @@ def test_raters_are_the_text_tokens_above_the_mean():
     # no text token above the mean (all equal): every text token rates
     equal = torch.tensor([[0.1, 0.3], [0.3, 0.1]])
     torch.testing.assert_close(rater_scores(equal), torch.tensor([0.2, 0.2]))
+
+
+def test_a_text_token_at_the_mean_rates():
+    # Eq. 5: raters are the tokens with r_i >= mean(r). Image attention 1, 2, 3 (mean 2, exact in float):
+    # rows 1 and 2 rate; a strict "> mean" would keep row 2 alone ([2, 1])
+    attention = torch.tensor([[1.0, 0.0], [1.0, 1.0], [2.0, 1.0]])
+    torch.testing.assert_close(rater_scores(attention), torch.tensor([1.5, 1.0]))
 
 
 def test_scores_ignore_padding_columns_and_select_top_k():
@@ -152,11 +161,11 @@ def test_text_query_scores_match_eager_rows(tiny, layer):
 
 
 def _explicit_rater_score(head_mean: torch.Tensor, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-    """Loops over the eager map: raters = text rows whose image attention exceeds the mean; their mean row."""
+    """Loops over the eager map: raters = text rows whose image attention is >= the mean; their mean row."""
     rows = [head_mean[t, image].double() for t in text.tolist()]
     relevance = [float(r.sum()) for r in rows]
     mean = sum(relevance) / len(relevance)
-    raters = [r for r, rel in zip(rows, relevance) if rel > mean] or rows
+    raters = [r for r, rel in zip(rows, relevance) if rel >= mean] or rows
     return (sum(raters) / len(raters)).float()
 
 
@@ -240,7 +249,7 @@ def test_layers_scale_with_depth():
 
 def test_density_peaks_find_separated_blobs():
     g = torch.Generator().manual_seed(0)
-    centres = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
+    centres = torch.tensor([[3.0, 0.0], [0.0, 3.0], [-3.0, -3.0]])  # apart in direction (cosine assignment)
     sizes = [8, 6, 7]  # more than knn = 5 neighbours in each blob
     x = torch.cat([c + 0.1 * torch.randn(s, 2, generator=g) for c, s in zip(centres, sizes)])
     labels = density_peak_clusters(x, 3)
@@ -250,47 +259,103 @@ def test_density_peaks_find_separated_blobs():
     assert torch.equal(density_peak_clusters(x, 21), torch.arange(21))  # as many clusters as tokens
 
 
-def test_recycle_into_kept_by_hand():
-    # kept tokens 0 (along e0) and 1 (along e1); dropped 2..11; scores rank 2, 3, 4 on top (ceil(0.3*10)=3
-    # recycled), in one cluster (3 // 10 + 1 = 1) near e1 -> absorbed by token 1
+def _explicit_density_peaks(x: torch.Tensor, c: int, knn: int = 5) -> tuple[list[int], list[int]]:
+    """Eq. 8-9 written out in float64: rho, delta, centres by rho * delta, cosine assignment."""
+    r, x = x.shape[0], x.double()
+    d = [[float((x[i] - x[j]).norm()) for j in range(r)] for i in range(r)]
+    k = min(knn, r - 1)
+    rho = [
+        math.exp(-sum(v**2 for v in sorted(d[i][j] for j in range(r) if j != i)[:k]) / k) for i in range(r)
+    ]
+    delta = []
+    for i in range(r):
+        denser = [d[i][j] for j in range(r) if rho[j] > rho[i] or (rho[j] == rho[i] and j < i)]
+        delta.append(min(denser) if denser else max(d[i]))
+    centres = sorted(sorted(range(r), key=lambda i: (-rho[i] * delta[i], i))[:c])
+    labels = []
+    for i in range(r):
+        if i in centres:
+            labels.append(centres.index(i))
+            continue
+        cos = [float(F.cosine_similarity(x[i], x[j], dim=0)) for j in centres]
+        labels.append(max(range(c), key=lambda a: (cos[a], -a)))
+    return centres, labels
+
+
+@pytest.mark.parametrize("seed,r,c", [(0, 20, 3), (1, 12, 2), (2, 31, 4), (3, 4, 1)])
+def test_density_peaks_follow_eq_8_and_9(seed, r, c):
+    x = 0.7 * torch.randn(r, 3, generator=torch.Generator().manual_seed(seed))
+    centres, labels = density_peaks(x, c)
+    assert (centres.tolist(), labels.tolist()) == _explicit_density_peaks(x, c)
+
+
+def test_density_peaks_assign_by_cosine_similarity():
+    # two tight blobs along 0 and 45 degrees; p = (2, 1.8) lies next to blob A in Euclidean distance
+    # (2.1 against 11.4) but points along blob B (42 degrees): the paper's cosine rule puts it with B
+    blob_a = [[1.0, 0.0], [1.02, 0.0], [0.98, 0.0], [1.0, 0.02], [1.0, -0.02], [1.01, 0.01]]
+    blob_b = [[10.0, 10.0], [10.2, 10.0], [9.8, 10.0], [10.0, 10.2], [10.0, 9.8], [10.1, 10.1]]
+    x = torch.tensor(blob_a + blob_b + [[2.0, 1.8]])
+    centres, labels = density_peaks(x, 2)
+    assert centres.tolist() == [0, 6]  # the densest token of each blob
+    assert labels.tolist() == [0] * 6 + [1] * 7
+
+
+def test_recycle_select_by_hand():
+    # n = 12, k = 4: N = 8 removed, ceil(0.3 * 8) = 3 recycled into 3 // 10 + 1 = 1 token, which takes one of
+    # the 4 slots: tokens 0, 1, 2 (best scores) stay as they are; 3, 4, 5 (next best) form one cluster
     embeds = torch.zeros(12, 3)
     embeds[0] = torch.tensor([1.0, 0.0, 0.0])
     embeds[1] = torch.tensor([0.0, 2.0, 0.0])
-    embeds[2:5] = torch.tensor([[0.1, 1.0, 0.0], [0.0, 1.2, 0.1], [0.0, 0.8, 0.0]])
-    embeds[5:] = torch.tensor([1.0, 0.0, 5.0])  # low-scored dropped tokens, never recycled
-    scores = torch.tensor([1.0, 1.0, 0.9, 0.8, 0.7] + [0.1] * 7)
-    keep = torch.tensor([0, 1])
-    merged = recycle_into_kept(embeds, scores, keep)
-    torch.testing.assert_close(merged[0], embeds[0])
-    torch.testing.assert_close(merged[1], embeds[[1, 2, 3, 4]].mean(0))
+    embeds[2] = torch.tensor([0.0, 0.0, 1.0])
+    embeds[3:6] = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.5, 0.0], [0.0, 1.1, 0.0]])
+    embeds[6:] = torch.tensor([5.0, 5.0, 5.0])  # low-scored, neither kept nor recycled
+    scores = torch.tensor([1.0, 0.95, 0.9, 0.8, 0.7, 0.6] + [0.1] * 6)
+    # Eq. 8 with its 2 neighbours: log rho = -0.13, -0.205, -0.085 for tokens 3, 4, 5; token 5 is the densest
+    # (delta = its largest distance, 0.4), token 4's nearest denser one is 5 (0.4), token 3's is 5 (0.1):
+    # rho * delta is largest for token 5, the cluster's centre, so the cluster's mean sits at index 5
+    keep, merged = recycle_select(embeds, scores, 4)
+    assert keep.tolist() == [0, 1, 2, 5]
+    torch.testing.assert_close(merged[:3], embeds[:3])
+    torch.testing.assert_close(merged[3], torch.tensor([0.0, 1.2, 0.0]))
+    # k = 1: ceil(0.3 * 11) = 4 recycled into the one slot, so the 4 best tokens make it, at their centre
+    # (token 3: mean squared distance to the other 3 is 5/3, the others' 3 or more)
+    keep, merged = recycle_select(embeds, scores, 1)
+    assert keep.tolist() == [3]
+    torch.testing.assert_close(merged, embeds[:4].mean(0, keepdim=True))
 
 
-def _merged_by_definition(image: ImageTokens, scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def _recycled_by_definition(
+    image: ImageTokens, scores: torch.Tensor, k: int
+) -> tuple[list[int], torch.Tensor]:
     """The stated definition, written out token by token."""
-    n = image.n
-    dropped = [i for i in range(n) if i not in keep.tolist()]
-    r = math.ceil(0.3 * len(dropped))
-    recycled = sorted(dropped, key=lambda i: (-float(scores[i]), i))[:r]
-    labels = density_peak_clusters(image.embeds[recycled], min(r, r // 10 + 1)).tolist()
-    out = {int(i): [image.embeds[i].float()] for i in keep}
-    for label in sorted(set(labels)):
-        members = [image.embeds[recycled[j]].float() for j, lab in enumerate(labels) if lab == label]
-        mean = torch.stack(members).mean(0)
-        sims = [float(F.cosine_similarity(mean, image.embeds[i].float(), dim=0)) for i in keep.tolist()]
-        out[int(keep[max(range(len(sims)), key=lambda j: (sims[j], -j))])] += members
-    return torch.stack([torch.stack(out[int(i)]).mean(0) for i in keep])
+    order = sorted(range(image.n), key=lambda i: (-float(scores[i]), i))
+    r = math.ceil(0.3 * (image.n - k))
+    c = min(r // 10 + 1, r, k)
+    kept, recycled = order[: k - c], order[k - c : k - c + r]
+    centres, labels = density_peaks(image.embeds[recycled], c)
+    out = {i: image.embeds[i].float() for i in kept}
+    for label, centre in enumerate(centres.tolist()):
+        members = [image.embeds[recycled[j]].float() for j, lab in enumerate(labels.tolist()) if lab == label]
+        out[recycled[centre]] = torch.stack(members).mean(0)
+    return sorted(out), torch.stack([out[i] for i in sorted(out)])
 
 
-def test_recycling_keeps_the_pruning_set_and_follows_its_definition():
+def test_recycling_follows_its_definition():
     g = torch.Generator().manual_seed(3)
-    n, k = 60, 12
+    n, k = 60, 12  # N = 48: ceil(14.4) = 15 recycled into 2 tokens, 10 tokens kept as they are
     image = _image(torch.rand(n, 7, generator=g), m=6, embeds=torch.randn(n, 16, generator=g))
     plain = SparseVLM().select(image, k)
     recycled = SparseVLM(recycle=True).select(image, k)
-    assert torch.equal(plain.keep, recycled.keep)
-    expected = _merged_by_definition(image, SparseVLM().scores(image), plain.keep)
+    assert_valid_keep(recycled.keep, n, k)
+    keep, expected = _recycled_by_definition(image, SparseVLM().scores(image), k)
+    assert recycled.keep.tolist() == keep
     torch.testing.assert_close(recycled.merged, expected, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(recycled.merged, image.embeds[plain.keep])  # something was recycled
+    # the 10 best-scored tokens stay, unchanged; the 2 other slots hold cluster means
+    top = SparseVLM().select(image, k - 2).keep
+    assert set(top.tolist()) <= set(recycled.keep.tolist()) and set(top.tolist()) <= set(plain.keep.tolist())
+    same = torch.isin(recycled.keep, top)
+    torch.testing.assert_close(recycled.merged[same], image.embeds[recycled.keep[same]])
+    assert not torch.allclose(recycled.merged[~same], image.embeds[recycled.keep[~same]])
 
 
 def test_engine_writes_the_recycled_states(tiny, monkeypatch):
@@ -349,8 +414,16 @@ def test_recycling_generates_with_exact_counts(tiny):
             model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
             runs[recycle] = pruner.stats
     assert runs[True].layer_tokens == runs[False].layer_tokens
-    first = [[k.tolist() for k in runs[r].stages[0].kept] for r in (True, False)]
-    assert first[0] == first[1]  # later stages score recycled states, so only the first set must agree
+    # the first stage scores the same states either way: the recycled run keeps the k - c best of the
+    # plain run's k tokens and puts its c cluster tokens in the other slots (later stages score recycled
+    # states, so only the first stage is compared)
+    n_image = [int(t * h * w) // 4 for t, h, w in inputs["image_grid_thw"].tolist()]
+    for n, with_recycling, plain in zip(n_image, runs[True].stages[0].kept, runs[False].stages[0].kept):
+        k = plain.numel()
+        r = math.ceil(0.3 * (n - k))
+        c = min(r // 10 + 1, r, k)
+        assert with_recycling.numel() == k
+        assert len(set(with_recycling.tolist()) & set(plain.tolist())) >= k - c
 
 
 # ---------------------------------------------------------------------------------------------- errors

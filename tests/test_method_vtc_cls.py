@@ -19,10 +19,12 @@ def _image(per_layer: dict[int, torch.Tensor], grid=None) -> ImageTokens:
     return ImageTokens(embeds=torch.zeros(n, 4), grid=grid, signals=signals)
 
 
-def test_default_signals_are_the_eighth_last_to_the_penultimate_layer():
-    m = VTCCLS()
-    assert m.layers == (-8, -7, -6, -5, -4, -3, -2)
-    assert m.signals == tuple(f"cls_attention@{i}" for i in range(-8, -1))
+def test_default_signals_are_the_papers_three_layers_ending_at_the_penultimate():
+    m = VTCCLS()  # K = 3 layers counted back from the penultimate one
+    assert m.layers == (-4, -3, -2)
+    assert m.signals == ("cls_attention@-4", "cls_attention@-3", "cls_attention@-2")
+    # the authors' code with its loader's fallback start layer 16 (attentions[16:-1] of 24 layers)
+    assert VTCCLS(start_layer=-8).signals == tuple(f"cls_attention@{i}" for i in range(-8, -1))
     assert VTCCLS(start_layer=-3, end_layer=-1).signals == (
         "cls_attention@-3",
         "cls_attention@-2",
@@ -32,9 +34,9 @@ def test_default_signals_are_the_eighth_last_to_the_penultimate_layer():
     assert VTCCLS(start_layer=-2, end_layer=-2).signals == ("cls_attention@-2",)
 
 
-def test_keeps_topk_of_the_sum_not_of_any_single_layer():
-    # 6 tokens, 3 layers. Each layer's own top-2 differs from the top-2 of the sum:
-    #   sums = [0.9, 1.0, 1.2, 1.1, 0.3, 0.5] -> top-2 = {2, 3}
+def test_keeps_topk_of_the_layer_mean_not_of_any_single_layer():
+    # 6 tokens, 3 layers. Each layer's own top-2 differs from the top-2 of the ensemble:
+    #   sums = [0.9, 1.0, 1.2, 1.1, 0.3, 0.5], means = sums / 3 -> top-2 = {2, 3}
     layers = {
         -3: torch.tensor([0.6, 0.0, 0.4, 0.3, 0.1, 0.0]),  # top-2 {0, 2}
         -2: torch.tensor([0.3, 0.5, 0.4, 0.0, 0.1, 0.5]),  # top-2 {1, 5}
@@ -42,7 +44,7 @@ def test_keeps_topk_of_the_sum_not_of_any_single_layer():
     }
     method = VTCCLS(start_layer=-3, end_layer=-1)
     image = _image(layers)
-    assert torch.allclose(method.scores(image), torch.tensor([0.9, 1.0, 1.2, 1.1, 0.3, 0.5]))
+    assert torch.allclose(method.scores(image), torch.tensor([0.9, 1.0, 1.2, 1.1, 0.3, 0.5]) / 3)
     assert method.select(image, 2).keep.tolist() == [2, 3]
     assert method.select(image, 3).keep.tolist() == [1, 2, 3]
     assert method.select(image, 4).keep.tolist() == [0, 1, 2, 3]
@@ -56,12 +58,24 @@ def test_only_layers_in_the_range_count():
     assert method.select(_image(layers), 1).keep.tolist() == [1]
 
 
+def test_default_ignores_layers_outside_the_three_before_the_last():
+    # layers -5 and -1 hold a huge spike on token 0 / 4; the default ensemble (-4, -3, -2) must not see it
+    layers = {i: torch.zeros(5) for i in range(-5, 0)}
+    layers[-5][0] = 9.0
+    layers[-1][4] = 9.0
+    layers[-4][1], layers[-3][1], layers[-2][3] = 0.5, 0.5, 0.6  # means: token 1 = 1/3, token 3 = 0.2
+    method = VTCCLS()
+    assert method.select(_image(layers), 1).keep.tolist() == [1]
+    assert method.select(_image(layers), 2).keep.tolist() == [1, 3]
+
+
 @pytest.mark.parametrize("n", [2, 7, 49, 576])
 def test_exactly_k_sorted_distinct_against_sum_reference(n):
     g = torch.Generator().manual_seed(n)
     method = VTCCLS()
     layers = {i: torch.rand(n, generator=g).softmax(0) for i in method.layers}
     image = _image(layers)
+    # the authors' code sums the layers; with a fixed layer set that ranks exactly like the paper's mean
     total = [sum(float(layers[i][t]) for i in method.layers) for t in range(n)]
     for k in sorted({1, n // 4, n // 2, n - 1} - {0}):
         keep = method.select(image, k).keep
@@ -80,7 +94,7 @@ def test_ties_break_towards_lower_index_and_half_precision_works():
 
 
 def test_k_at_least_n_keeps_everything():
-    image = _image({i: torch.rand(4) for i in range(-8, -1)})
+    image = _image({i: torch.rand(4) for i in range(-4, -1)})
     assert VTCCLS().select(image, 4).keep.tolist() == [0, 1, 2, 3]
 
 
@@ -89,7 +103,7 @@ def test_metadata():
     assert isinstance(m, Method)
     assert (m.name, m.where, m.default_budget) == ("vtc_cls", "pre", Budget(tokens=64))
     assert "2412.05819" in m.paper
-    assert (m.start_layer, m.end_layer) == (-8, -2)
+    assert (m.start_layer, m.end_layer) == (-4, -2)
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,12 @@ def instruction_relevance(
 ) -> torch.Tensor:
     """Relevance r in (0, 1] of every visual token to the instruction, in float32.
 
-    visual: (n, D), text: (m, D), m >= 1. s_i = mean_j cos(visual_i, text_j) (negated if `negate`), then
-    min-max normalised over the image's tokens: r_i = (s_i - min s + eps) / (max s - min s + eps). The most
-    relevant token gets exactly 1, the least eps / (range + eps) > 0, and a constant s gives r = 1 everywhere.
+    visual: (n, D), text: (m, D), m >= 1. s_i = mean_j cos(visual_i, text_j) (negated if `negate`, as the
+    authors' code does), then min-max normalised over the image's tokens:
+    r_i = (s_i - min s + eps) / (max s - min s + eps). The most relevant token gets exactly 1, the least
+    eps / (range + eps) > 0, and a constant s gives r = 1 everywhere. Since mean_j cos(v_i, t_j) =
+    v_i/|v_i| · mean_j t_j/|t_j| and the min-max step removes a common positive scale, r is also the
+    normalised cosine with the single pooled text vector mean_j t_j/|t_j|.
     """
     v = F.normalize(visual.float(), dim=-1)
     t = F.normalize(text.float().to(v.device), dim=-1)
@@ -86,36 +89,65 @@ def greedy_dpp_map(
 @dataclass
 class CDPruner(Method):
     """CDPruner — Zhang et al., "Beyond Attention or Similarity: Maximizing Conditional Diversity for Token
-    Pruning in MLLMs", arXiv:2506.10967 (2025).
+    Pruning in MLLMs", arXiv:2506.10967 (NeurIPS 2025).
 
-    Per image (per frame), with x_i = the projected visual embeddings (`image.embeds`, the LLM's input) and
-    t_j = the instruction's LLM input embeddings (`image.text["embeds"]`):
+    What the paper fixes (abstract, https://arxiv.org/abs/2506.10967, and the project page
+    https://theia4869.com/CDPruner, sections "Instruction Relevance" and "Conditional DPP"): every visual
+    token gets a relevance to the user instruction, the cosine similarity between the token and the
+    instruction, and tokens more similar to the instruction count as more relevant; the pairwise similarity
+    of the visual tokens is conditioned on (weighted by) the relevance of both tokens; the kept subset is
+    the one a determinantal point process over this conditional kernel rates highest, found by the greedy
+    MAP algorithm of Chen, Zhang & Zhou (NeurIPS 2018, "Fast Greedy MAP Inference for DPP"). Pruning happens
+    once, before the LLM; kept tokens keep their order and positions.
+
+    This implementation, per image as the engine calls it (x_i = the image's projected visual embeddings,
+    `image.embeds`; t_j = the LLM input embeddings of the instruction, `image.text["embeds"]`, i.e. the
+    row's text after its images):
 
     * similarity S_ij = cos(x_i, x_j);
-    * relevance s_i = mean_j cos(x_i, t_j), min-max normalised over the image's tokens:
-      r_i = (s_i - min s + 1e-6) / (max s - min s + 1e-6) in (0, 1];
-    * quality q = r (theta=None, the paper's kernel and the authors' LLaVA code), or, with theta in [0, 1),
-      q = exp(alpha · r), alpha = theta / (2 (1 - theta)) — Chen et al.'s relevance/diversity trade-off,
-      which the authors' code offers as an optional knob (0.5 in their examples): then
-      log det L_Y = theta/(1-theta) · Σ_Y r + log det S_Y;
-    * conditional DPP kernel L = diag(q) · S · diag(q); greedy MAP inference (`greedy_dpp_map`) picks the
-      k tokens; kept tokens stay in their original order and positions.
+    * relevance s_i = mean_j cos(x_i, t_j), min-max normalised over the image's tokens
+      (`instruction_relevance`): r_i = (s_i - min s + 1e-6) / (max s - min s + 1e-6), in (0, 1], with
+      r = 1 for the most relevant token;
+    * quality q = r (theta=None), or q = exp(alpha · r) with alpha = theta / (2 (1 - theta)) for theta in
+      [0, 1), Chen et al.'s relevance/diversity trade-off, under which log det L_Y = theta/(1-theta) · Σ_Y r
+      + log det S_Y;
+    * conditional kernel L = diag(q) · S · diag(q); `greedy_dpp_map` adds, k times, the token that
+      multiplies det(L_Y) the most.
 
-    Budget: k tokens per image (per frame for video), the engine's `budget`/`keep_ratio`; default 128 of
-    576 on LLaVA-1.5, one of the paper's main settings (it also reports 64 and 32).
+    Details taken from the authors' LLaVA code (github.com/Theia-4869/CDPruner, `encode_images` in
+    llava/model/llava_arch.py and llava/model/multimodal_encoder/clip_encoder.py), not from the paper text:
+    S is computed from the projector's output (the LLM input embeddings), as here; relevance compares the
+    CLIP patch features passed through CLIP's post-layernorm and visual projection with the CLIP text
+    embeddings of the instruction string (one per 77-token chunk), averaged over the chunks, *negated*, then
+    min-max normalised with 1e-6 added to the numerator only; the kernel uses q = r (the theta = 0.5
+    reweighting is present but commented out); the greedy loop has no stopping rule and always picks the
+    requested count; on LLaVA-NeXT each crop (base view and every tile) gets its own DPP with the same count
+    (their README's "32 × 5 = 320"), relevance being normalised over all crops together.
+
+    Deliberate differences from that code:
+    (1) relevance is measured in the LLM's input space (projected visual embeddings against the
+        instruction's token embeddings), because most supported models have no CLIP text tower; a mean of
+        cosines over the instruction tokens equals, after the min-max step, the cosine with the mean of the
+        unit-normalised token embeddings (the common scale cancels), i.e. relevance to one pooled
+        instruction vector, the nearest analogue of CLIP's single sentence embedding;
+    (2) no negation by default: the paper describes keeping the instruction-relevant tokens, while the
+        code negates the mean similarity, which the authors call an empirical observation on LLaVA's CLIP
+        space (their issues #9, #14, #19, #22); `negate_relevance=True` reproduces the code;
+    (3) 1e-6 is added to the denominator as well, so a constant s gives r = 1 everywhere instead of a
+        division by zero, and the normalisation is per image;
+    (4) the engine's budget is per image and the DPP ranks all tokens of an image together: an AnyRes
+        image (base view + tiles) or a video (frames) is one DPP with one budget, not one DPP per crop or
+        frame with equal counts;
+    (5) if the DPP runs out of numerical rank before k tokens (fewer feature dimensions than k, duplicate
+        tokens) the remaining picks are the most relevant untaken tokens, so exactly k tokens come back
+        (Chen et al.'s algorithm stops once the best residual falls below a tolerance; the authors' code
+        keeps dividing by the vanishing residual).
 
     Without an instruction (no "embeds" in `image.text`, or an empty one) relevance is uniform and this is
-    the plain DPP over S. If the DPP runs out of numerical rank before k tokens (fewer feature dimensions
-    than k, duplicate tokens), the remaining tokens are the most relevant untaken ones.
+    the plain DPP over S.
 
-    Deliberate differences: (1) S is computed from the projected embeddings and relevance against the
-    instruction's LLM input embeddings, both in the LLM's input space (the authors' LLaVA code takes S
-    from the vision tower's features and relevance from CLIP image/text embeddings), so one signal-free
-    pre-LLM step serves every model; (2) the authors' public code negates the mean similarity before
-    normalising, which they describe as an empirical observation on LLaVA's CLIP space (their issues #9,
-    #14); the default follows the paper's description (more similar = more relevant) and
-    `negate_relevance=True` reproduces the code; (3) the rank fallback above is ours (the public code
-    keeps dividing by a vanishing residual).
+    Budget: `default_budget` is 128 tokens per image of LLaVA-1.5's 576, a setting the authors' README runs
+    (with 64); the engine's `budget`/`keep_ratio` override it.
     """
 
     name = "cdpruner"

@@ -15,23 +15,52 @@ from tokprune.methods.options import check_int, check_llm_layer
 @dataclass
 class DART(LLMMethod):
     """DART — Wen et al., "Stop Looking for Important Tokens in Multimodal Language Models: Duplication
-    Matters More", EMNLP 2025.
+    Matters More", EMNLP 2025, arXiv:2502.11494.
 
-    After layer `layer` - 1 (default K = 2): pivots are the `pivots` // 2 image tokens and `pivots` // 2
-    instruction tokens (text after the image) with the largest L1 norm of that layer's keys (post-RoPE,
-    heads concatenated); similarity is the cosine of the hidden states entering layer K after the final
-    norm. The image pivots are kept; each pivot in turn keeps the not-yet-kept image tokens *least*
-    similar to it, in equal shares. Default budget 128 tokens, 8 pivots.
+    What the paper fixes (abstract, https://arxiv.org/abs/2502.11494, html v1/v2): tokens are pruned by
+    their duplication with other tokens rather than by an importance score; a small set of pivot tokens is
+    chosen and the visual tokens least duplicated by (least similar to) the pivots are kept, inside the LLM,
+    without attention maps, so it works with fused attention kernels. The abstract gives no layer, pivot
+    count or pivot criterion; the values below come from the authors' code (third-party ports such as
+    NVIDIA TensorRT-Edge-LLM's DART pruner also describe the paper as pruning at decoder layer 2).
 
-    Deliberate difference: the kept count is exactly the budget (the reference keeps its image pivots on
-    top of pivots x share, e.g. 132 for 128); shares differ by at most one token. Without instruction
-    tokens all pivots are image tokens.
+    Selection here, at the boundary `layer` = K (layers < K see every token, layers >= K the kept ones):
+
+    * pivots: the `pivots` - `pivots` // 2 image tokens and the `pivots` // 2 instruction tokens (the
+      row's text after its images) with the largest L1 norm of layer K-1's keys (post-RoPE, heads
+      concatenated); default 8 = 4 + 4;
+    * duplication: the cosine similarity of the hidden states entering layer K, taken after the model's
+      final norm;
+    * the image pivots are kept (text pivots are never kept: only visual tokens are pruned); then each
+      pivot in turn, image pivots by descending key norm and then text pivots by descending key norm,
+      keeps the not-yet-kept image tokens least similar to it; the k' = k - (image pivots) remaining
+      slots are shared equally among all P pivots, the first k' mod P pivots taking one more.
+
+    Details taken from the authors' code (github.com/ZichenWen1/DART, `get_retained_image_token`; the same
+    routine is in ModelTC/LightCompress, the llmc token-reduction module "DART"), not from the paper text:
+    K = 2 with pivot_image_token = pivot_text_token = 4 (their LLaVA-1.5 scripts); keys from layer K-1's
+    KV cache, L1 norm; text pivots from every token after the image; similarity of the final-norm hidden
+    states entering layer K; each pivot (image and text) takes floor(budget / P) tokens.
+
+    Deliberate differences from that code:
+    (1) the kept count is exactly the budget: the image pivots count towards it and the rest is shared
+        with shares differing by at most one; the authors keep their image pivots on top of
+        P · floor(budget / P), e.g. 4 + 8 · 16 = 132 for a budget of 128;
+    (2) the pivots take their shares in the fixed order above; the authors iterate a Python set of
+        positions, i.e. a hash order that their code does not choose deliberately;
+    (3) with fewer than `pivots` // 2 instruction tokens the missing text pivots become image pivots (all
+        pivots are image tokens without an instruction); with k below the number of image pivots only the
+        k image tokens with the largest key norms are kept;
+    (4) all visual tokens of an image are ranked together: an AnyRes image or a video is one selection
+        with one budget (the authors' LLaVA code handles one image span).
+
+    Default budget: 128 tokens per image (the authors' LLaVA-1.5 scripts: reduction ratio 0.778 of 576).
     """
 
     name = "dart"
     signals = ("keys", "hidden")
     default_budget = Budget(tokens=128)
-    paper = "Wen et al., EMNLP 2025 (DART)"
+    paper = "Wen et al., EMNLP 2025, arXiv:2502.11494 (DART)"
     layer: int = 2
     pivots: int = 8
 

@@ -42,25 +42,40 @@ class FoPru(Method):
     """FoPru — Jiang et al., "FoPru: Focal Pruning for Efficient Large Vision-Language Models",
     arXiv:2411.14164 (2024).
 
-    Token significance: the attention each visual token *receives* in the vision encoder, i.e. the
-    column mean over all query tokens of the head-averaged softmax map ("received_attention"), at the
-    layer whose output feeds the projector (LLaVA: CLIP layer -2; Qwen2.5-VL: the last full-attention
-    block). Then one of the paper's two strategies:
-      * "rank" (default): the global top-k tokens by significance;
-      * "row": whole rows of the token grid ranked by row significance, filled to exactly k with a
-        contiguous run from the next-ranked row (see `row_select`).
-    Either way the kept tokens stay in their original order (the paper's reordering step) and keep their
-    original positions. Without a grid (e.g. a [CLS] feature among the tokens) "row" falls back to "rank".
+    What the paper specifies (its abstract; the method section itself could not be read here): a
+    training-free pruning of the visual tokens before the LLM in three steps: (1) token significance, an
+    attention-based score taken from the vision encoder; (2) pruning by one of two strategies, "rank"
+    (keep the tokens with the highest significance over the whole image, a global view) or "row" (keep
+    continuous image rows, preserving contiguous key information, a local view); (3) reordering the
+    kept tokens back into their original positional order. A third-party summary adds that at 25 %
+    retention the accuracy stays within about 1 point on several benchmarks. The exact significance
+    formula, the vision layer, how a row is ranked and how many rows are kept are not in the text reached
+    here; they come from a public implementation (`focal_prunning` in the dongxianzhe/hydrainfer
+    repository, not the paper's official release), read only to understand these details.
 
-    Default budget: keep_ratio 0.25 (144 of 576 on LLaVA-1.5). The paper sweeps retention ratios and its
-    method section could not be checked here (only the abstract was reachable), so the default is the
-    catalogue's common 75 % reduction rather than a number taken from the paper.
+    Here: token significance = the attention each visual token *receives* at the layer whose output feeds
+    the projector (LLaVA: CLIP layer -2; Qwen2.5-VL: the last full-attention block), i.e. the column mean
+    over query tokens of the head-averaged softmax map ("received_attention"), as in that implementation.
+      * "rank" (default): the global top-k tokens by significance;
+      * "row": grid rows ranked by row significance = the sum of their tokens' significance (as in that
+        implementation), the best rows kept whole, filled to exactly k with a contiguous run from the
+        next-ranked row (see `row_select`).
+    Either way the kept tokens stay in their original order (step 3) and keep their original positions.
+    Without a grid (e.g. a [CLS] feature among the tokens) "row" falls back to "rank".
+
+    Default budget: keep_ratio 0.25 (144 of 576 on LLaVA-1.5), the retention that the summary of the
+    paper's results reports as nearly lossless; the paper sweeps the ratio rather than fixing one.
 
     Deliberate differences / choices: (1) significance is recomputed from the layer's q/k in a hook
-    (DESIGN §5) instead of reading eager attention maps; (2) the budget is an exact token count k for both
-    strategies, so "row" keeps whole rows only when k is a multiple of the row width, with the stated
-    contiguous-run fill otherwise; (3) on Qwen the received attention is the mean over the 2x2 patches
-    merged into one LLM token (adapter behaviour).
+    (DESIGN §5) instead of reading eager attention maps; (2) the column mean runs over all queries of the
+    layer, [CLS] included, where that implementation averages over the patch queries only (and falls
+    back to the row mean, the attention a token pays to the other patches, when that has the larger
+    variance; not reproduced); (3) the budget is an exact token count k for both strategies: that
+    implementation's "row" keeps whole rows only (floor(ratio x rows) of them in its ratio-based
+    version, so fewer than k tokens when k is not a multiple of the row width), here the rest is the
+    stated contiguous run; (4) rows are the adapter's (h, w) token grid, not a sqrt(n) x sqrt(n) square;
+    (5) on Qwen the received attention is the mean over the 2x2 patches merged into one LLM token
+    (adapter behaviour).
     """
 
     name = "fopru"

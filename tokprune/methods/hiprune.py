@@ -1,4 +1,5 @@
-"""HiPrune: anchors from an object-centric middle ViT layer, their grid neighbours, and deep-layer registers."""
+"""HiPrune (Liu et al., arXiv:2508.00553): anchors from an object-centric middle ViT layer, their grid
+neighbours as buffers, and registers from the deep layer."""
 
 from __future__ import annotations
 
@@ -85,36 +86,69 @@ def hiprune_parts(
 
 @dataclass
 class HiPrune(Method):
-    """HiPrune — Liu et al., "HiPrune: Training-Free Visual Token Pruning via Hierarchical Attention in
-    Vision-Language Models", arXiv:2508.00553 (2025; ACL 2026 Findings).
+    """HiPrune — Liu, Du, Zhu, Lian, Li, Chen, "HiPrune: Training-Free Visual Token Pruning via
+    Hierarchical Attention in Vision-Language Models", arXiv:2508.00553 v1/v2 (2025); v3 (2026, with
+    Guan and Wang) is titled "HiPrune: Hierarchical Attention for Efficient Token Pruning in
+    Vision-Language Models" (ACL 2026 Findings; an AAAI-26 student abstract before that).
+    https://arxiv.org/abs/2508.00553, https://arxiv.org/html/2508.00553v2; code:
+    https://github.com/Danielement321/HiPrune (LLaVA/llava/model/llava_arch.py `encode_images`,
+    Qwen2_5_VL/qwen2_5_vl_HiPrune.py).
 
-    Three kinds of tokens are kept out of an image's n, k in all (`hiprune_parts`):
-      * anchors: the round(alpha * k / 5) tokens that receive the most attention at an object-centric
-        middle ViT layer (attention received = head-mean, query-mean column of the softmax map);
-      * buffers: the anchors' 4-neighbours (up, down, left, right) in the token grid, so that
-        anchors + buffers take about alpha * k of the budget (alpha is "the proportion of anchor and
-        buffer tokens");
-      * registers: the remaining tokens, the ones receiving the most attention at the deep layer (the
-        layer whose output feeds the projector) that are not anchors or buffers.
-    Kept tokens stay in their original order. With no grid (None) the tokens are a 1 x n strip, so
-    buffers are the left and right neighbours.
+    What runs here, per image of n tokens with k to keep (`hiprune_parts`):
+      * anchors: the round(alpha * k / 5) tokens receiving the most attention at the object layer;
+      * buffers: the anchors' up / down / left / right neighbours in the token grid that are not anchors;
+      * registers: the k - |anchors| - |buffers| other tokens receiving the most attention at the deep
+        layer.
+    "Attention received" is the softmax map of that ViT layer averaged over heads and over all queries
+    (on CLIP the [CLS] query included and the [CLS] column dropped): signal "received_attention". Ties
+    go to the lower index; kept tokens stay in their original order. With no grid (None) the tokens are
+    a 1 x n strip, so the buffers are the left and right neighbours.
 
-    Defaults, from the authors' public code and README (github.com/Danielement321/HiPrune): alpha = 0.1;
-    the object layer is the model family's object-centric middle layer (signal "@object"; the authors
-    use layer 9 of CLIP-L's 24 and block 16 of Qwen2.5-VL's 32, counted from 1, i.e. encoder.layers[8]
-    and visual.blocks[15]); the deep layer is LLaVA's feature layer (-2) and Qwen's last block; 64 kept
-    tokens per image (the 88.9% reduction setting; the paper also reports 192 and 128, and keep ratios
-    0.334 / 0.223 / 0.112 on Qwen2.5-VL). `object_layer` takes an int vision-layer index (0-based,
-    negative from the end) instead of "object"; `deep_layer` an int instead of the feature layer.
+    What the paper specifies, in the text that could be consulted (abstract and introduction of the
+    arXiv HTML, the authors' README and project page, third-party summaries): the ViT's layers attend
+    in a hierarchy (shallow layers noisy, middle layers on the main objects, deep layers spread evenly
+    over tokens carrying global information; for CLIP-L, from the dispersion of the high-attention
+    tokens: shallow 1-4, middle 5-9, deep 10 onward); three kinds of tokens are kept, identified in this
+    order: anchors (highest attention in an object-centric middle layer), buffers (spatially adjacent
+    to the anchors, for continuity and against attention noise) and registers (highest attention at the
+    encoder's output layer, for global context); the rest is dropped before the LLM. Its notation: N'
+    the token budget (k here), alpha the proportion of anchor and buffer tokens, l the object layer.
+    Published settings: alpha = 0.1; l = 9 (counted from 1) for the CLIP-L of LLaVA-1.5 / LLaVA-NeXT
+    and l = 16 for Qwen2.5-VL's 32 blocks; budgets 192 / 128 / 64 of 576 on LLaVA-1.5 (64 is the default
+    here), 640 / 320 / 160 on LLaVA-NeXT, keep ratios 0.334 / 0.223 / 0.112 on Qwen2.5-VL. Not in the
+    text that could be read (so taken from the authors' code): how the attention score is aggregated,
+    the anchor count alpha * N' / 5, how "adjacent" is computed, and which layer is "the output layer".
+    v3 adds HiPrune++, a prompt-aware variant that also uses text-token similarity; it is not
+    implemented here.
 
-    Budget mapping: with alpha = 0.1, 64 -> 1 anchor, 128 -> 3, 192 -> 4 (each with up to 4 buffers).
+    From the authors' code: scores are the head mean, then query mean, of the softmax attention, with
+    the [CLS] column removed (a [CLS]-row variant is left commented out); the object layer is the l-th
+    layer (encoder.layers[8] on CLIP-L, visual.blocks[15] on Qwen2.5-VL); the deep layer is the one whose
+    output feeds the projector (LLaVA's mm_vision_select_layer = -2; Qwen2.5-VL's last block, scores
+    averaged over each 2x2 merge group); anchors = round(alpha * N' / 5) with Python's round (half to
+    even), i.e. about alpha * N' anchors plus buffers when each anchor brings four new neighbours. With
+    alpha = 0.1: 64 -> 1 anchor, 128 -> 3, 192 -> 4. Signal "@object" is the family's object layer as
+    the adapters define it: index round(3/8 * depth) - 1, which is layer 9 of CLIP-L's 24, and half the
+    depth on Qwen2.5-VL (block 16 of 32); for ViTs other than these two (SigLIP, InternViT, ...) that
+    layer is this library's choice, not a value from the paper. `object_layer` takes an int
+    vision-layer index (0-based, negative from the end) instead, `deep_layer` an int instead of the
+    feature layer.
 
-    Deliberate differences from the authors' code: (1) neighbours are taken in the 2-D grid; the code
-    adds +-1 and +-w to flat indices and clamps them to [0, n-1], so a token at the end of a row gets the
-    start of the next row as a "neighbour"; (2) when anchors + buffers exceed k (possible only for
-    alpha near 1), the buffers are trimmed by object-layer attention so that exactly k tokens are kept;
-    the code would fail (negative register count); (3) `neighbourhood=8` (diagonals too, then
-    round(alpha * k / 9) anchors) is an extension; the paper uses 4.
+    Differences from the authors' code, kept on purpose:
+      (1) neighbours are taken in the 2-D grid. The code adds -1, +1, -w, +w to flat indices and clamps
+          them to [0, n - 1], so the last token of a row gets the first of the next row (and vice
+          versa) as a buffer, and every anchor in the first (last) row brings token 0 (token n - 1)
+          instead of a missing upper (lower) neighbour; here border anchors simply have fewer buffers,
+          and the places left go to registers;
+      (2) when anchors + buffers exceed k (only for large alpha, e.g. alpha = 1 and k = 3; never at the
+          default 0.1), the buffers with the most object-layer attention fill the k - |anchors| places,
+          so that exactly k tokens are kept; the code would ask for a negative number of registers and
+          fail;
+      (3) `neighbourhood=8` (diagonals too, round(alpha * k / 9) anchors) is an extension; the code
+          uses the 4-neighbourhood (the paper text that could be read only says "adjacent");
+      (4) on AnyRes images (LLaVA-NeXT) the code gives every view of the batch, base view and tiles,
+          int(N' / number of views) tokens; here the engine splits the image's budget over its units by
+          their size (the same split when all units are equal).
     """
 
     name = "hiprune"

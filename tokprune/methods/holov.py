@@ -1,4 +1,4 @@
-"""HoloV: holistic visual token pruning — the budget is shared across spatial crops of the image."""
+"""HoloV (Zou et al., NeurIPS 2025): visual token pruning whose budget is shared across spatial crops."""
 
 from __future__ import annotations
 
@@ -39,14 +39,17 @@ def crop_partition(
     "blocks": an r x c partition of the grid into rectangles (see `crop_layout`); row band i covers
     rows [i*h//r, (i+1)*h//r) and column band j columns [j*w//c, (j+1)*w//c), so uneven grids get
     near-equal bands (7 rows into 4 bands: 1, 2, 2, 2). Crops are listed in raster order.
-    "bands": crop_rows * crop_cols contiguous slices [i*n//m, (i+1)*n//m) of the raster order (the
-    authors' code; a slice may span parts of two image rows). Every token is in exactly one crop and no
-    crop is empty.
+    "bands": m = crop_rows * crop_cols contiguous runs of the raster order, split as the authors' code
+    splits them: every run has n // m tokens and the first n % m runs one more (49 tokens into 16 runs:
+    4, 3, ..., 3); a run may span parts of two image rows. With fewer tokens than crops, one crop per
+    token. Every token is in exactly one crop and no crop is empty.
     """
     n = h * w
     if layout == "bands":
         m = min(crop_rows * crop_cols, n)
-        return [torch.arange(i * n // m, (i + 1) * n // m) for i in range(m)]
+        size, extra = divmod(n, m)
+        bounds = [i * size + min(i, extra) for i in range(m + 1)]  # the first `extra` runs get one more
+        return [torch.arange(bounds[i], bounds[i + 1]) for i in range(m)]
     r, c = crop_layout(h, w, crop_rows, crop_cols)
     grid = torch.arange(n).view(h, w)
     crops = []
@@ -72,7 +75,10 @@ def holistic_scores(
         mu_i = mean_{j != i} S_ij,   v_i = mean_{j != i} (S_ij - mu_i)^2
         lambda = mean_crop |a| / (mean_crop |v| + eps)
         s_i = alpha * a_i + beta * lambda * v_i
-    A one-token crop scores s_i = alpha * a_i. The crop score is the mean of s over the crop.
+    A one-token crop scores s_i = alpha * a_i. The crop score is the mean of s over the crop, which equals
+    (alpha + beta) * mean_crop(a) when attention is non-negative and v is not all zero in the crop.
+    This is the authors' code without its 1e3 attention factor (an exact common factor) and with the
+    variance taken over j != i only (the code's sum also counts the zeroed diagonal entry).
     """
     x = embeds.float()
     x = x / (x.norm(dim=-1, keepdim=True) + eps)
@@ -148,41 +154,76 @@ def allocate_quotas(weights: list[float], sizes: list[int], k: int) -> list[int]
 
 @dataclass
 class HoloV(Method):
-    """HoloV — Zou et al., "Don't Just Chase 'Highlighted Tokens' in MLLMs: Revisiting Visual Holistic
-    Context Retention", NeurIPS 2025 (arXiv:2510.02912).
+    """HoloV — Zou, Lu, Wang, Yan, Lyu, Zheng, Zhang, Hu, "Don't Just Chase 'Highlighted Tokens' in
+    MLLMs: Revisiting Visual Holistic Context Retention", NeurIPS 2025, arXiv:2510.02912
+    (https://arxiv.org/abs/2510.02912, https://arxiv.org/html/2510.02912v1; code:
+    https://github.com/obananas/HoloV, `utils.HoloV`).
 
-    The image's tokens are split into crops (default 4 x 4 = 16 spatial blocks of the token grid, see
-    `crop_partition`). In each crop every token gets the holistic score
-        s_i = alpha * a_i + beta * lambda_c * v_i,   lambda_c = mean_c|a| / (mean_c|v| + eps),
-    where a is the [CLS] attention (head mean, penultimate ViT layer; attention received on CLS-free
-    ViTs) and v_i the variance of token i's cosine similarities to the other tokens of its crop (a
-    semantically distinctive token has spread-out similarities). The crop score is the mean of s over
-    the crop; the budget k is shared across crops in proportion to crop score ** power (capped at each
-    crop's size, overflow re-shared, largest-remainder rounding: `allocate_quotas`), and each crop keeps
-    its top tokens by s. Kept tokens stay in their original order.
+    What runs here, per image of n tokens with k to keep:
+      1. crops: the token grid is cut into crop_rows x crop_cols crops, 4 x 4 = 16 by default
+         (`crop_partition`);
+      2. token score, inside each crop of m >= 2 tokens (`holistic_scores`):
+             s_i = alpha * a_i + beta * lambda_c * v_i,   lambda_c = mean_c|a| / (mean_c|v| + eps),
+         a = [CLS] attention (head mean, at the feature layer: LLaVA-1.5's penultimate layer; on
+         CLS-free ViTs the adapters give the attention each patch receives instead), v_i = variance of
+         the cosine similarities of token i to the other tokens of its crop, computed on the tokens'
+         current embeddings (after the projector); a one-token crop scores alpha * a_i;
+      3. budget: crop c gets a share of k proportional to max(mean_c(s), 0) ** power, capped at its
+         size with the excess handed to the other crops, integer by largest remainder
+         (`allocate_quotas`), so exactly k tokens are kept;
+      4. each crop keeps its quota of top tokens by s (ties: lower index); kept tokens stay in order.
 
-    Defaults, from the authors' public code (github.com/obananas/HoloV, LLaVA-1.5 path): 16 crops,
-    alpha = 1, beta = 0.09, power = 1, eps = 1e-6, and 64 kept tokens per image (the 88.9% reduction
-    headline; the paper also reports 192 and 128). Note that with non-negative attention and any
-    within-crop variation, lambda_c makes the crop score (alpha + beta) * mean_c(a): the variance term
-    decides which tokens a crop keeps, while the crop's mean attention decides how many.
+    Where each part comes from. The paper text that could be consulted (abstract, arXiv HTML front
+    matter, third-party summaries, the public NeurIPS review) establishes the idea: attention-first
+    pruning keeps clusters of semantically similar tokens; HoloV instead spreads the budget over spatial
+    crops of the image, adaptively, with an importance that combines [CLS] attention with the semantic
+    diversity of tokens within a crop, so that the kept set covers the whole scene; its headline setting
+    is 64 of LLaVA-1.5's 576 tokens (88.9% pruned, 95.8% of the performance kept), which is the default
+    budget here. Summaries of the paper also mention an optional refetch of pruned context through the
+    FFN, not implemented here. Its method section (equation numbers, the exact crop definition, the
+    allocation rule, the values of alpha / beta) could not be read, and the public review of the submission
+    (OpenReview zKoeRtye8o) remarks that the crop definition and the hyperparameters are under-specified
+    in the paper. The formulas of steps 2 and 3 and the defaults (16 crops, alpha = 1, beta = 0.09,
+    power = 1, eps = 1e-6, similarity on projected features, penultimate-layer [CLS] attention) are
+    therefore those of the authors' code; their LLaVA-1.5 path hard-codes 16 crops and 64 tokens.
 
-    Deliberate differences from the authors' code: (1) crops are 2-D blocks of the token grid (the
-    abstract's "spatial crops"); the code slices the raster order into 16 contiguous runs
-    (`layout="bands"` reproduces that); (2) tokens inside a crop are ranked by the holistic score s
-    (DESIGN §7); the code ranks them by attention alone (`rank_by="attention"` reproduces that);
-    (3) the code's rounding gives the leftover tokens to the largest weights and, when a crop's quota
-    exceeds its size, keeps fewer tokens and pads with zero embeddings; here the overflow is re-shared
-    and exactly k real tokens are kept; (4) the variance runs over j != i only (the code also counts
-    the zeroed diagonal entry, adding mu_i^2 / (m - 1), which favours redundant tokens); (5) the code
-    multiplies attention by 1e3 before scoring, a common factor that only changes the effect of eps.
+    An identity worth knowing: since lambda_c rescales the variance to the crop's mean attention, the
+    crop score is mean_c(s) = (alpha + beta) * mean_c(a) for non-negative attention whenever v is not
+    identically zero in the crop (exactly, up to eps; the same holds in the authors' code). So the
+    diversity term never changes how many tokens a crop gets, only which ones; in the authors' code,
+    which ranks inside crops by attention, it has no effect at all.
+
+    Differences from the authors' code, kept on purpose (options reproduce the code where noted):
+      (1) crop shape: 2-D blocks of the grid, the natural reading of "spatial crops"; the code cuts the
+          raster order into 16 contiguous runs of n // 16 tokens, the first n % 16 runs one longer
+          (`layout="bands"` reproduces that split exactly);
+      (2) crop count: fixed here (crop_rows * crop_cols); the code's LLaVA-1.5 path only ships 16 crops
+          at 64 tokens, and its Qwen2.5-VL path uses max(1, floor((1024 / 576) * n / k)) crops, which is
+          16 at 64 of 576 but 8 at 128 and 5 at 192;
+      (3) ranking inside a crop: by s, so that the diversity term the method is named for acts at all
+          (see the identity above); the code computes s but keeps each crop's top tokens by attention
+          alone (`rank_by="attention"` reproduces that);
+      (4) integer budgets: the code floors the shares, gives the leftover tokens one each to the crops
+          with the largest weights, and when a share exceeds its crop keeps the whole crop and drops
+          the excess, padding the sequence with zero embeddings; here the excess is re-shared, the
+          leftover goes by largest fractional part, and exactly k real tokens are kept;
+      (5) variance over j != i only; the code's sum also counts the zeroed diagonal entry, adding
+          mu_i^2 / (m - 1) to v_i, which favours tokens similar to the rest of their crop;
+      (6) the code multiplies attention by 1e3 before scoring; for crops of two or more tokens that is
+          an exact common factor of all scores (eps sits next to the variance mean, which is not
+          scaled), so leaving it out changes nothing; only its one-token crops differ: they score the
+          raw attention (no 1e3, no alpha), 1000 times less weight than here;
+      (7) attention on Qwen2.5-VL: the code takes the attention received at the last ViT block (head
+          and query mean, averaged over each 2x2 merge group) but leaves it in the ViT's window order
+          while the tokens are put back in raster order; here the adapter's "cls_attention" at the
+          feature layer (the same kind of signal, the same block) is aligned with the tokens.
     """
 
     name = "holov"
     where = "pre"
     signals = ("cls_attention",)
     default_budget = Budget(tokens=64)
-    paper = "Zou et al., NeurIPS 2025 (HoloV)"
+    paper = "Zou et al., NeurIPS 2025, arXiv:2510.02912 (HoloV)"
     spatial = True
 
     crop_rows: int = 4

@@ -1,5 +1,5 @@
-"""MustDrop: local spatial merging with [CLS]-protected key tokens before the LLM, dual-attention filtering
-inside it."""
+"""MustDrop: local spatial merging with [CLS]-chosen key tokens before the LLM, text-guided dual-attention
+filtering inside it (the paper's decode-stage cache policy is not a stage here; see `MustDrop`)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ TEXT_SIGNAL = "text_query_attention"
 
 
 def key_tokens(cls_attention: torch.Tensor, k: int, full_n: int, key_ratio: float) -> torch.Tensor:
-    """The key token set: the top min(k, ceil(key_ratio * full_n)) tokens by [CLS] attention, sorted."""
+    """The key token set: the top min(k, ceil(key_ratio * full_n)) tokens by [CLS] attention, sorted (ties:
+    the lower index). full_n = the image's tokens before any merging (the released code takes its 8% of the
+    tokens left after merging; see `MustDrop`, difference 3)."""
     return topk_sorted(cls_attention, min(k, math.ceil(key_ratio * full_n - 1e-9)))
 
 
@@ -58,10 +60,12 @@ def local_merge_groups(
     """Local spatial merging: groups of tokens (each (m,) ascending indices) to merge into one token each.
 
     embeds: (n, D); protected: (n,) bool key tokens, never merged. A window's members are its unprotected
-    tokens; its similarity = the mean pairwise cosine similarity of their embeddings. Windows of at least
-    2 members and similarity >= `threshold` are merged whole, most similar first (ties: the earlier window),
-    while that removes at most `reduce` tokens in all; the window that would remove too many merges only
-    its r + 1 members most similar to the others (ties: the lower index), r = the tokens still to remove.
+    tokens; its similarity = the mean cosine similarity over the ordered pairs of distinct members (the
+    released code's window score, there over all 9 cells). Windows of at least 2 members and similarity >=
+    `threshold` are merged whole, most similar first (ties: the earlier window), while that removes at most
+    `reduce` tokens in all; the window that would remove too many merges only its r + 1 members most similar
+    to the others (ties: the lower index), r = the tokens still to remove. The cap and the partial window
+    are tokprune's (exact counts); the released code merges every window at or above the threshold.
     """
     candidates = []
     for cells in windows(grid, size):
@@ -84,8 +88,10 @@ def local_merge_groups(
 
 @dataclass
 class MustDropVision(Method):
-    """MustDrop's vision stage on one image grid: key tokens, local spatial merging, then (only if merging
-    similar windows leaves more than k tokens) the lowest-[CLS]-attention non-key tokens are dropped."""
+    """MustDrop's vision stage on one image grid: key tokens (chosen first, never merged), local spatial
+    merging, then (only if merging similar windows leaves more than k tokens) the lowest-[CLS]-attention
+    non-key tokens are dropped, a merged token scored by its members' mean. The final drop is tokprune's, to
+    keep exactly k; the released code's vision stage only merges."""
 
     name = "mustdrop"
     signals = ("cls_attention",)
@@ -121,8 +127,11 @@ def dual_attention_order(attention: torch.Tensor) -> torch.Tensor:
 
     attention: (n, m) head-mean attention the m instruction tokens pay the n visual tokens. Global
     attention = the sum over the instruction tokens, individual attention = the maximum; a token ranks by
-    the better of its two ranks (either attention alone makes it important, as the paper drops only tokens
-    low in both), ties by its global rank.
+    the better of its two ranks, ties by its global rank. So every prefix of the order is the union of the
+    top r tokens by each attention (r as large as fits) plus, at its end, tokens of rank r taken by global
+    rank. This is the exact-count form of the released code's filter, which drops a token only when both
+    attentions are below their thresholds (either one alone keeps it), here with the two thresholds set to
+    admit equally many tokens.
     """
     n = attention.shape[0]
     ranks = []
@@ -137,8 +146,9 @@ def dual_attention_order(attention: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class MustDropPrefill(LLMMethod):
-    """MustDrop's prefill stage: the key tokens (top [CLS] attention of the whole image) always stay; the
-    rest of the budget goes to the other tokens in dual-attention order at layer `layer` - 1."""
+    """MustDrop's prefill stage: the key tokens (top [CLS] attention of the whole image, the same set as the
+    vision stage's) always stay; the rest of the budget goes to the other tokens in `dual_attention_order`
+    of layer `layer` - 1's instruction-to-visual attention; layers >= `layer` see only the kept tokens."""
 
     name = "mustdrop"
     signals = (TEXT_SIGNAL, "cls_attention")
@@ -168,38 +178,76 @@ class MustDrop(CompositeMethod):
     """MustDrop — Liu et al., "Multi-Stage Vision Token Dropping: Towards Efficient Multimodal Large
     Language Model", arXiv:2411.10803 (2024).
 
-    Three stages in the paper; two here:
-      * vision stage (before the LLM): the key set = the top ceil(`key_ratio` * n) tokens by [CLS]
-        attention at the ViT feature layer (0.08, the paper's keep rate; on towers without [CLS] the
-        adapter's attention received). Local spatial merging: the token grid is cut into non-overlapping
-        `window` x `window` windows (3 x 3); a window's unprotected tokens whose mean pairwise cosine
-        similarity is >= `threshold` (0.8) are merged into one token (their mean, at the position of the
-        last of them in raster order), most similar windows first; key tokens are never merged. The stage
-        keeps exactly ceil(`vision_factor` * f) tokens (default 2f, f the final count): merging stops there
-        (a last window merges only as many of its most typical tokens as needed), and if merging similar
-        windows does not get there, the lowest-[CLS]-attention non-key tokens (merged ones scored by their
-        members' mean) are dropped. AnyRes tiles and video frames are merged unit by unit.
-      * prefill stage (inside the LLM, layers >= `layer`, default 3, scored in layer 2 as the paper's
-        first filtering layer): the instruction tokens' head-mean attention rows over the visual tokens
-        (recomputed from the layer's q/k projections) give every token a global attention (the sum over
-        the instruction tokens) and an individual attention (the maximum); the key tokens always stay
-        (the top ceil(key_ratio * n) of the whole image by [CLS] attention), the rest of the budget goes
-        to the others in `dual_attention_order`.
-      * decode stage (output-aware KV-cache policy): not implemented. It evicts cached visual tokens
-        during decoding depending on the generated tokens; tokprune never prunes during decode (every
-        decode step attends to the prefill's kept set, which `stats` reports and the masked-reference
-        invariants check), so the policy does not fit the engine.
+    What the paper says, as far as its text could be read here (the arXiv abstract and the opening of the
+    v1 HTML page; the method section, its equations and its settings were not reachable, so no section or
+    equation is cited): a token's importance is judged across the whole request, in three stages.
+    (a) Vision encoding: spatially adjacent tokens of high similarity are merged (local spatial merging),
+    and a key token set of the most vision-critical tokens is formed, which no later stage may discard.
+    (b) Prefilling: guided by the text, a dual-attention filter removes further vision tokens. (c) Decoding:
+    an output-aware cache policy shrinks the KV cache further. None of the numbers below is in that text.
 
-    Budget: `budget`/`keep_ratio` = the final count f after the prefill stage; default keep_ratio 192/576
-    (the paper's "192" setting read as the final count).
+    What the authors' released code does (github.com/liuting20/MustDrop: clip_encoder.py, local_merge.py,
+    modelling_sparse_llama.py, scripts/v1_5/eval/textvqa_*.sh), the source of every number used here:
+      * merging runs inside CLIP, on the states after its first layer: the 24 x 24 grid is cut into
+        non-overlapping 3 x 3 windows; a window's score is the mean cosine similarity over the ordered
+        pairs of its 9 distinct cells; every window scoring >= 0.8 becomes one token, the mean of its
+        cells (how many windows merge is left to the threshold); merged tokens are placed ahead of the
+        unmerged ones;
+      * key set: the top ceil(0.08 x the tokens left after merging) by head-mean [CLS] attention of CLIP's
+        last layer (index 23), chosen after merging (a merged token can be a key);
+      * prefill: after LLM layers 2, 6, 10 and 14 (0-based), that layer's head-mean attention from every
+        text token after the image to the vision tokens gives each vision token a global attention (the
+        sum over those text rows) and an individual attention (the maximum); a token is dropped only when
+        its global attention is below global_thr x the image's total and its individual attention below
+        individual_thr (0.001 / 0.001, 0.0012 / 0.001 and 0.011 / 0.01 in the "192", "128" and "64"
+        TextVQA scripts); the key tokens are added back after every filter;
+      * decoding: when prefill ends, the KV caches of layers 2 to 14 are cut to the tokens the last filter
+        kept (layers 0 and 1 keep every token); nothing is evicted during the decode steps.
 
-    Deliberate differences: (1) exact counts instead of thresholds that decide how many tokens each stage
-    keeps (the similarity threshold only decides which windows may merge; the public code's filter keeps
-    tokens above attention thresholds set by its scale/bias options); (2) merging is applied to the LLM
-    input embeddings before the LLM, with their cosine similarity, instead of to ViT states after its
-    first layer inside the ViT; (3) one filtering stage (the public code repeats the filter after layers
-    2, 6, 10, 14, which only matters with adaptive counts); (4) [CLS] attention at the feature layer feeding
-    the projector, not the last ViT layer; (5) no decode stage (above).
+    tokprune's version, two stages:
+      * vision stage (`MustDropVision`, before the LLM): the key set = the top ceil(`key_ratio` * n)
+        tokens by [CLS] attention at the ViT feature layer (n the image's tokens, `key_ratio` 0.08 from the
+        code; on towers without [CLS] the adapter's attention received), never merged. Local spatial
+        merging (`local_merge_groups`): non-overlapping `window` x `window` windows (3 x 3) of the token
+        grid; a window's non-key tokens whose mean pairwise cosine similarity is >= `threshold` (0.8) become
+        one token (their mean, at the position of the last of them in raster order), most similar windows
+        first. The stage keeps exactly ceil(`vision_factor` * f) tokens (f the final count; the factor 2 is
+        tokprune's choice, neither the paper's text nor the code has a vision-stage count): merging stops
+        there (a last window merges only its most typical tokens), and if merging similar windows does not
+        get there, the lowest-[CLS]-attention non-key tokens (a merged one scored by its members' mean) are
+        dropped. AnyRes tiles and video frames are merged unit by unit.
+      * prefill stage (`MustDropPrefill`, layers >= `layer`, default 3, i.e. scored in layer 2, the code's
+        first filter layer): the instruction tokens' head-mean attention rows over the visual tokens
+        (recomputed from layer 2's q/k projections) give the global (sum) and individual (maximum)
+        attention; the key tokens always stay, the rest of the budget goes to the others in
+        `dual_attention_order`.
+      * no decode stage (difference 6).
+
+    Budget: `budget`/`keep_ratio` = the final count f after the prefill stage; default keep_ratio 192/576,
+    the "192" setting read as the final count (the code reaches its settings through thresholds, so its
+    counts vary per image).
+
+    Deliberate differences from the released code:
+      (1) exact counts instead of thresholds deciding how many tokens each stage keeps: the similarity
+          threshold only decides which windows may merge, and the dual-attention filter becomes an order
+          (`dual_attention_order`); the vision-stage count and its drop step are tokprune's additions;
+      (2) merging acts after the ViT on the LLM input embeddings, with their cosine similarity, instead of
+          on CLIP states after its first layer (tokprune does not re-run the ViT on merged tokens); windows
+          at the bottom / right edges may be smaller (the code needs the grid divisible by 3); a merged
+          token stays at its last cell's position instead of moving ahead of the unmerged tokens;
+      (3) the key set is chosen before merging, over the whole image (ceil(0.08 * 576) = 47 on LLaVA-1.5,
+          where the code takes 8% of the tokens left after merging), and is protected from merging, so a
+          window's score covers its non-key cells only: without re-running the ViT a merged token has no
+          [CLS] attention of its own to rank it among the keys;
+      (4) [CLS] attention at the feature layer feeding the projector (-2 on LLaVA), not the last ViT layer;
+      (5) one filter stage instead of four (after layers 2, 6, 10, 14): with exact counts, repeating the
+          filter at the same final count would keep every token;
+      (6) no decode stage: tokprune never prunes during decode. After its prefill, layers >= `layer` hold
+          only the kept tokens in their KV cache and earlier layers every token the LLM received, so with
+          the default `layer` 3 the one layer whose decode-time cache differs from the code's policy is
+          layer 2, which the code cuts to the kept tokens and tokprune keeps whole;
+      (7) kept tokens keep their original positions (the engine's rule); the code renumbers the shortened
+          sequence.
     """
 
     name = "mustdrop"

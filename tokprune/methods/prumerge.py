@@ -8,8 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from tokprune.core.budget import Budget
-from tokprune.methods.base import ImageTokens, Method, Selection, topk_sorted, trivial_selection
-from tokprune.methods.options import check_choice, check_int, check_number
+from tokprune.methods.base import (
+    ImageTokens,
+    Method,
+    Selection,
+    topk_sorted,
+    trivial_selection,
+    vision_signal,
+)
+from tokprune.methods.options import check_choice, check_int, check_number, check_vision_layer
 
 _MERGE_MODES = ("mean", "add")
 
@@ -97,6 +104,7 @@ def merge_neighbours(
 def _check_options(method: PruMerge) -> None:
     check_int(method, "neighbours", 0)
     check_choice(method, "merge", _MERGE_MODES)
+    check_vision_layer(method, "layer", optional=True)
 
 
 @dataclass
@@ -104,11 +112,36 @@ class PruMerge(Method):
     """PruMerge — Shang et al., "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal
     Models", arXiv:2403.15388 (ICCV 2025).
 
-    * Selection: the tokens whose [CLS] attention (head mean, at the ViT layer feeding the projector, the
-      penultimate one for LLaVA) is an upper outlier by the IQR rule, a > Q3 + 1.5 IQR (`iqr_outliers`).
-    * Supplement: every kept token absorbs its `neighbours` = 32 nearest tokens by cosine similarity of
-      the ViT keys at that layer (any other token, kept or not), weighted by their [CLS] attention:
-      x'_i = (a_i x_i + sum_j a_j x_j) / (a_i + sum_j a_j) (`merge="mean"`; see `merge_neighbours`).
+    What the paper specifies (read from the arXiv v1 text, its Sec. 1 and the Sec. 3 overview, and from a
+    detailed public review, velog.io/@euisuk-chung, quoting Secs. 3.1-3.4 and Algorithm 1; the full
+    method text itself was not reachable):
+      * Sec. 3.1: the [CLS] attention a = softmax(q_cls K^T / sqrt(d_k)) over the visual tokens;
+      * Sec. 3.2, Adaptive Important Token Selection (AITS): the kept tokens are the upper outliers of a
+        by the interquartile-range rule, a > Q3 + 1.5 (Q3 - Q1) (only the upper fence is used), so
+        their number adapts to the image: 5.5 % of LLaVA-1.5's 576 tokens on average in the main
+        results, about 32 (the v1 introduction quotes 6.9 %, about 40);
+      * Sec. 3.3, Token Supplement (TS) via similar key clustering: token similarity is the product of
+        ViT keys, Sim(y_i, y_j) = k_i k_j^T, with the final layer's keys; every kept token is the centre
+        of its k nearest neighbours among the other visual tokens and is updated by a weighted average
+        of them, weighted by their [CLS] attention (Sec. 1 and Algorithm 1: "weighted averaging");
+      * Algorithm 1 takes the key and query matrices of the ViT's penultimate layer (the layer whose
+        features LLaVA reads) and returns the m updated tokens (m = the outlier count).
+    Not in the text reached: the number of neighbours, whether the centre itself enters the average, and
+    the exact normalisation. From the authors' code (github.com/42Shawn/LLaVA-PruMerge): 32 neighbours
+    (16 in its training variant), cosine similarity of the keys, and both the [CLS] attention and the keys
+    taken from the q/k projections of the last CLIP block, i.e. computed from the penultimate layer's
+    output (the features LLaVA uses), which is how the paper's "penultimate layer" (Algorithm 1) and
+    "final layer's key" (Sec. 3.3) agree.
+
+    Here:
+      * signals at vision layer `layer` (default -1, the last block as in the code; None = the layer
+        whose output feeds the projector, LLaVA's -2; on Qwen2.5-VL -1 is that layer anyway): the
+        head-mean [CLS] attention row and the head-mean keys;
+      * selection under a budget k (below);
+      * supplement: every kept token absorbs its `neighbours` = 32 nearest other tokens (kept or not) by
+        cosine similarity of the keys, weighted by their [CLS] attention:
+        x'_i = (a_i x_i + sum_j a_j x_j) / (a_i + sum_j a_j) (`merge="mean"`, the weighted average of the
+        cluster with its centre, this library's reading of the paper; see `merge_neighbours`).
 
     Budget: the engine asks every method for exactly k tokens per image and cannot let a method choose its
     own count, so the IQR count is not applied per image. Under a budget k the kept set is the outliers
@@ -120,28 +153,38 @@ class PruMerge(Method):
 
     Deliberate differences from the paper and the authors' code: (1) the merge averages the LLM input
     embeddings (after the projector), not the CLIP features before it, so that pruning is one step of the
-    engine (as VisionZip here); (2) the scores and keys are head means of the per-head attention (the code
-    scores the concatenated heads as one head); (3) "mean" is the weighted average the paper describes;
-    the code instead adds the attention-weighted neighbour sum to the token, unnormalised
-    (`merge="add"` reproduces that); (4) the code appends one extra token, the attention-weighted sum of
-    all pruned tokens, so it keeps k + 1; here exactly k tokens are kept.
+    engine (as VisionZip here); (2) the scores and keys are head means of the per-head attention and keys
+    (the code scores the concatenated heads as one head and compares the concatenated keys); (3) cosine
+    similarity as in the code, where the paper writes the plain product of the keys; (4) the code does
+    not average: it adds the attention-weighted neighbour sum to the token, unnormalised
+    (`merge="add"` reproduces that); (5) the code appends one extra token, the attention-weighted sum of
+    all pruned tokens (not in Algorithm 1), so it keeps k + 1; here exactly k tokens are kept; (6) ties go to
+    the lower index.
     """
 
     name = "prumerge"
     where = "pre"
-    signals = ("cls_attention", "vit_keys")
     default_budget = Budget(ratio=0.055)
     paper = "Shang et al., arXiv:2403.15388, ICCV 2025 (LLaVA-PruMerge)"
 
     neighbours: int = 32
     merge: str = "mean"
+    layer: int | None = -1
 
     def __post_init__(self) -> None:
         _check_options(self)
 
+    @property
+    def signals(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (vision_signal("cls_attention", self.layer), vision_signal("vit_keys", self.layer))
+
+    def attention(self, image: ImageTokens) -> torch.Tensor:
+        """(n,) the [CLS] attention of the tokens at the method's layer, on the embeddings' device."""
+        return image.signals[self.signals[0]].reshape(-1).to(image.embeds.device)
+
     def keep_set(self, image: ImageTokens, k: int) -> torch.Tensor:
         """(k,) sorted indices of the kept tokens: the top k by attention (the outliers come first)."""
-        return topk_sorted(image.signals["cls_attention"].reshape(-1), k).to(image.embeds.device)
+        return topk_sorted(self.attention(image), k)
 
     def select(self, image: ImageTokens, k: int) -> Selection:
         if (trivial := trivial_selection(image, k)) is not None:
@@ -149,11 +192,9 @@ class PruMerge(Method):
         keep = self.keep_set(image, k)
         if self.neighbours == 0:
             return Selection(keep=keep)
-        device = image.embeds.device
-        keys = image.signals["vit_keys"].to(device)
-        attention = image.signals["cls_attention"].to(device)
+        keys = image.signals[self.signals[1]].to(image.embeds.device)
         neighbours = nearest_neighbours(keys, keep, self.neighbours)
-        merged = merge_neighbours(image.embeds, attention, keep, neighbours, self.merge)
+        merged = merge_neighbours(image.embeds, self.attention(image), keep, neighbours, self.merge)
         return Selection(keep=keep, merged=merged.to(image.embeds.dtype))
 
 
@@ -161,16 +202,25 @@ class PruMerge(Method):
 class PruMergePlus(PruMerge):
     """PruMerge+ — the same paper's variant that adds spatially uniform samples to the outliers.
 
+    The paper (Sec. 3.4 and Algorithm 1, as quoted by the review above): the IQR outliers alone can leave
+    parts of the image unrepresented, so PruMerge+ adds tokens sampled uniformly over the image, with
+    their count tied to the outlier ratio r = m / n; the union is then supplemented by the key-nearest
+    neighbours exactly as in PruMerge. About 25 % of LLaVA-1.5's tokens are kept (144 of 576).
+
     Kept set under a budget k: the IQR outliers of the [CLS] attention (`iqr_factor` = 1.5), highest
-    attention first, truncated to k; the remaining slots go to tokens sampled evenly along the raster
-    order of the other tokens (`uniform_samples`, as the authors' arithmetic sequence over the patch
-    indices), so they spread over the whole grid. Every kept token is then supplemented by its key-nearest
-    neighbours exactly as in `PruMerge`. Default: keep_ratio 0.25 (the paper's ~25%, 144 of 576).
+    attention first, truncated to k; the remaining k - m slots go to tokens sampled evenly along the
+    raster order of the other tokens (`uniform_samples`: the centre of each of k - m equal runs), so they
+    spread over the whole grid. Every kept token is then supplemented as in `PruMerge`. Default:
+    keep_ratio 0.25.
+
+    Differences from the authors' code, besides those of `PruMerge`: the code samples every
+    int(int(1 / r) / 3)-th patch index from 0 (about 3m samples, those already outliers skipped), a count
+    not tied to any budget; here the k - m samples fill the budget exactly, evenly spaced over the
+    non-outlier tokens and centred in their runs.
 
     A separate registry name rather than a `plus=True` option, because the published default budget
     differs (0.25 vs 0.055) and a method's default budget belongs to its class; the variant also joins the
-    invariant matrix and the catalogue on its own. Differences from the code as in `PruMerge`; the code's
-    sample count is not tied to the budget (step int(int(1 / ratio) / 3) over the raster order).
+    invariant matrix and the catalogue on its own.
     """
 
     name = "prumerge_plus"
@@ -186,7 +236,7 @@ class PruMergePlus(PruMerge):
     def keep_set(self, image: ImageTokens, k: int) -> torch.Tensor:
         """(k,) sorted indices: up to k IQR outliers (by attention), then evenly spread samples of the rest."""
         device = image.embeds.device
-        outliers = iqr_outliers(image.signals["cls_attention"], self.iqr_factor)[:k].to(device)
+        outliers = iqr_outliers(self.attention(image), self.iqr_factor)[:k].to(device)
         rest = torch.ones(image.n, dtype=torch.bool, device=device)
         rest[outliers] = False
         samples = uniform_samples(rest.nonzero().squeeze(1), k - outliers.numel())

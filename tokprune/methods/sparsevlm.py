@@ -17,7 +17,8 @@ from tokprune.methods.options import check_bool, check_int, check_int_tuple, che
 SIGNAL = "text_query_attention"
 # Published per-stage kept visual tokens of LLaVA-1.5 (576 per image, 32 layers), pruning after layers
 # 2, 6, 15, for the paper's "64", "128" and "192" settings: the schedule of the authors' public v1 code
-# (Gumpest/SparseVLMs, llava/model/language_model/score.py); "192" = 300/200/110 as in DESIGN §7.
+# (Gumpest/SparseVLMs, llava/model/language_model/score.py); the paper's text gives neither the layers
+# nor the counts.
 PUBLISHED_TOKENS = 576
 PUBLISHED_DEPTH = 32
 PUBLISHED_LAYERS = (2, 6, 15)
@@ -47,112 +48,155 @@ def rater_scores(attention: torch.Tensor) -> torch.Tensor:
     """Score of each visual token from the attention text tokens pay it.
 
     attention: (m, n) head-mean attention of m text tokens (rows) to the n visual tokens of one image.
-    Raters = text tokens whose total attention to the image exceeds the mean over the m text tokens (all of
-    them if none does). Returns (n,) float32: the mean attention the raters pay each visual token.
+    Raters = text tokens whose attention to the image is at least the mean over the m text tokens (the
+    ">= mean" rule of the paper's Eq. 5; all of them should rounding leave none). Returns (n,) float32:
+    the mean attention the raters pay each visual token (Eq. 3 over the raters' rows).
     """
     attention = attention.float()
-    relevance = attention.sum(1)  # (m,)
-    raters = relevance > relevance.mean()
+    relevance = attention.sum(1)  # (m,): n times the mean over the image's tokens, as r in Eq. 6
+    raters = relevance >= relevance.mean()
     if not bool(raters.any()):
         raters = torch.ones_like(raters)
     return attention[raters].mean(0)
 
 
-def density_peak_clusters(x: torch.Tensor, clusters: int, knn: int = 5) -> torch.Tensor:
-    """DPC-kNN (density peaks with k nearest neighbours): cluster labels (r,) in [0, clusters) of x (r, D).
+def density_peaks(x: torch.Tensor, clusters: int, knn: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPC-kNN (density peaks with k nearest neighbours) of x (r, D), as the paper's Eq. 8-9.
 
-    Distances are Euclidean / sqrt(D); density = exp(-mean squared distance to the knn nearest neighbours);
-    delta = distance to the nearest denser token (ties: the lower index is denser), the largest distance
-    for the densest one; centres = the `clusters` largest density * delta; every token joins its nearest
-    centre (each centre its own cluster, so none is empty). Deterministic.
+    Returns (centres, labels): centres (c,) ascending indices into x, labels (r,) in [0, c), centre j
+    labelled j. Distances are plain Euclidean; density rho = exp(-mean squared distance to the `knn`
+    nearest other tokens); delta = distance to the nearest denser token (ties: the lower index is denser),
+    for the densest one its largest distance to any token; centres = the c largest rho * delta (ranked as
+    log rho + log delta, which orders the same without underflow; ties: lower index); every other token
+    joins the centre of largest cosine similarity (ties: the lower centre). Deterministic.
     """
     r = x.shape[0]
-    if clusters >= r:
-        return torch.arange(r, device=x.device)
-    x = x.float()
-    dist = torch.cdist(x, x) / math.sqrt(x.shape[1])  # (r, r)
-    nearest = dist.sort(dim=1).values[:, 1 : min(knn, r - 1) + 1]  # column 0 is the token itself
-    density = torch.exp(-(nearest**2).mean(1))
     index = torch.arange(r, device=x.device)
-    denser = (density[None, :] > density[:, None]) | (
-        (density[None, :] == density[:, None]) & (index[None, :] < index[:, None])
+    if clusters >= r:
+        return index, index.clone()
+    x = x.float()
+    dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")  # (r, r), exact differences
+    eye = torch.eye(r, dtype=torch.bool, device=x.device)
+    nearest = dist.masked_fill(eye, float("inf")).sort(dim=1).values[:, : min(knn, r - 1)]
+    log_density = -(nearest**2).mean(1)  # log rho (Eq. 8)
+    denser = (log_density[None, :] > log_density[:, None]) | (
+        (log_density[None, :] == log_density[:, None]) & (index[None, :] < index[:, None])
     )  # [i, j]: j is denser than i
     delta = dist.masked_fill(~denser, float("inf")).min(1).values
-    delta = torch.where(torch.isinf(delta), dist.max(), delta)
-    centres = topk_sorted(density * delta, clusters)
-    labels = dist[:, centres].argmin(1)
+    delta = torch.where(torch.isinf(delta), dist.max(1).values, delta)  # Eq. 9
+    centres = topk_sorted(log_density + torch.log(delta), clusters)
+    similarity = F.normalize(x, dim=-1) @ F.normalize(x[centres], dim=-1).T  # (r, c)
+    labels = similarity.argmax(1)
     labels[centres] = torch.arange(clusters, device=x.device)
-    return labels
+    return centres, labels
 
 
-def recycle_into_kept(
+def density_peak_clusters(x: torch.Tensor, clusters: int, knn: int = 5) -> torch.Tensor:
+    """The cluster labels (r,) of `density_peaks`."""
+    return density_peaks(x, clusters, knn)[1]
+
+
+def recycle_select(
     embeds: torch.Tensor,
     scores: torch.Tensor,
-    keep: torch.Tensor,
+    k: int,
     ratio: float = 0.3,
     cluster_size: int = 10,
-) -> torch.Tensor:
-    """Kept tokens' hidden states after absorbing the recycled dropped tokens: (k, D) float32.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token recycling within a budget of k slots: (keep (k,) sorted indices, their states (k, D) float32).
 
-    embeds: (n, D); scores: (n,); keep: (k,) sorted kept indices. The ceil(ratio * n_dropped) best-scored
-    dropped tokens are grouped into r // cluster_size + 1 clusters (`density_peak_clusters`); each cluster
-    goes to the kept token whose state is most cosine-similar to the cluster mean (ties: lower index); a kept
-    token's new state is the mean over itself and the members of the clusters it received (i.e. its state
-    and the cluster means, weighted by cluster size).
+    embeds: (n, D); scores: (n,). With N = n - k (the tokens the stage removes), r = ceil(ratio * N)
+    tokens are recycled into c = min(r // cluster_size + 1, r, k) reconstructed tokens, which take c of
+    the k slots: the k - c best-scored tokens are kept as they are, the r best-scored of the others are
+    clustered (`density_peaks`), and each cluster becomes one token, the mean of its members' states, at
+    the position of its centre. Ranking ties: the lower index first.
     """
-    dropped = torch.ones(embeds.shape[0], dtype=torch.bool, device=embeds.device)
-    dropped[keep] = False
-    dropped = dropped.nonzero().squeeze(1)
-    kept = embeds[keep].float()
-    if dropped.numel() == 0 or keep.numel() == 0:
-        return kept
-    n_recycled = math.ceil(ratio * dropped.numel() - 1e-9)
-    recycled = dropped[topk_sorted(scores[dropped], n_recycled)]
+    order = torch.sort(scores.float(), descending=True, stable=True).indices
+    removed = embeds.shape[0] - k
+    if removed <= 0 or k <= 0:
+        keep = order[:k].sort().values
+        return keep, embeds[keep].float()
+    n_recycled = math.ceil(ratio * removed - 1e-9)
+    clusters = min(n_recycled // cluster_size + 1, n_recycled, k)
+    kept = order[: k - clusters]
+    recycled = order[k - clusters : k - clusters + n_recycled]
     members = embeds[recycled].float()  # (r, D)
-    n_clusters = min(n_recycled, n_recycled // cluster_size + 1)
-    labels = density_peak_clusters(members, n_clusters)
-    sums = torch.zeros(n_clusters, members.shape[1], device=members.device).index_add_(0, labels, members)
-    sizes = torch.bincount(labels, minlength=n_clusters).to(members.dtype)
-    target = (F.normalize(sums / sizes[:, None], dim=-1) @ F.normalize(kept, dim=-1).T).argmax(1)  # (c,)
-    totals = kept.clone().index_add_(0, target, sums)
-    counts = torch.ones(kept.shape[0], device=kept.device).index_add_(0, target, sizes)
-    return totals / counts[:, None]
+    centres, labels = density_peaks(members, clusters)
+    sums = torch.zeros(clusters, members.shape[1], device=members.device).index_add_(0, labels, members)
+    sizes = torch.bincount(labels, minlength=clusters).to(members.dtype)
+    slots = torch.cat([kept, recycled[centres]])
+    states = torch.cat([embeds[kept].float(), sums / sizes[:, None]])
+    keep, perm = slots.sort()
+    return keep, states[perm]
 
 
 @dataclass
 class SparseVLM(LLMMethod):
     """SparseVLM — Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Language
-    Model Inference", ICML 2025 (arXiv:2410.04417).
+    Model Inference", ICML 2025 (arXiv:2410.04417; section and equation numbers of the camera-ready, v4).
 
-    Three stages, after LLM layers `layers` (default (2, 6, 15) for a 32-layer LLM, scaled to L/32 and made
-    strictly increasing otherwise): the attention module of such a layer gives, recomputed from its own q/k
+    What the paper specifies. §3.2: the priority matrix P (Eq. 2) is the block of a decoder layer's
+    attention map (Eq. 1) with the language-instruction tokens as queries (rows) and the image tokens as
+    keys (columns); a visual token's significance (Eq. 3) is the mean of its column over the rows, i.e. over
+    the raters (App. B: the mean attention of the selected raters). The raters (Eq. 4-6) are chosen once,
+    before the decoder, from the LLM-input embeddings: each instruction token gets the mean over the visual
+    tokens of Softmax(H_v H_q^T), and those at or above the mean of these values rate (Eq. 5 and App. B
+    write >=, the prose says "exceed"). Eq. 7: a layer deletes N = lambda * (L_v - rank(P)) tokens, those
+    with the smallest significance, and is skipped when N = 0 (the flash-attention path of App. B keeps a
+    top-k). §3.3: of the deleted tokens, the top tau (%) by significance are recycled (L_r = tau * N);
+    they are grouped by density peaks with k nearest neighbours (Eq. 8: rho = exp of minus the mean squared
+    L2 distance to the k neighbours; Eq. 9: delta = the distance to the nearest denser token, the largest
+    distance for the densest; centres = the highest rho * delta, C = theta * L_r of them), the others join
+    the centre of highest cosine similarity, and each group becomes one token (Eq. 10: an element-wise sum;
+    App. C: a weighted sum), which goes on into the later layers (§3.4 counts N - C tokens removed). The
+    text gives no value of lambda, tau, theta, k or the rank threshold, nor the layers or the per-layer
+    counts of its "192/128/64" settings.
+
+    From the authors' public v1 code (Gumpest/SparseVLMs, llava/model/language_model/): the three
+    sparsification layers 2, 6, 15 (of LLaVA-1.5's 32), each pruning its own output with its head-mean
+    attention; fixed per-layer counts instead of Eq. 7 (score.py: 66/30/17, 303/110/36, 300/200/110 of
+    576 for "64", "128", "192"); raters strictly above the mean; recycling always on, of floor(0.3 *
+    deleted) + 1 tokens into recycled // 10 + 1 clusters, each the mean of its members (weights 1 / size),
+    inserted as extra tokens after the kept visual ones.
+
+    Here: stages after LLM layers `layers` (default (2, 6, 15) for a 32-layer LLM, scaled to L/32 and made
+    strictly increasing otherwise). The attention module of such a layer gives, recomputed from its own q/k
     projections and post-RoPE keys (no eager attention), the head-mean softmax rows of the instruction's
     text tokens (the row's text after its last image; the last prompt token if there is none) over all real
-    keys of their causal rows. Per image, raters = the text tokens whose attention to the image's remaining
-    tokens exceeds the mean over the text tokens; a visual token's score = the mean attention the raters pay
-    it; the top tokens by score are kept, and layers after the stage's layer see only them.
+    keys of their causal rows. Per image, raters = the text tokens whose mean attention to the image's
+    remaining tokens is at least the mean over the text tokens (Eq. 5-6 applied to these rows); a visual
+    token's score = the mean attention the raters pay it (Eq. 3); the top tokens by score are kept, and
+    layers after the stage's layer see only them.
 
     Stage counts: `budget`/`keep_ratio` = the final count f of an image of n tokens (default keep_ratio
-    110/576, the paper's "192" setting). The published LLaVA-1.5 schedules, kept tokens after each stage of
-    576, are 66/30/17 ("64"), 303/110/36 ("128") and 300/200/110 ("192"; the names are nominal: with the
+    110/576, the paper's "192"). The published schedules are the counts above (the names are nominal: with
     stages after layers 2, 6, 15 the layer-averaged count of 300/200/110 is (3·576 + 4·300 + 9·200 +
     16·110) / 32 ≈ 203, without recycled tokens). For other f and n, each stage's kept fraction is
     interpolated piecewise-linearly in f/n through (0, 0, 0), the three schedules and (1, 1, 1), then
     ceil(fraction * n), so budgets 17/36/110 of 576 give exactly the published counts; e.g. 64 of 576 gives
     302/145/64.
 
-    `recycle=True` (v1 token recycling): at every stage the ceil(`recycle_ratio` * dropped) best-scored
-    dropped tokens are grouped into r // `cluster_size` + 1 clusters by density-peak clustering (DPC-kNN,
-    k = 5) of their hidden states, and their means are recycled (see `recycle_into_kept`).
+    `recycle=True` (§3.3): at every stage, of the N = n - k tokens the stage's count k removes, r =
+    ceil(`recycle_ratio` * N) (tau = 30%) are recycled into c = min(r // `cluster_size` + 1, r, k) tokens
+    (theta = 1/10, plus one, as the code); the k - c best-scored tokens are kept as they are, the r
+    best-scored of the rest are clustered by `density_peaks` (Eq. 8-9 with k = 5 neighbours, cosine
+    assignment) of their hidden states, and each cluster becomes one token, the mean of its members, at
+    its centre's position (see `recycle_select`).
 
-    Deliberate differences: (1) raters are chosen by attention at each stage's layer (the catalogue's
-    definition); the public code picks them once from the LLM input embeddings (a visual-to-text softmax of
-    dot products); (2) the budget is the exact final count, with fixed (interpolated) counts instead of the
-    paper's rank-adaptive deletion counts, as the public code does; (3) recycled clusters are merged into the
-    most similar kept token (the mean over that token and the recycled members it receives) instead of being
-    inserted as extra tokens, so every stage keeps exactly its count and every token its original position;
-    merged runs are checked against this definition, not against the masked reference; (4) ceil(0.3 *
-    dropped) tokens are recycled (the public code takes floor(0.3 * dropped) + 1).
+    Deliberate differences: (1) raters are chosen at each stage's layer from that layer's attention rows
+    (same mean-and-threshold form as Eq. 6, but with the attention softmax over keys in place of the
+    embedding softmax over text tokens, and per image), not once from the LLM-input embeddings, which in-LLM
+    methods do not receive here; (2) fixed (interpolated) counts as the public code, not Eq. 7's
+    rank-adaptive ones, so the budget is an exact final count; (3) the c reconstructed tokens take c of the
+    stage's k slots (the code adds them on top of its counts), so every stage keeps exactly its count and
+    every token sits at an original position; (4) a cluster's token is the mean of its members (the code's
+    weighting), not Eq. 10's plain sum, which would scale the token's norm with the cluster size; (5)
+    ceil(0.3 * N) tokens are recycled (the code: floor(0.3 * N) + 1); (6) the paper leaves k open and the
+    code takes the c nearest tokens counting the token itself (a constant density when c = 1): here the
+    5 nearest others; the code also scales distances by 1 / sqrt(D) and assigns tokens by Euclidean
+    distance, here Eq. 8-9 and the cosine rule are taken as written; density ties go to the lower index
+    (the code adds random noise); (7) recycling is opt-in (a repository default kept as it was), while
+    the paper's main results use it (Table 4 ablates it) and the code always recycles.
     """
 
     name = "sparsevlm"
@@ -201,10 +245,9 @@ class SparseVLM(LLMMethod):
 
     def select(self, image: ImageTokens, k: int) -> Selection:
         scores = self.scores(image)
-        keep = topk_sorted(scores, k)
         if not self.recycle:
-            return Selection(keep=keep)
-        merged = recycle_into_kept(image.embeds, scores, keep, self.recycle_ratio, self.cluster_size)
+            return Selection(keep=topk_sorted(scores, k))
+        keep, merged = recycle_select(image.embeds, scores, k, self.recycle_ratio, self.cluster_size)
         return Selection(keep=keep, merged=merged.to(image.embeds.dtype))
 
 
