@@ -107,7 +107,7 @@ def run_demo(args) -> int:
 
     methods = split_list(args.methods)
     for method in methods:
-        make_method(method, demo.TOY_OPTIONS.get(method, {}) if args.model == "toy" else {})
+        make_method(method, {})
     budgets = [parse_budget(b) for b in split_list(args.budgets)] or [
         {"keep_ratio": r} for r in demo.KEEP_RATIOS
     ]
@@ -176,12 +176,9 @@ def run_robustness(args) -> int:
     print(
         f"kept-set stability: mean Jaccard over {args.trials} noisy copies (std {args.noise_std}), {args.budget}"
     )
-    from tokprune.toy.demo import TOY_OPTIONS
-
     for method in methods:
-        options = TOY_OPTIONS.get(method, {}) if args.model == "toy" else {}  # the toy's 4-layer ViT
         result = kept_set_stability(
-            model, inputs, method, noise_std=args.noise_std, trials=args.trials, **budget, **options
+            model, inputs, method, noise_std=args.noise_std, trials=args.trials, **budget
         )
         print(f"  {method:<13} mean {result['mean_jaccard']:.3f}  min {result['min_jaccard']:.3f}")
     return 0

@@ -26,8 +26,6 @@ from tokprune.toy.task import Sample
 
 KEEP_RATIOS = (0.5, 0.25, 0.125)
 N_PICTURES = 4  # questions shown in the kept-token picture
-# the toy's vision tower has 4 layers: VTC-CLS's published window (layers -8 .. -2 of 24) becomes -3 .. -2
-TOY_OPTIONS = {"vtc_cls": {"start_layer": -3, "end_layer": -2}}
 
 
 @dataclass
@@ -111,8 +109,7 @@ def run_settings(
     rows = []
     for method, budget in settings:
         row = DemoRow(method=method or "unpruned", budget=_budget_label(budget))
-        options = TOY_OPTIONS.get(method, {}) if _is_toy(answerer) else {}
-        pruner = tokprune.apply(answerer.model, method, **budget, **options) if method else None
+        pruner = tokprune.apply(answerer.model, method, **budget) if method else None
         try:
             for batch, inputs in zip(batches, prepared):
                 _answer_batch(answerer, pruner, batch, inputs, row, prefill_flops, scoring_signals)
