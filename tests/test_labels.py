@@ -42,10 +42,11 @@ def _skip_without_tiles(model, method: str) -> None:
         pytest.skip("needs AnyRes tiles (refusal tested in test_invariants)")
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", list(BUILDERS))
 @pytest.mark.parametrize("method", tokprune.available_methods())
-def test_loss_over_the_kept_tokens(tiny, family, method):
-    model, proc = tiny(family, "sdpa")
+def test_loss_over_the_kept_tokens(tiny, family, method, attn):
+    model, proc = tiny(family, attn)
     _skip_without_tiles(model, method)
     inputs = batch_inputs(family, proc, (1, 2))
     labels = _labels(inputs)

@@ -48,10 +48,11 @@ def _close(got: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(got, expected, atol=TOL * max(1.0, float(expected.abs().max())), rtol=0)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", list(BUILDERS))
 @pytest.mark.parametrize("method", tokprune.available_methods())
-def test_right_padding_prunes_like_left_padding(tiny, family, method):
-    model, proc = tiny(family, "sdpa")
+def test_right_padding_prunes_like_left_padding(tiny, family, method, attn):
+    model, proc = tiny(family, attn)
     _skip_without_tiles(model, method)
     left, right = _padded(family, proc, "left"), _padded(family, proc, "right")
     assert not right["attention_mask"][:, -1].all()  # one row really ends in padding
@@ -62,10 +63,11 @@ def test_right_padding_prunes_like_left_padding(tiny, family, method):
     _close(b, a)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", list(BUILDERS))
 @pytest.mark.parametrize("method", tokprune.available_methods())
-def test_a_row_alone_prunes_like_in_the_batch(tiny, family, method):
-    model, proc = tiny(family, "sdpa")
+def test_a_row_alone_prunes_like_in_the_batch(tiny, family, method, attn):
+    model, proc = tiny(family, attn)
     _skip_without_tiles(model, method)
     batch_logits, batch_stats = _pruned_run(model, method, _padded(family, proc, "left"))
     for row in (0, 1):

@@ -14,10 +14,11 @@ from tokprune.core.layout import image_rows
 from tokprune.methods import REGISTRY
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", list(BUILDERS))
 @pytest.mark.parametrize("method", tokprune.available_methods())
-def test_tiny_budgets_keep_exact_counts(tiny, family, method):
-    model, proc = tiny(family, "sdpa")
+def test_tiny_budgets_keep_exact_counts(tiny, family, method, attn):
+    model, proc = tiny(family, attn)
     if REGISTRY[method].needs_tiles and not adapter_for(model).tiles:
         pytest.skip("needs AnyRes tiles (refusal tested in test_invariants)")
     inputs = batch_inputs(family, proc, (1, 2))
