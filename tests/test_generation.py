@@ -73,6 +73,37 @@ def test_assisted_generation_equals_greedy(family, method, monkeypatch):
     _assisted_equals_greedy(family, method, monkeypatch)
 
 
+@pytest.mark.parametrize("family", ["llava", "gemma3"])  # Qwen2.5-VL: transformers fails here unpatched
+@pytest.mark.parametrize("method", ["fastv", "sparsevlm", "cdpruner", "divprune"])
+def test_an_assisted_follow_up_turn_equals_a_plain_one(family, method):
+    """A follow-up turn (new tokens + new image on the pruned cache) generated with an assistant: the text
+    signals read the new turn's prompt, not the drafts, so it keeps what a plain follow-up keeps."""
+    from test_multiturn import _follow_up, _token_types
+
+    model, draft, proc = _main_and_draft(family)
+    runs = []
+    for assist in ({}, {"assistant_model": draft}):
+        first = batch_inputs(family, proc, (1,))
+        with tokprune.apply(model, method, keep_ratio=0.25) as pruner, torch.no_grad():
+            out = model.generate(
+                **first, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                return_dict_in_generate=True, suppress_tokens=_special_ids(model),
+            )  # fmt: skip
+            new = _follow_up(family, proc, 1)
+            ids = torch.cat([out.sequences[:, -1:], new["input_ids"]], dim=1)
+            mask = torch.cat([first["attention_mask"], torch.ones_like(out.sequences[:, -NEW:])], 1)
+            turn = {**new, "input_ids": ids, **_token_types(model, ids)}
+            turn["attention_mask"] = torch.cat([mask, new["attention_mask"]], 1)
+            suppress = [0, *_special_ids(model)]  # a generated (or drafted) image token would be a new image
+            tokens = _greedy(
+                model, turn, past_key_values=out.past_key_values, suppress_tokens=suppress, **assist
+            )
+            runs.append((tokens[:, -NEW:], pruner.stats.kept))
+    (plain, plain_kept), (assisted, assisted_kept) = runs
+    assert all(torch.equal(a, b) for a, b in zip(assisted_kept, plain_kept))
+    assert torch.equal(assisted, plain)
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m if isinstance(m, str) else "composition")
 def test_generate_without_cache_prunes_like_with_it(family, method):

@@ -294,8 +294,8 @@ class Engine(StageHooks):
                 f"the prompt holds {int(visual.sum())} image tokens but the images give {sum(counts)} features"
             )
         valid = mask.bool() if mask is not None else torch.ones_like(visual)
-        prompt_length = self.prompt_length if not fwd.follow_up else None
-        fwd.tokens = TokenMap.initial(visual, counts, valid, prompt_length)
+        # a follow-up turn passes only its new tokens to generate(), so the length counts those as well
+        fwd.tokens = TokenMap.initial(visual, counts, valid, self.prompt_length)
         fwd.image_rows = image_rows(visual, counts)
         fwd.image_counts = content_counts(fwd.tokens, fwd.layout, fwd.image_rows)
         wanted = self._llm_vision_names()
