@@ -124,12 +124,11 @@ def _query_index(
     A row with no positions queries with its last real token instead (DESIGN: never an empty score row).
     """
     batch, length = key_mask.shape
-    rows = []
-    for row, positions in enumerate(query_positions):
-        if positions.numel() == 0:
-            real = key_mask[row].nonzero()
-            positions = real[-1] if real.numel() else torch.tensor([length - 1])
-        rows.append(positions.to(key_mask.device))
+    last = last_real_index(key_mask)  # (B, 1)
+    rows = [
+        (positions if positions.numel() else last[row]).to(key_mask.device)
+        for row, positions in enumerate(query_positions)
+    ]
     width = max(1, max(int(p.numel()) for p in rows))
     index = torch.full((batch, width), length - 1, dtype=torch.long, device=key_mask.device)
     valid = torch.zeros(batch, width, dtype=torch.bool, device=key_mask.device)
