@@ -1,6 +1,10 @@
 """Assertions shared by the method tests."""
 
+import pytest
 import torch
+from tokprune.patches import adapter_for
+
+from tokprune.methods import REGISTRY
 
 
 def assert_valid_keep(keep: torch.Tensor, n: int, k: int) -> None:
@@ -22,3 +26,10 @@ def assert_same_run(got: tuple, expected: tuple, tol: float) -> None:
     assert torch.equal(tokens, expected_tokens)
     for a, b in zip(steps, expected_steps):
         torch.testing.assert_close(a, b, atol=tol * scale, rtol=0)
+
+
+def skip_without_tiles(model, method: str) -> None:
+    """Skip an AnyRes-only method (`needs_tiles`) on a model without tiles (the refusal itself is tested in
+    test_invariants)."""
+    if REGISTRY[method].needs_tiles and not adapter_for(model).tiles:
+        pytest.skip("needs AnyRes tiles (refusal tested in test_invariants)")

@@ -5,15 +5,14 @@ text-only forwards give the unpatched loss bit for bit."""
 import pytest
 import torch
 import torch.nn.functional as F
+from checks import skip_without_tiles
 from reference import visual_mask
 from test_invariants import TINY_OPTIONS
 from tiny_models import BUILDERS, batch_inputs, text_inputs
-from tokprune.patches import adapter_for
 
 import tokprune
 from tokprune.core.labels import IGNORE
 from tokprune.errors import UnsupportedInputError
-from tokprune.methods import REGISTRY
 
 
 def _labels(inputs: dict) -> torch.Tensor:
@@ -37,17 +36,12 @@ def _kept_labels(model, inputs: dict, labels: torch.Tensor, kept: list[torch.Ten
     return torch.stack([F.pad(r, (width - r.numel(), 0), value=IGNORE) for r in rows])
 
 
-def _skip_without_tiles(model, method: str) -> None:
-    if REGISTRY[method].needs_tiles and not adapter_for(model).tiles:
-        pytest.skip("needs AnyRes tiles (refusal tested in test_invariants)")
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", list(BUILDERS))
 @pytest.mark.parametrize("method", tokprune.available_methods())
 def test_loss_over_the_kept_tokens(tiny, family, method, attn):
     model, proc = tiny(family, attn)
-    _skip_without_tiles(model, method)
+    skip_without_tiles(model, method)
     inputs = batch_inputs(family, proc, (1, 2))
     labels = _labels(inputs)
     with torch.no_grad():

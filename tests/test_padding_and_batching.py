@@ -9,13 +9,12 @@ registry and BUILDERS).
 
 import pytest
 import torch
+from checks import skip_without_tiles
 from reference import original_positions
 from test_invariants import TINY_OPTIONS, TOL
 from tiny_models import BUILDERS, batch_images, process, prompt_text
-from tokprune.patches import adapter_for
 
 import tokprune
-from tokprune.methods import REGISTRY
 
 WORDS = ("describe the image please", "w1 w2 w3 w4 w5 w6 w7 w8 describe the image")
 
@@ -39,11 +38,6 @@ def _pruned_run(model, method: str, inputs: dict):
     return logits[:, -1], pruner.stats
 
 
-def _skip_without_tiles(model, method: str) -> None:
-    if REGISTRY[method].needs_tiles and not adapter_for(model).tiles:
-        pytest.skip("needs AnyRes tiles (refusal tested in test_invariants)")
-
-
 def _close(got: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(got, expected, atol=TOL * max(1.0, float(expected.abs().max())), rtol=0)
 
@@ -53,7 +47,7 @@ def _close(got: torch.Tensor, expected: torch.Tensor) -> None:
 @pytest.mark.parametrize("method", tokprune.available_methods())
 def test_right_padding_prunes_like_left_padding(tiny, family, method, attn):
     model, proc = tiny(family, attn)
-    _skip_without_tiles(model, method)
+    skip_without_tiles(model, method)
     left, right = _padded(family, proc, "left"), _padded(family, proc, "right")
     assert not right["attention_mask"][:, -1].all()  # one row really ends in padding
     (a, left_stats), (b, right_stats) = _pruned_run(model, method, left), _pruned_run(model, method, right)
@@ -68,7 +62,7 @@ def test_right_padding_prunes_like_left_padding(tiny, family, method, attn):
 @pytest.mark.parametrize("method", tokprune.available_methods())
 def test_a_row_alone_prunes_like_in_the_batch(tiny, family, method, attn):
     model, proc = tiny(family, attn)
-    _skip_without_tiles(model, method)
+    skip_without_tiles(model, method)
     batch_logits, batch_stats = _pruned_run(model, method, _padded(family, proc, "left"))
     for row in (0, 1):
         logits, stats = _pruned_run(model, method, _padded(family, proc, "left", rows=(row,)))

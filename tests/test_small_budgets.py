@@ -4,10 +4,10 @@ with sorted, in-range indices. Methods and models join from the registry and BUI
 
 import pytest
 import torch
+from checks import skip_without_tiles
 from test_invariants import TINY_OPTIONS
 from test_video import video_batch
 from tiny_models import BUILDERS, batch_inputs, image_counts
-from tokprune.patches import adapter_for
 
 import tokprune
 from tokprune.core.layout import image_rows
@@ -19,8 +19,7 @@ from tokprune.methods import REGISTRY
 @pytest.mark.parametrize("method", tokprune.available_methods())
 def test_tiny_budgets_keep_exact_counts(tiny, family, method, attn):
     model, proc = tiny(family, attn)
-    if REGISTRY[method].needs_tiles and not adapter_for(model).tiles:
-        pytest.skip("needs AnyRes tiles (refusal tested in test_invariants)")
+    skip_without_tiles(model, method)
     inputs = batch_inputs(family, proc, (1, 2))
     counts, content = image_counts(family, model, inputs)
     rows = image_rows(inputs["input_ids"] == model.config.image_token_id, counts)
