@@ -19,6 +19,7 @@ from tokprune.errors import MethodOptionError
 from tokprune.methods import make_method
 from tokprune.methods.base import ImageTokens
 from tokprune.methods.sparsevlm import (
+    RELEVANCE,
     SIGNAL,
     SparseVLM,
     density_peak_clusters,
@@ -26,19 +27,27 @@ from tokprune.methods.sparsevlm import (
     rater_scores,
     recycle_select,
 )
-from tokprune.signals.llm import cached_keys, text_query_scores
+from tokprune.signals.llm import cached_keys, input_text_relevance, text_query_scores
 
 TOL = 1e-5
 
 
-def _image(attention: torch.Tensor, m: int | None = None, embeds: torch.Tensor | None = None) -> ImageTokens:
-    """An image whose signal is `attention` (n, T), with m instruction tokens (text rows) of the row."""
+def _image(
+    attention: torch.Tensor,
+    m: int | None = None,
+    embeds: torch.Tensor | None = None,
+    relevance: torch.Tensor | None = None,
+) -> ImageTokens:
+    """An image whose signal is `attention` (n, T), with m instruction tokens (text rows) of the row and
+    the image's instruction relevance `relevance` (T,) on every token (default: uniform over the m)."""
     n, width = attention.shape
     m = width if m is None else m
     embeds = torch.randn(n, 4, generator=torch.Generator().manual_seed(0)) if embeds is None else embeds
-    return ImageTokens(
-        embeds=embeds, grid=None, signals={SIGNAL: attention}, text={SIGNAL: torch.rand(m, width)}
-    )
+    if relevance is None:
+        relevance = torch.zeros(width)
+        relevance[: max(m, 1)] = 1 / max(m, 1)
+    signals = {SIGNAL: attention, RELEVANCE: relevance.expand(n, width)}
+    return ImageTokens(embeds=embeds, grid=None, signals=signals, text={SIGNAL: torch.rand(m, width)})
 
 
 # ------------------------------------------------------------------------------------------------ raters
@@ -85,12 +94,25 @@ def test_scores_ignore_padding_columns_and_select_top_k():
         ]
     )  # (n=5 visual, T=4); relevance of the 3 real text tokens: 0.5, 0.45, 0.05 -> raters 0 and 1
     image = _image(attention, m=3)
+    method = SparseVLM(raters="attention")
     expected = (attention[:, 0] + attention[:, 1]) / 2  # [0.05, 0.025, 0.25, 0.05, 0.1]
-    torch.testing.assert_close(SparseVLM().scores(image), expected)
-    assert SparseVLM().select(image, 2).keep.tolist() == [2, 4]
-    assert SparseVLM().select(image, 3).keep.tolist() == [0, 2, 4]  # tie 0 / 3: the lower index
+    torch.testing.assert_close(method.scores(image), expected)
+    assert method.select(image, 2).keep.tolist() == [2, 4]
+    assert method.select(image, 3).keep.tolist() == [0, 2, 4]  # tie 0 / 3: the lower index
     # without instruction tokens, column 0 (the row's last token) is the only rater
+    torch.testing.assert_close(method.scores(_image(attention, m=0)), attention[:, 0])
     torch.testing.assert_close(SparseVLM().scores(_image(attention, m=0)), attention[:, 0])
+
+
+def test_embedding_raters_come_from_the_relevance_signal():
+    # the same attention; the input relevance of the 3 instruction tokens (0.2, 0.1, 0.7; column 3 is
+    # padding) makes token 2 alone rate (mean 1/3), whatever the attention rows say
+    attention = torch.rand(5, 4, generator=torch.Generator().manual_seed(3))
+    image = _image(attention, m=3, relevance=torch.tensor([0.2, 0.1, 0.7, 0.0]))
+    torch.testing.assert_close(SparseVLM().scores(image), attention[:, 2])
+    # relevance at the mean rates (Eq. 5: >=): two tokens of equal relevance both rate
+    tied = _image(attention, m=2, relevance=torch.tensor([0.5, 0.5, 0.0, 0.0]))
+    torch.testing.assert_close(SparseVLM().scores(tied), attention[:, :2].mean(1))
 
 
 @pytest.mark.parametrize("n,k", [(10, 1), (10, 9), (50, 13)])
@@ -160,6 +182,24 @@ def test_text_query_scores_match_eager_rows(tiny, layer):
     torch.testing.assert_close(from_cache, got, atol=TOL, rtol=0)
 
 
+def test_input_text_relevance_follows_eq_4():
+    """Per image: mean over its visual tokens of the softmax over the instruction of <h_v, h_t>."""
+    g = torch.Generator().manual_seed(0)
+    embeds = torch.randn(2, 9, 6, generator=g)
+    image_id = torch.tensor([[-1, 0, 0, 0, -1, -1, -1, -1, -1], [-1, -1, 1, 1, 2, 2, 2, -1, -1]])
+    instruction = [torch.tensor([5, 6, 8]), torch.tensor([], dtype=torch.long)]
+    got = input_text_relevance(embeds, image_id, instruction)
+    assert got.shape == (2, 9, 3) and got.dtype == torch.float32
+    text = embeds[0, [5, 6, 8]].double()
+    softmax = [torch.softmax(embeds[0, v].double() @ text.T, dim=0) for v in (1, 2, 3)]
+    expected = (sum(softmax) / 3).float()
+    for v in (1, 2, 3):
+        torch.testing.assert_close(got[0, v], expected, atol=1e-6, rtol=0)
+    assert (got[0, [0, 4, 5, 6, 7, 8]] == 0).all()
+    # a row without instruction: its last token is the one rater, column 0, on every image token
+    assert got[1, 2:7].tolist() == [[1.0, 0.0, 0.0]] * 5 and (got[1, [0, 1, 7, 8]] == 0).all()
+
+
 def _explicit_rater_score(head_mean: torch.Tensor, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     """Loops over the eager map: raters = text rows whose image attention is >= the mean; their mean row."""
     rows = [head_mean[t, image].double() for t in text.tolist()]
@@ -169,9 +209,24 @@ def _explicit_rater_score(head_mean: torch.Tensor, text: torch.Tensor, image: to
     return (sum(raters) / len(raters)).float()
 
 
+def _explicit_embedding_raters(embeds: torch.Tensor, text: torch.Tensor, image: torch.Tensor) -> list[int]:
+    """Eq. 4-6 written out in float64 on the LLM input embeds (L, D): the rating text tokens (indices)."""
+    relevance = [0.0] * len(text)
+    for v in image.tolist():
+        logits = [float(embeds[v].double() @ embeds[t].double()) for t in text.tolist()]
+        top = max(logits)
+        weights = [math.exp(x - top) for x in logits]
+        for i, w in enumerate(weights):
+            relevance[i] += w / sum(weights) / len(image)
+    mean = sum(relevance) / len(relevance)
+    return [i for i, r in enumerate(relevance) if r >= mean - 1e-9] or list(range(len(text)))
+
+
+@pytest.mark.parametrize("raters", ["embeddings", "attention"])
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_rater_scores_in_the_engine_match_eager_maps(tiny, monkeypatch, family):
-    """The first stage's scores (sdpa model, recomputed rows) equal the eager map's rater scores."""
+def test_rater_scores_in_the_engine_match_eager_maps(tiny, monkeypatch, family, raters):
+    """The first stage's scores (sdpa model, recomputed rows) equal the eager map's rater scores, with the
+    raters of the LLM-input embeddings (Eq. 4-6) or of the stage's own attention rows."""
     model, proc = tiny(family, "sdpa")
     eager_model, _ = tiny(family, "eager")  # same seed, same weights
     inputs = batch_inputs(family, proc, (1, 2))
@@ -183,11 +238,16 @@ def test_rater_scores_in_the_engine_match_eager_maps(tiny, monkeypatch, family):
         return original(self, image, k)
 
     monkeypatch.setattr(SparseVLM, "select", record)
-    with tokprune.apply(model, "sparsevlm", keep_ratio=0.25) as pruner, torch.no_grad():
+    with tokprune.apply(model, "sparsevlm", keep_ratio=0.25, raters=raters) as pruner, torch.no_grad():
         model(**inputs)
         layer = pruner.methods[-1].boundaries(len(model.model.language_model.layers))[0] - 1
+    lm_input = {}
+    handle = eager_model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: lm_input.update(kwargs), with_kwargs=True
+    )
     with torch.no_grad():
         eager = eager_model(**inputs, output_attentions=True).attentions[layer].mean(1)  # (B, L, L)
+    handle.remove()
     visual = inputs["input_ids"] == model.config.image_token_id
     valid = inputs["attention_mask"].bool()
     if "image_grid_thw" in inputs:  # tokens per image after the 2x2 merge
@@ -201,8 +261,33 @@ def test_rater_scores_in_the_engine_match_eager_maps(tiny, monkeypatch, family):
         start = sum(counts[i] for i in range(image) if rows[i] == row)
         per_image = positions[start : start + counts[image]]
         text = ((torch.arange(visual.shape[1]) > positions.max()) & valid[row]).nonzero().squeeze(1)
-        expected = _explicit_rater_score(eager[row], text, per_image)
+        if raters == "embeddings":
+            chosen = _explicit_embedding_raters(lm_input["inputs_embeds"][row], text, per_image)
+            expected = eager[row][text[chosen]][:, per_image].double().mean(0).float()
+        else:
+            expected = _explicit_rater_score(eager[row], text, per_image)
         torch.testing.assert_close(scores, expected, atol=TOL, rtol=0)
+
+
+def test_embedding_raters_are_chosen_once_on_the_llm_input(tiny, monkeypatch):
+    """Every stage of an image reads the relevance of its LLM-input tokens, the same row at every stage."""
+    model, proc = tiny("llava", "sdpa")
+    inputs = batch_inputs("llava", proc, (1, 2))
+    rows = []
+    original = SparseVLM.select
+
+    def record(self, image, k):
+        assert bool((image.signals[RELEVANCE] == image.signals[RELEVANCE][0]).all())  # one row per image
+        rows.append(image.signals[RELEVANCE][0].clone())
+        return original(self, image, k)
+
+    monkeypatch.setattr(SparseVLM, "select", record)
+    with tokprune.apply(model, "sparsevlm", keep_ratio=0.25) as pruner, torch.no_grad():
+        model(**inputs)
+    assert [s.where.startswith("llm@") for s in pruner.stats.stages] == [True] * 3
+    assert len(rows) == 9  # 3 images x 3 stages, stage by stage
+    for image in range(3):
+        assert torch.equal(rows[image], rows[3 + image]) and torch.equal(rows[image], rows[6 + image])
 
 
 # -------------------------------------------------------------------------------------------- schedule
@@ -418,12 +503,17 @@ def test_recycling_generates_with_exact_counts(tiny):
     # plain run's k tokens and puts its c cluster tokens in the other slots (later stages score recycled
     # states, so only the first stage is compared)
     n_image = [int(t * h * w) // 4 for t, h, w in inputs["image_grid_thw"].tolist()]
-    for n, with_recycling, plain in zip(n_image, runs[True].stages[0].kept, runs[False].stages[0].kept):
-        k = plain.numel()
-        r = math.ceil(0.3 * (n - k))
-        c = min(r // 10 + 1, r, k)
-        assert with_recycling.numel() == k
-        assert len(set(with_recycling.tolist()) & set(plain.tolist())) >= k - c
+    images_of_row = [[0], [1, 2]]  # row 1 holds two images: its kept set is theirs together
+    first_stage = [SparseVLM().stage_counts(n, Budget(ratio=0.25))[0] for n in n_image]
+    for images, with_recycling, plain in zip(
+        images_of_row, runs[True].stages[0].kept, runs[False].stages[0].kept
+    ):
+        assert plain.numel() == with_recycling.numel() == sum(first_stage[i] for i in images)
+        clusters = 0
+        for i in images:
+            r = math.ceil(0.3 * (n_image[i] - first_stage[i]))
+            clusters += min(r // 10 + 1, r, first_stage[i])
+        assert len(set(with_recycling.tolist()) & set(plain.tolist())) >= plain.numel() - clusters
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -441,6 +531,8 @@ def test_recycling_generates_with_exact_counts(tiny):
         {"recycle_ratio": True},
         {"cluster_size": 0},
         {"cluster_size": 2.5},
+        {"raters": "text"},
+        {"raters": None},
     ],
 )
 def test_option_errors(options):

@@ -8,6 +8,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 
 from tokprune.errors import MethodOptionError
@@ -112,3 +113,28 @@ def test_check_choice_bool_and_tuples():
     for bad in ((0.5, 0), (1.5,), (), (math.nan,)):
         with pytest.raises(MethodOptionError, match=r"ratios in \(0, 1\]"):
             check_ratio_tuple(_Options(bad), "value")
+
+
+@pytest.mark.parametrize("method, option", NUMERIC, ids=[f"{m}.{o}" for m, o in NUMERIC])
+def test_numpy_numbers_pass_and_are_stored_as_python_numbers(method, option):
+    """A value read from a numpy array (np.int64, np.float32, ...) works like the number it equals."""
+    default = getattr(make_method(method, {}), option)
+    numpy_value = np.int64(default) if isinstance(default, int) else np.float64(default)
+    made = make_method(method, {option: numpy_value})
+    stored = getattr(made, option)
+    assert type(stored) is type(default) and stored == default
+
+
+def test_numpy_scalars_in_checks():
+    options = _Options(np.float32(0.5))
+    check_number(options, "value", 0, 1)
+    assert type(options.value) is float and options.value == 0.5
+    options = _Options(np.int32(8))
+    check_choice(options, "value", (4, 8))
+    assert type(options.value) is int
+    options = _Options([np.int64(1), 2])
+    check_int_tuple(options, "value", 2)
+    assert options.value == [1, 2] and all(type(x) is int for x in options.value)
+    for bad in (np.bool_(True), np.float64(1.0)):
+        with pytest.raises(MethodOptionError, match="an int"):
+            check_int(_Options(bad), "value")

@@ -42,6 +42,7 @@ from tokprune.core.turns import FollowUpHooks
 from tokprune.core.wrap import refuse_copies
 from tokprune.errors import UnsupportedInputError
 from tokprune.methods.base import LLMMethod, Method
+from tokprune.signals.llm import INPUT_SIGNALS, input_text_relevance
 
 if TYPE_CHECKING:
     from tokprune.patches import Adapter
@@ -208,6 +209,7 @@ class Engine(StageHooks, FollowUpHooks):
             position_ids = self._default_positions(batch, length, embeds.device, fwd.orig_past)
         fwd.stats.visual_in = visual.sum(1).tolist()
         fwd.stats.text_tokens = (fwd.tokens.valid & ~visual).sum(1).tolist()
+        fwd.stats.instruction_tokens = [int(p.numel()) for p in text_after_images(fwd.tokens)]
         state = PrefillState(orig_len=fwd.orig_past + length, next_position=max_position(position_ids) + 1)
         changed = False
         if self.pre is not None:
@@ -221,6 +223,7 @@ class Engine(StageHooks, FollowUpHooks):
             state.lm_mask = lm_mask
             changed = True
         fwd.position_ids, fwd.mask_2d = position_ids, mask
+        self._input_signals(fwd, kwargs["inputs_embeds"])
         fwd.entry_counts = content_counts(fwd.tokens, fwd.layout, fwd.image_rows)
         fwd.segments.append((0, fwd.tokens.real_tokens(), fwd.tokens.valid.shape[1]))
         self.state = state
@@ -276,6 +279,15 @@ class Engine(StageHooks, FollowUpHooks):
             kwargs["position_ids"] = position_ids
         fwd.stats.stages.append(StageStats.of(self.pre.name, "pre", fwd.tokens.kept_visual()))
         return changed, mask, position_ids
+
+    def _input_signals(self, fwd: Forward, embeds: torch.Tensor) -> None:
+        """The signals in-LLM methods read from the LLM input embeds (B, L, D), as it enters the decoder."""
+        wanted = {n for m, _ in self.llm for n in m.signals if n in INPUT_SIGNALS}
+        if "input_text_relevance" in wanted:
+            with timed(fwd.seconds, embeds.device):
+                fwd.input_values["input_text_relevance"] = input_text_relevance(
+                    embeds, fwd.tokens.image_id, text_after_images(fwd.tokens)
+                )
 
     def _default_positions(self, batch: int, length: int, device, start: int = 0) -> torch.Tensor:
         positions = torch.arange(start, start + length, device=device)[None].expand(batch, -1)

@@ -37,6 +37,8 @@ class Forward:
     # ViT signals in-LLM methods read, (N_visual, ...) in masked_scatter order, and each row's first index
     vision_values: dict[str, torch.Tensor] = field(default_factory=dict)
     visual_offsets: torch.Tensor | None = None
+    # signals computed once on the LLM input (`signals.llm.INPUT_SIGNALS`), (B, L_input, ...)
+    input_values: dict[str, torch.Tensor] = field(default_factory=dict)
     # per layer type (one RoPE table per type: Gemma 3's global and local bases), over the current sequence
     position_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     source: Compaction | None = None  # the in-LLM compactions so far, composed (indexes the LM input)

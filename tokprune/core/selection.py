@@ -229,11 +229,7 @@ def select_llm(
 
 
 def text_after_images(tokens: TokenMap) -> list[torch.Tensor]:
-    """Per row: positions of the real text tokens after the row's last visual token (the instruction)."""
-    out = []
-    for image_id, valid in zip(tokens.image_id, tokens.prompt):
-        visual = (image_id >= 0).nonzero()
-        last = int(visual.max()) if visual.numel() else -1
-        positions = torch.arange(image_id.shape[0], device=image_id.device)
-        out.append(((positions > last) & valid & (image_id < 0)).nonzero().squeeze(1))
-    return out
+    """Per row: positions of the real text tokens after the row's last visual token in the input (the
+    instruction), in the current sequence; pruning the last image's tokens does not move its start."""
+    after = tokens.origin >= tokens.instruction_start[:, None]
+    return [row.nonzero().squeeze(1) for row in after & tokens.prompt & (tokens.image_id < 0)]

@@ -128,6 +128,7 @@ class StageHooks:
             if "hidden" in method.signals:
                 signals["hidden"] = self.adapter.language_model.norm(hidden)
             signals.update(self._vision_signals_now(fwd, method))
+            signals.update(_input_signals_now(fwd, method))
             counts = fwd.image_counts if method.counts_on_image else fwd.entry_counts
             keep, hidden = select_llm(
                 method, budget, stage, fwd.tokens, fwd.layout, fwd.image_rows, counts, hidden, signals
@@ -198,6 +199,15 @@ class StageHooks:
             self._decode_masks[key] = self.adapter.layer_mask(hidden, mask_2d, pkv, j, kind)
         kwargs["attention_mask"] = self._decode_masks[key]
         return args, kwargs
+
+
+def _input_signals_now(fwd: Forward, method: LLMMethod) -> dict[str, torch.Tensor]:
+    """The LLM-input signals `method` reads, for the tokens present now: (B, L_cur, ...)."""
+    out = {}
+    for name in (n for n in method.signals if n in fwd.input_values):
+        value = fwd.input_values[name]
+        out[name] = fwd.source.take(value) if fwd.source is not None else value
+    return out
 
 
 def llm_stages(llm: list[tuple[LLMMethod, Budget]], num_layers: int) -> dict[int, tuple[int, int]]:

@@ -20,6 +20,8 @@ class TokenMap:
     prompt_length: where the prompt ends in input_ids when tokens follow it in the same forward (the drafts
     an assisted generate() verifies in its prefill; with use_cache=False, the tokens generated so far);
     None = every real token is the prompt's.
+    instruction_start: (B,) the input position after each row's last visual token (0 without any): the
+    row's instruction is its prompt text from there on, however many of the visual tokens are left.
     """
 
     image_id: torch.Tensor
@@ -27,6 +29,7 @@ class TokenMap:
     valid: torch.Tensor
     origin: torch.Tensor
     prompt_length: int | None = None
+    instruction_start: torch.Tensor | None = None
 
     @classmethod
     def initial(
@@ -38,9 +41,11 @@ class TokenMap:
         image_id[visual] = ids.repeat_interleave(torch.tensor(counts, device=visual.device))
         rank = (visual.long().cumsum(1) - 1).masked_fill(~visual, -1)
         origin = torch.arange(visual.shape[1], device=visual.device).expand(visual.shape).clone()
+        start = torch.where(visual, origin, -1).amax(1) + 1
         return cls(
-            image_id=image_id, visual_rank=rank, valid=valid, origin=origin, prompt_length=prompt_length
-        )
+            image_id=image_id, visual_rank=rank, valid=valid, origin=origin, prompt_length=prompt_length,
+            instruction_start=start,
+        )  # fmt: skip
 
     def take(self, compaction: Compaction) -> TokenMap:
         """The map of the compacted sequence (padding slots: -1 / invalid)."""
@@ -51,6 +56,7 @@ class TokenMap:
             valid=compaction.valid.clone(),
             origin=compaction.take(self.origin).masked_fill(pad, -1),
             prompt_length=self.prompt_length,
+            instruction_start=self.instruction_start,
         )
 
     @property

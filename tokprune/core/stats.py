@@ -27,6 +27,8 @@ class PruneStats:
 
     visual_in[b] / visual_kept[b]: visual tokens of row b before pruning / after the final stage.
     text_tokens[b]: real non-visual tokens of row b (never pruned).
+    instruction_tokens[b]: of those, the instruction (the prompt's text after the row's last image), the
+             queries of the text-query signals.
     kept[b]: sorted LongTensor of the indices, in row b's visual-token order, of the visual tokens that
              survived the final stage.
     layer_tokens[b][i]: real (non-padding) tokens decoder layer i processed in row b.
@@ -36,6 +38,7 @@ class PruneStats:
 
     visual_in: list[int] = field(default_factory=list)
     text_tokens: list[int] = field(default_factory=list)
+    instruction_tokens: list[int] = field(default_factory=list)
     visual_kept: list[int] = field(default_factory=list)
     kept: list[torch.Tensor] = field(default_factory=list)
     layer_tokens: list[list[int]] = field(default_factory=list)

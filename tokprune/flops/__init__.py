@@ -52,6 +52,12 @@ reported separately and never mixed into the model's own FLOPs. Per signal name:
   are asked for.
 * ``"last_query_attention"`` — per row and in-LLM stage: one query row ``2·d·H·h`` and one attention
   row over the n tokens of the layer before the boundary ``2·H·n·h``; the keys come from the KV cache.
+* ``"text_query_attention"`` — the same per query row, for the row's T instruction tokens (T ≥ 1:
+  the last token without an instruction), ``T·(2·d·H·h + 2·H·n·h)``.
+* ``"visual_attention"`` — the same for the V visual tokens present in layer b − 1 (each one's row over
+  the n tokens; the per-image sums are reductions), ``V·(2·d·H·h + 2·H·n·h)``.
+* ``"input_text_relevance"`` — once per row, on the LLM input: the products of its V₀ visual tokens
+  with its T instruction tokens, ``2·V₀·T·d`` (the softmax and means are not matmuls).
 * ``"keys"`` — per row and stage, the layer's k projection recomputed ``2·n·d·H_kv·h`` (PyramidDrop scores
   at the boundary layer before it runs, so its keys are recomputed; with a cache DART reads them free, so
   counting them for DART is an upper bound).
@@ -125,6 +131,9 @@ class FlopsBreakdown:
 
 
 # --------------------------------------------------------------------------------------------- scoring
+ATTENTION_ROWS = {"last_query_attention", "text_query_attention", "visual_attention"}
+
+
 def scoring_signals(methods) -> tuple[str, ...]:
     """The scoring names (signals + selection work) to pass to `prefill_flops` for a Pruner or methods.
 
@@ -140,7 +149,7 @@ def scoring_signals(methods) -> tuple[str, ...]:
         own = list(method.signals)
         if getattr(method, "where", "pre") == "llm":
             if getattr(method, "score_at", "previous") == "boundary":
-                if "last_query_attention" in own and "keys" not in own:
+                if set(own) & ATTENTION_ROWS and "keys" not in own:
                     own.append("keys")
             elif "keys" in own:
                 own.remove("keys")
@@ -183,21 +192,31 @@ def _vision_scoring(model, inputs: dict, images: Images, signals: set[str]) -> f
     return total
 
 
+LLM_SCORED = {"last_query_attention", "text_query_attention", "visual_attention", "keys", "pivot_similarity"}
+
+
 def _llm_scoring(model, stats, per_row: list[list[int]], signals: set[str]) -> float:
-    if stats is None or not signals & {"last_query_attention", "keys", "pivot_similarity"}:
+    if stats is None or not signals & (LLM_SCORED | {"input_text_relevance"}):
         return 0.0
     d, heads, kv_heads, head_dim, _ = text_dims(model.config.text_config)
     boundaries = [int(s.where.split("@")[1]) for s in stats.stages if s.where.startswith("llm@")]
+    instruction = stats.instruction_tokens or [0] * len(per_row)
     total = 0.0
+    if boundaries and "input_text_relevance" in signals:  # once, on the LLM input
+        for row, tokens in enumerate(per_row):
+            total += 2 * max(tokens[0] - stats.text_tokens[row], 0) * max(instruction[row], 1) * d
     for b in boundaries:
         for row, tokens in enumerate(per_row):
             n = tokens[b - 1]
-            if "last_query_attention" in signals:
-                total += 2 * d * heads * head_dim + 2 * heads * n * head_dim
+            visual = max(n - stats.text_tokens[row], 0)
+            queries = {"last_query_attention": 1, "text_query_attention": max(instruction[row], 1)}
+            queries["visual_attention"] = visual
+            for name in signals & queries.keys():  # query rows: q projection and one row over n keys
+                total += queries[name] * (2 * d * heads * head_dim + 2 * heads * n * head_dim)
             if "keys" in signals:
                 total += 2 * n * d * kv_heads * head_dim
             if "pivot_similarity" in signals:
-                total += 2 * DART_PIVOTS * max(n - stats.text_tokens[row], 0) * d
+                total += 2 * DART_PIVOTS * visual * d
     return total
 
 

@@ -4,11 +4,14 @@ that names the method, the option, what it must be and what it got.
 Every check reads `getattr(method, option)` and uses `method.name` in the message, so a method's
 `__post_init__` is a list of one-line calls. Booleans never pass as numbers (`True` is not a layer).
 Checks that need the model (a layer index against the LLM's depth) happen later, in `boundaries`.
+Numbers of other numeric types (numpy scalars, `fractions.Fraction`) pass and are stored as the plain
+int or float they equal, so options print, compare and serialise as Python numbers.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 from tokprune.errors import MethodOptionError
@@ -21,12 +24,32 @@ def _fail(method, option: str, must: str, optional: bool) -> None:
 
 
 def _is_number(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    return is_real(value) and math.isfinite(value)
+
+
+def is_real(value) -> bool:
+    """A real number (int, float, numpy scalar, ...) that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def is_int(value) -> bool:
-    """An int that is not a bool."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (int, numpy integer, ...) that is not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def plain(value):
+    """The Python int or float a checked number equals (itself if it is one already)."""
+    if type(value) in (int, float):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def _store_plain(method, option: str) -> None:
+    value = getattr(method, option)
+    if isinstance(value, (list, tuple)):
+        setattr(method, option, type(value)(plain(x) for x in value))
+    elif value is not None and not isinstance(value, str):
+        setattr(method, option, plain(value))
 
 
 def interval(low: float, high: float, low_open: bool = False, high_open: bool = False) -> str:
@@ -59,6 +82,7 @@ def check_number(
         else:
             must = f"a number in {interval(low, high, low_open, high_open)}"
         _fail(method, option, must, optional)
+    _store_plain(method, option)
 
 
 def check_int(method, option: str, low: int | None = None, *, optional: bool = False) -> None:
@@ -69,6 +93,7 @@ def check_int(method, option: str, low: int | None = None, *, optional: bool = F
     if not is_int(value) or (low is not None and value < low):
         must = "an int" if low is None else ("a positive int" if low == 1 else f"an int >= {low}")
         _fail(method, option, must, optional)
+    _store_plain(method, option)
 
 
 def check_vision_layer(method, option: str, *, optional: bool = False, named: tuple[str, ...] = ()) -> None:
@@ -80,6 +105,7 @@ def check_vision_layer(method, option: str, *, optional: bool = False, named: tu
     if not is_int(value):
         names = "".join(f"{name!r} or " for name in named)
         _fail(method, option, f"{names}an int vision-layer index (negative from the end)", optional)
+    _store_plain(method, option)
 
 
 def check_llm_layer(layer, num_layers: int, option: str, method: str) -> None:
@@ -92,10 +118,20 @@ def check_llm_layer(layer, num_layers: int, option: str, method: str) -> None:
 
 
 def check_choice(method, option: str, choices: Sequence) -> None:
-    """One of `choices` (compared by type as well, so True does not stand for 1)."""
+    """One of `choices`: a string as it is, a number of the same kind (an integer for an int choice, never
+    a bool, so True does not stand for 1)."""
     value = getattr(method, option)
-    if not any(type(value) is type(c) and value == c for c in choices):
+
+    def same(choice) -> bool:
+        if isinstance(choice, bool) or isinstance(value, bool):
+            return type(value) is type(choice) and value == choice
+        if is_int(choice):
+            return is_int(value) and value == choice
+        return type(value) is type(choice) and value == choice
+
+    if not any(same(c) for c in choices):
         _fail(method, option, f"one of {tuple(choices)}", False)
+    _store_plain(method, option)
 
 
 def check_bool(method, option: str) -> None:
@@ -113,6 +149,7 @@ def check_int_tuple(method, option: str, length: int | None = None, *, optional:
     if not ok or (length is not None and len(value) != length):
         count = f"{length} ints" if length is not None else "a non-empty tuple of ints"
         _fail(method, option, f"{count} (one per stage)", optional)
+    _store_plain(method, option)
 
 
 def check_ratio_tuple(method, option: str, *, optional: bool = True) -> None:
@@ -123,3 +160,4 @@ def check_ratio_tuple(method, option: str, *, optional: bool = True) -> None:
     ok = isinstance(value, (list, tuple)) and len(value) > 0
     if not ok or not all(_is_number(r) and 0 < r <= 1 for r in value):
         _fail(method, option, "a non-empty tuple of ratios in (0, 1] (one per stage)", optional)
+    _store_plain(method, option)

@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from tokprune.core.budget import Budget
 from tokprune.errors import MethodOptionError
 from tokprune.methods.base import ImageTokens, LLMMethod, Selection, topk_sorted
-from tokprune.methods.options import check_bool, check_int, check_int_tuple, check_number
+from tokprune.methods.options import check_bool, check_choice, check_int, check_int_tuple, check_number
 
 SIGNAL = "text_query_attention"
+RELEVANCE = "input_text_relevance"
+_RATERS = ("embeddings", "attention")
 # Published per-stage kept visual tokens of LLaVA-1.5 (576 per image, 32 layers), pruning after layers
 # 2, 6, 15, for the paper's "64", "128" and "192" settings: the schedule of the authors' public v1 code
 # (Gumpest/SparseVLMs, llava/model/language_model/score.py); the paper's text gives neither the layers
@@ -44,20 +46,25 @@ def schedule_fractions(final: Fraction) -> list[Fraction]:
     return [Fraction(1)] * 3
 
 
-def rater_scores(attention: torch.Tensor) -> torch.Tensor:
-    """Score of each visual token from the attention text tokens pay it.
+def rater_scores(attention: torch.Tensor, raters: torch.Tensor | None = None) -> torch.Tensor:
+    """Score of each visual token from the attention the raters among the text tokens pay it.
 
-    attention: (m, n) head-mean attention of m text tokens (rows) to the n visual tokens of one image.
-    Raters = text tokens whose attention to the image is at least the mean over the m text tokens (the
-    ">= mean" rule of the paper's Eq. 5; all of them should rounding leave none). Returns (n,) float32:
+    attention: (m, n) head-mean attention of m text tokens (rows) to the n visual tokens of one image;
+    raters: (m,) bool, the rating text tokens, or None to choose them from `attention` itself: the text
+    tokens whose attention to the image is at least the mean over the m text tokens (the ">= mean" rule of
+    the paper's Eq. 5 applied to these rows; all of them should rounding leave none). Returns (n,) float32:
     the mean attention the raters pay each visual token (Eq. 3 over the raters' rows).
     """
     attention = attention.float()
-    relevance = attention.sum(1)  # (m,): n times the mean over the image's tokens, as r in Eq. 6
-    raters = relevance >= relevance.mean()
-    if not bool(raters.any()):
-        raters = torch.ones_like(raters)
+    if raters is None:
+        raters = mean_or_above(attention.sum(1))  # (m,): n times the mean over the image's tokens
     return attention[raters].mean(0)
+
+
+def mean_or_above(relevance: torch.Tensor) -> torch.Tensor:
+    """(m,) bool: the entries at least the mean of `relevance` (m,) (Eq. 5-6); all where rounding leaves none."""
+    raters = relevance >= relevance.mean()
+    return raters if bool(raters.any()) else torch.ones_like(raters)
 
 
 def density_peaks(x: torch.Tensor, clusters: int, knn: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,16 +164,22 @@ class SparseVLM(LLMMethod):
     attention; fixed per-layer counts instead of Eq. 7 (score.py: 66/30/17, 303/110/36, 300/200/110 of
     576 for "64", "128", "192"); raters strictly above the mean; recycling always on, of floor(0.3 *
     deleted) + 1 tokens into recycled // 10 + 1 clusters, each the mean of its members (weights 1 / size),
-    inserted as extra tokens after the kept visual ones.
+    inserted as extra tokens after the kept visual ones. The raters are chosen once, before the first
+    decoder layer, from the LLM-input hidden states as the paper says (softmax over the text tokens of the
+    unscaled products of visual and text states, mean over the visual tokens, above the mean).
 
     Here: stages after LLM layers `layers` (default (2, 6, 15) for a 32-layer LLM, scaled to L/32 and made
     strictly increasing otherwise). The attention module of such a layer gives, recomputed from its own q/k
     projections and post-RoPE keys (no eager attention), the head-mean softmax rows of the instruction's
     text tokens (the row's text after its last image; the last prompt token if there is none) over all real
-    keys of their causal rows. Per image, raters = the text tokens whose mean attention to the image's
-    remaining tokens is at least the mean over the text tokens (Eq. 5-6 applied to these rows); a visual
-    token's score = the mean attention the raters pay it (Eq. 3); the top tokens by score are kept, and
-    layers after the stage's layer see only them.
+    keys of their causal rows. Raters (`raters="embeddings"`, the default, Eq. 4-6): per image, once, on
+    the LLM input (after any pre-LLM stage), r_t = mean over the image's visual tokens v of softmax over
+    the instruction tokens t of <h_v, h_t> (the "input_text_relevance" signal), and the tokens with r_t >=
+    mean(r) rate at every stage. `raters="attention"` instead re-chooses them at each stage from that
+    layer's rows: the text tokens whose attention to the image's remaining tokens is at least the mean
+    over the text tokens (the same threshold on the attention softmax over keys). A visual token's score
+    = the mean attention the raters pay it at the stage's layer (Eq. 3); the top tokens by score are
+    kept, and layers after the stage's layer see only them.
 
     Stage counts: `budget`/`keep_ratio` = the final count f of an image of n tokens (default keep_ratio
     110/576, the paper's "192"). The published schedules are the counts above (the names are nominal: with
@@ -183,10 +196,8 @@ class SparseVLM(LLMMethod):
     assignment) of their hidden states, and each cluster becomes one token, the mean of its members, at
     its centre's position (see `recycle_select`).
 
-    Deliberate differences: (1) raters are chosen at each stage's layer from that layer's attention rows
-    (same mean-and-threshold form as Eq. 6, but with the attention softmax over keys in place of the
-    embedding softmax over text tokens, and per image), not once from the LLM-input embeddings, which in-LLM
-    methods do not receive here; (2) fixed (interpolated) counts as the public code, not Eq. 7's
+    Deliberate differences: (1) raters are chosen per image (the paper and the code have one image per
+    prompt), with the paper's >= (the code: >); (2) fixed (interpolated) counts as the public code, not Eq. 7's
     rank-adaptive ones, so the budget is an exact final count; (3) the c reconstructed tokens take c of the
     stage's k slots (the code adds them on top of its counts), so every stage keeps exactly its count and
     every token sits at an original position; (4) a cluster's token is the mean of its members (the code's
@@ -200,19 +211,24 @@ class SparseVLM(LLMMethod):
     """
 
     name = "sparsevlm"
-    signals = (SIGNAL,)
     default_budget = Budget(ratio=110 / 576)
     paper = "Zhang et al., ICML 2025 (SparseVLM)"
     layers: tuple[int, ...] | None = None
+    raters: str = "embeddings"
     recycle: bool = False
     recycle_ratio: float = 0.3
     cluster_size: int = 10
 
     def __post_init__(self) -> None:
         check_int_tuple(self, "layers", len(PUBLISHED_LAYERS))
+        check_choice(self, "raters", _RATERS)
         check_bool(self, "recycle")
         check_number(self, "recycle_ratio", 0, 1, low_open=True)
         check_int(self, "cluster_size", 1)
+
+    @property
+    def signals(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (SIGNAL, RELEVANCE) if self.raters == "embeddings" else (SIGNAL,)
 
     def boundaries(self, num_layers: int) -> list[int]:
         """Stage boundaries: each stage's scoring layer + 1 (layers after it see the kept tokens)."""
@@ -232,16 +248,21 @@ class SparseVLM(LLMMethod):
         return [min(n, max(final, math.ceil(f * n))) for f in fractions[:-1]] + [final]
 
     def scores(self, image: ImageTokens) -> torch.Tensor:
-        """(n,) rater scores of one image's tokens from the "text_query_attention" signal.
+        """(n,) rater scores of one image's tokens.
 
-        image.signals[SIGNAL]: (n, T), column t = attention of the row's t-th instruction token;
-        image.text[SIGNAL]: (m, T), one row per instruction token, so columns >= m are padding. With m = 0
-        column 0 holds the row's last token, the only rater.
+        image.signals["text_query_attention"]: (n, T), column t = attention of the row's t-th instruction
+        token; image.text["text_query_attention"]: (m, T), one row per instruction token, so columns >= m
+        are padding (m = 0: column 0 holds the row's last token, the only rater). With raters="embeddings",
+        image.signals["input_text_relevance"]: (n, T), every row the image's relevance r (Eq. 4) of the
+        instruction tokens, from the LLM input; raters = r >= mean(r) over the m columns.
         """
         attention = image.signals[SIGNAL]
         text = image.text.get(SIGNAL)
-        m = text.shape[0] if text is not None else attention.shape[1]
-        return rater_scores(attention[:, : max(m, 1)].T)
+        m = max(text.shape[0] if text is not None else attention.shape[1], 1)
+        raters = None
+        if self.raters == "embeddings":
+            raters = mean_or_above(image.signals[RELEVANCE][0, :m].float())
+        return rater_scores(attention[:, :m].T, raters)
 
     def select(self, image: ImageTokens, k: int) -> Selection:
         scores = self.scores(image)

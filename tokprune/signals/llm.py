@@ -223,6 +223,39 @@ def visual_received_scores(
     return torch.where(visual, received / count, torch.zeros_like(received))
 
 
+def input_text_relevance(
+    embeds: torch.Tensor, image_id: torch.Tensor, instruction: list[torch.Tensor]
+) -> torch.Tensor:
+    """How much each instruction token relates to each image, from the LLM-input embeddings: (B, L, T).
+
+    embeds: (B, L, D) the LLM input; image_id: (B, L) image of every visual token (-1 elsewhere);
+    instruction: per row, ascending positions of its instruction tokens (T = max(1, longest)). For an
+    image I of row b with visual tokens v and instruction tokens t = 1..m: r_t = mean over v in I of
+    softmax over t of <h_v, h_t> (SparseVLM's Eq. 4, unscaled dot products in float32). Every visual
+    token of I carries r (m,) in its columns :m (0 after); text and padding rows are 0. A row without
+    instruction tokens has r = (1,) in column 0 (its last token is the one rater). The value of a token is
+    its image's, so it survives any later pruning of the image's other tokens.
+    """
+    batch, length, _ = embeds.shape
+    width = max(1, max(int(p.numel()) for p in instruction))
+    out = torch.zeros(batch, length, width, dtype=torch.float32, device=embeds.device)
+    for row in range(batch):
+        text = embeds[row, instruction[row].to(embeds.device)].float()  # (m, D)
+        ids = image_id[row]
+        for image in ids[ids >= 0].unique().tolist():
+            where = (ids == image).nonzero().squeeze(1)
+            if text.shape[0] == 0:
+                out[row, where, 0] = 1.0
+                continue
+            logits = embeds[row, where].float() @ text.T  # (n, m)
+            out[row, where, : text.shape[0]] = logits.softmax(dim=1).mean(0)
+    return out
+
+
+# signals an in-LLM method may read that are computed once, on the LLM input (after any pre-LLM stage)
+INPUT_SIGNALS = {"input_text_relevance"}
+
+
 NEEDS_KEYS = {"keys", "last_query_attention", "text_query_attention", "visual_attention"}
 
 
