@@ -195,11 +195,16 @@ def _runnable(methods: list[str], model) -> list[str]:
 
 
 def print_methods() -> int:
-    from tokprune.methods import REGISTRY
+    """The catalogue: name, family, where it acts, default budget, paper; then its options' defaults."""
+    from tokprune.methods import catalogue
 
-    for name in tokprune.available_methods():
-        cls = REGISTRY[name]
-        print(f"{name:<11} {cls.where:<4} default {cls.default_budget}  {cls.paper}")
+    entries = catalogue()
+    widths = {key: max(len(e[key]) for e in entries) for key in ("name", "family", "acts", "default")}
+    for e in entries:
+        print("  ".join(f"{e[key]:<{widths[key]}}" for key in widths) + f"  {e['paper']}")
+        if e["options"]:
+            options = " ".join(f"{k}={v!r}" for k, v in e["options"].items())
+            print(f"{'':<{widths['name']}}  options: {options}")
     return 0
 
 

@@ -57,6 +57,27 @@ def available_methods() -> list[str]:
     return sorted(REGISTRY)
 
 
+ACTS = {"pre": "before LLM", "llm": "in LLM", "pre+llm": "before + in LLM"}
+
+
+def catalogue() -> list[dict]:
+    """One entry per registered method, by name: name, family, acts (where: before / in the LLM), the
+    default budget, every option with its default, and the paper (what `tokprune methods` prints)."""
+    entries = []
+    for name in available_methods():
+        cls = REGISTRY[name]
+        options = {f.name: _default(f) for f in dataclasses.fields(cls)}
+        entries.append(
+            dict(name=name, family=cls.family, acts=ACTS[cls.where], default=str(cls.default_budget),
+                 options=options, paper=cls.paper)
+        )  # fmt: skip
+    return entries
+
+
+def _default(field: dataclasses.Field):
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+
 def make_method(name: str, options: dict) -> Method:
     """Instantiate a registered method with its options; unknown names and options fail with the choices."""
     if name not in REGISTRY:
@@ -73,4 +94,14 @@ def make_method(name: str, options: dict) -> Method:
     return cls(**options)
 
 
-__all__ = ["REGISTRY", "ImageTokens", "LLMMethod", "Method", "Selection", "available_methods", "make_method"]
+__all__ = [
+    "ACTS",
+    "REGISTRY",
+    "ImageTokens",
+    "catalogue",
+    "LLMMethod",
+    "Method",
+    "Selection",
+    "available_methods",
+    "make_method",
+]

@@ -23,6 +23,7 @@ class FastV(LLMMethod):
     """
 
     name = "fastv"
+    family = "attention"
     signals = ("last_query_attention",)
     default_budget = Budget(ratio=0.5)
     paper = "Chen et al., ECCV 2024 (FastV)"
@@ -55,6 +56,7 @@ class PyramidDrop(LLMMethod):
     """
 
     name = "pdrop"
+    family = "progressive"
     signals = ("last_query_attention",)
     default_budget = Budget(ratio=0.125)
     paper = "Xing et al., CVPR 2025 (PyramidDrop)"

@@ -63,7 +63,8 @@ class Method:
     """Base of every method. Subclasses are dataclasses whose fields are the method's options.
 
     Class attributes describe the method for the registry and the engine:
-      name: registry name; where: "pre" (before the LLM) or "llm" (inside the LLM);
+      name: registry name; family: the kind of method the catalogue lists it under ("[CLS] attention",
+          "diversity", ...); where: "pre" (before the LLM) or "llm" (inside the LLM);
       signals: names of the per-token signals `select` reads from `ImageTokens.signals`;
       default_budget: the published default when neither budget nor keep_ratio is given;
       paper: the citation shown by the catalogue;
@@ -74,6 +75,7 @@ class Method:
     """
 
     name: ClassVar[str] = ""
+    family: ClassVar[str] = ""
     where: ClassVar[str] = "pre"
     signals: ClassVar[tuple[str, ...]] = ()
     default_budget: ClassVar[Budget] = Budget(ratio=0.5)

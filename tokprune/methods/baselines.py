@@ -22,6 +22,7 @@ class RandomPrune(Method):
     """
 
     name = "random"
+    family = "baseline"
     default_budget = Budget(ratio=0.25)
     paper = "baseline (UniPruneBench, 2025)"
     seed: int = 0
@@ -60,6 +61,7 @@ class SpatialPool(Method):
     """
 
     name = "pool"
+    family = "baseline"
     default_budget = Budget(ratio=0.25)
     paper = "baseline: spatial average pooling"
     spatial = True

@@ -151,6 +151,7 @@ class CDPruner(Method):
     """
 
     name = "cdpruner"
+    family = "diversity + relevance"
     where = "pre"
     signals = ("instruction",)
     default_budget = Budget(tokens=128)

@@ -27,6 +27,7 @@ class FasterVLM(Method):
     """
 
     name = "fastervlm"
+    family = "[CLS] attention"
     signals = ("cls_attention",)
     default_budget = Budget(ratio=0.25)
     paper = "Zhang et al., arXiv:2412.01818 (FasterVLM)"
@@ -55,6 +56,7 @@ class VisionZip(Method):
     """
 
     name = "visionzip"
+    family = "[CLS] attention + merge"
     signals = ("cls_attention", "vit_keys")
     default_budget = Budget(tokens=64)
     paper = "Yang et al., CVPR 2025 (VisionZip)"

@@ -58,6 +58,7 @@ class DART(LLMMethod):
     """
 
     name = "dart"
+    family = "duplication"
     signals = ("keys", "hidden")
     default_budget = Budget(tokens=128)
     paper = "Wen et al., EMNLP 2025, arXiv:2502.11494 (DART)"

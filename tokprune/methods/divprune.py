@@ -49,6 +49,7 @@ class DivPrune(Method):
     """
 
     name = "divprune"
+    family = "diversity"
     default_budget = Budget(ratio=0.098)
     paper = "Alvar et al., CVPR 2025 (DivPrune)"
 

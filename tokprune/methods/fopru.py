@@ -79,6 +79,7 @@ class FoPru(Method):
     """
 
     name = "fopru"
+    family = "ViT attention"
     signals = ("received_attention",)
     default_budget = Budget(ratio=0.25)
     paper = "Jiang et al., arXiv:2411.14164 (FoPru)"

@@ -109,6 +109,7 @@ class GlobalCom2(Method):
     """
 
     name = "globalcom2"
+    family = "high-res, thumbnail-guided (AnyRes only)"
     where = "pre"
     default_budget = Budget(ratio=0.25)
     paper = "Liu et al., arXiv:2501.05179 (GlobalCom²)"

@@ -152,6 +152,7 @@ class HiPrune(Method):
     """
 
     name = "hiprune"
+    family = "hierarchical"
     where = "pre"
     default_budget = Budget(tokens=64)
     paper = "Liu et al., arXiv:2508.00553 (HiPrune)"

@@ -98,6 +98,7 @@ class HiRED(Method):
     """
 
     name = "hired"
+    family = "high-res budget (AnyRes only)"
     where = "pre"
     default_budget = Budget(ratio=0.2)
     paper = "Arif et al., AAAI 2025 (HiRED, arXiv:2408.10945)"

@@ -220,6 +220,7 @@ class HoloV(Method):
     """
 
     name = "holov"
+    family = "holistic"
     where = "pre"
     signals = ("cls_attention",)
     default_budget = Budget(tokens=64)

@@ -94,6 +94,7 @@ class MustDropVision(Method):
     keep exactly k; the released code's vision stage only merges."""
 
     name = "mustdrop"
+    family = "multi-stage"
     signals = ("cls_attention",)
     spatial = True
     key_ratio: float = 0.08
@@ -151,6 +152,7 @@ class MustDropPrefill(LLMMethod):
     of layer `layer` - 1's instruction-to-visual attention; layers >= `layer` see only the kept tokens."""
 
     name = "mustdrop"
+    family = "multi-stage"
     signals = (TEXT_SIGNAL, "cls_attention")
     counts_on_image = True
     layer: int = 3
@@ -251,6 +253,7 @@ class MustDrop(CompositeMethod):
     """
 
     name = "mustdrop"
+    family = "multi-stage"
     signals = ("cls_attention", TEXT_SIGNAL)
     default_budget = Budget(ratio=192 / 576)
     paper = "Liu et al., arXiv:2411.10803 (MustDrop)"

@@ -163,6 +163,7 @@ class PruMerge(Method):
     """
 
     name = "prumerge"
+    family = "[CLS] attention + merge"
     where = "pre"
     default_budget = Budget(ratio=0.055)
     paper = "Shang et al., arXiv:2403.15388, ICCV 2025 (LLaVA-PruMerge)"
@@ -224,6 +225,7 @@ class PruMergePlus(PruMerge):
     """
 
     name = "prumerge_plus"
+    family = "[CLS] attention + merge"
     default_budget = Budget(ratio=0.25)
     paper = "Shang et al., arXiv:2403.15388, ICCV 2025 (LLaVA-PruMerge+)"
 

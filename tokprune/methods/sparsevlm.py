@@ -211,6 +211,7 @@ class SparseVLM(LLMMethod):
     """
 
     name = "sparsevlm"
+    family = "text-guided, progressive"
     default_budget = Budget(ratio=110 / 576)
     paper = "Zhang et al., ICML 2025 (SparseVLM)"
     layers: tuple[int, ...] | None = None

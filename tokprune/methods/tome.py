@@ -90,6 +90,7 @@ class ToMe(Method):
     """
 
     name = "tome"
+    family = "merging"
     signals = ("vit_keys",)
     default_budget = Budget(tokens=64)
     paper = "Bolya et al., ICLR 2023 (ToMe)"

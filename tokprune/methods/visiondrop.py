@@ -52,6 +52,7 @@ class VisionDropVision(Method):
     (`dominant_contextual`; the released code runs VisionZip's step here)."""
 
     name = "visiondrop"
+    family = "visual-only, progressive"
     signals = ("cls_attention", "vit_keys")
     contextual_ratio: float | None = None
 
@@ -71,6 +72,7 @@ class VisionDropLLM(LLMMethod):
     averages them over the heads; see `VisionDrop`, difference 5)."""
 
     name = "visiondrop"
+    family = "visual-only, progressive"
     signals = (SIGNAL, "keys")
     score_at = "boundary"
     counts_on_image = True
@@ -168,6 +170,7 @@ class VisionDrop(CompositeMethod):
     """
 
     name = "visiondrop"
+    family = "visual-only, progressive"
     signals = ("cls_attention", "vit_keys", SIGNAL, "keys")
     default_budget = Budget(ratio=PUBLISHED_COUNTS[-1] / PUBLISHED_TOKENS)
     paper = "Xu et al., AAAI 2026 (VisionDrop, arXiv:2506.22283)"

@@ -51,6 +51,7 @@ class VTCCLS(Method):
     """
 
     name = "vtc_cls"
+    family = "[CLS] attention"
     where = "pre"
     default_budget = Budget(tokens=64)
     paper = "Wang et al., arXiv:2412.05819 (VTC-CLS)"
