@@ -42,7 +42,7 @@ from tokprune.core.turns import FollowUpHooks
 from tokprune.core.wrap import refuse_copies
 from tokprune.errors import UnsupportedInputError
 from tokprune.methods.base import LLMMethod, Method
-from tokprune.signals.llm import INPUT_SIGNALS, input_text_relevance
+from tokprune.signals.llm import INPUT_SIGNALS
 
 if TYPE_CHECKING:
     from tokprune.patches import Adapter
@@ -209,7 +209,6 @@ class Engine(StageHooks, FollowUpHooks):
             position_ids = self._default_positions(batch, length, embeds.device, fwd.orig_past)
         fwd.stats.visual_in = visual.sum(1).tolist()
         fwd.stats.text_tokens = (fwd.tokens.valid & ~visual).sum(1).tolist()
-        fwd.stats.instruction_tokens = [int(p.numel()) for p in text_after_images(fwd.tokens)]
         state = PrefillState(orig_len=fwd.orig_past + length, next_position=max_position(position_ids) + 1)
         changed = False
         if self.pre is not None:
@@ -223,7 +222,9 @@ class Engine(StageHooks, FollowUpHooks):
             state.lm_mask = lm_mask
             changed = True
         fwd.position_ids, fwd.mask_2d = position_ids, mask
-        self._input_signals(fwd, kwargs["inputs_embeds"])
+        instruction = text_after_images(fwd.tokens)
+        fwd.stats.instruction_tokens = [int(p.numel()) for p in instruction]
+        self._input_signals(fwd, kwargs["inputs_embeds"], instruction)
         fwd.entry_counts = content_counts(fwd.tokens, fwd.layout, fwd.image_rows)
         fwd.segments.append((0, fwd.tokens.real_tokens(), fwd.tokens.valid.shape[1]))
         self.state = state
@@ -280,14 +281,13 @@ class Engine(StageHooks, FollowUpHooks):
         fwd.stats.stages.append(StageStats.of(self.pre.name, "pre", fwd.tokens.kept_visual()))
         return changed, mask, position_ids
 
-    def _input_signals(self, fwd: Forward, embeds: torch.Tensor) -> None:
-        """The signals in-LLM methods read from the LLM input embeds (B, L, D), as it enters the decoder."""
+    def _input_signals(self, fwd: Forward, embeds: torch.Tensor, instruction: list[torch.Tensor]) -> None:
+        """The signals in-LLM methods read from the LLM input embeds (B, L, D), as it enters the decoder;
+        instruction: per row, the positions of its instruction in embeds."""
         wanted = {n for m, _ in self.llm for n in m.signals if n in INPUT_SIGNALS}
-        if "input_text_relevance" in wanted:
+        for name in sorted(wanted):
             with timed(fwd.seconds, embeds.device):
-                fwd.input_values["input_text_relevance"] = input_text_relevance(
-                    embeds, fwd.tokens.image_id, text_after_images(fwd.tokens)
-                )
+                fwd.input_values[name] = INPUT_SIGNALS[name](embeds, fwd.tokens.image_id, instruction)
 
     def _default_positions(self, batch: int, length: int, device, start: int = 0) -> torch.Tensor:
         positions = torch.arange(start, start + length, device=device)[None].expand(batch, -1)

@@ -17,19 +17,19 @@ class TokenMap:
     visual_rank: index of a visual token in its row's visual-token order, -1 otherwise.
     valid: True for real tokens (False for padding).
     origin: position of the slot's token in the forward's input_ids (-1 for the padding compaction adds).
+    instruction_start: (B,) the input position after each row's last visual token (0 without any): the
+    row's instruction is its prompt text from there on, however many of the visual tokens are left.
     prompt_length: where the prompt ends in input_ids when tokens follow it in the same forward (the drafts
     an assisted generate() verifies in its prefill; with use_cache=False, the tokens generated so far);
     None = every real token is the prompt's.
-    instruction_start: (B,) the input position after each row's last visual token (0 without any): the
-    row's instruction is its prompt text from there on, however many of the visual tokens are left.
     """
 
     image_id: torch.Tensor
     visual_rank: torch.Tensor
     valid: torch.Tensor
     origin: torch.Tensor
+    instruction_start: torch.Tensor
     prompt_length: int | None = None
-    instruction_start: torch.Tensor | None = None
 
     @classmethod
     def initial(
@@ -43,8 +43,8 @@ class TokenMap:
         origin = torch.arange(visual.shape[1], device=visual.device).expand(visual.shape).clone()
         start = torch.where(visual, origin, -1).amax(1) + 1
         return cls(
-            image_id=image_id, visual_rank=rank, valid=valid, origin=origin, prompt_length=prompt_length,
-            instruction_start=start,
+            image_id=image_id, visual_rank=rank, valid=valid, origin=origin, instruction_start=start,
+            prompt_length=prompt_length,
         )  # fmt: skip
 
     def take(self, compaction: Compaction) -> TokenMap:
@@ -55,8 +55,8 @@ class TokenMap:
             visual_rank=compaction.take(self.visual_rank).masked_fill(pad, -1),
             valid=compaction.valid.clone(),
             origin=compaction.take(self.origin).masked_fill(pad, -1),
-            prompt_length=self.prompt_length,
             instruction_start=self.instruction_start,
+            prompt_length=self.prompt_length,
         )
 
     @property

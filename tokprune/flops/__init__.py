@@ -87,6 +87,7 @@ from tokprune.flops.parts import (
     text_dims,
     vocab_size,
 )
+from tokprune.signals.llm import ATTENTION_ROWS
 
 __all__ = [
     "FlopsBreakdown",
@@ -131,9 +132,6 @@ class FlopsBreakdown:
 
 
 # --------------------------------------------------------------------------------------------- scoring
-ATTENTION_ROWS = {"last_query_attention", "text_query_attention", "visual_attention"}
-
-
 def scoring_signals(methods) -> tuple[str, ...]:
     """The scoring names (signals + selection work) to pass to `prefill_flops` for a Pruner or methods.
 
@@ -192,7 +190,7 @@ def _vision_scoring(model, inputs: dict, images: Images, signals: set[str]) -> f
     return total
 
 
-LLM_SCORED = {"last_query_attention", "text_query_attention", "visual_attention", "keys", "pivot_similarity"}
+LLM_SCORED = ATTENTION_ROWS | {"keys", "pivot_similarity"}
 
 
 def _llm_scoring(model, stats, per_row: list[list[int]], signals: set[str]) -> float:
@@ -209,8 +207,10 @@ def _llm_scoring(model, stats, per_row: list[list[int]], signals: set[str]) -> f
         for row, tokens in enumerate(per_row):
             n = tokens[b - 1]
             visual = max(n - stats.text_tokens[row], 0)
-            queries = {"last_query_attention": 1, "text_query_attention": max(instruction[row], 1)}
-            queries["visual_attention"] = visual
+            queries = {
+                "last_query_attention": 1, "text_query_attention": max(instruction[row], 1),
+                "visual_attention": visual,
+            }  # fmt: skip
             for name in signals & queries.keys():  # query rows: q projection and one row over n keys
                 total += queries[name] * (2 * d * heads * head_dim + 2 * heads * n * head_dim)
             if "keys" in signals:

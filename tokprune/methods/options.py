@@ -122,9 +122,7 @@ def check_choice(method, option: str, choices: Sequence) -> None:
     a bool, so True does not stand for 1)."""
     value = getattr(method, option)
 
-    def same(choice) -> bool:
-        if isinstance(choice, bool) or isinstance(value, bool):
-            return type(value) is type(choice) and value == choice
+    def same(choice) -> bool:  # is_int is False for bools, so a bool matches only a bool choice
         if is_int(choice):
             return is_int(value) and value == choice
         return type(value) is type(choice) and value == choice

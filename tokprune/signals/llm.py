@@ -252,11 +252,13 @@ def input_text_relevance(
     return out
 
 
-# signals an in-LLM method may read that are computed once, on the LLM input (after any pre-LLM stage)
-INPUT_SIGNALS = {"input_text_relevance"}
+# signals an in-LLM method may read that are computed once, on the LLM input (after any pre-LLM stage):
+# name -> function(embeds (B, L, D), image_id (B, L), instruction positions per row) -> (B, L, ...)
+INPUT_SIGNALS = {"input_text_relevance": input_text_relevance}
 
-
-NEEDS_KEYS = {"keys", "last_query_attention", "text_query_attention", "visual_attention"}
+# signals made of attention rows (queries against the layer's post-RoPE keys)
+ATTENTION_ROWS = {"last_query_attention", "text_query_attention", "visual_attention"}
+NEEDS_KEYS = ATTENTION_ROWS | {"keys"}
 
 
 def layer_signals(
