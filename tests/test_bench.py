@@ -133,6 +133,24 @@ def test_cli_methods_and_models_list(capsys):
     assert "llava-1.5-7b" in out and "qwen2.5-vl-7b" in out and "LlavaForConditionalGeneration" in out
 
 
+def test_cli_listing_into_a_closed_pipe_stops_quietly():
+    """`tokprune methods | head -1`: no BrokenPipeError traceback, the shell's exit code for SIGPIPE."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has already left: every write of the listing fails with EPIPE
+    code = "import sys; from tokprune import cli; sys.exit(cli.main(['methods']))"
+    child = subprocess.run(
+        [sys.executable, "-c", code], stdout=write_end, stderr=subprocess.PIPE, timeout=120
+    )
+    os.close(write_end)
+    stderr = child.stderr.decode()
+    assert child.returncode == 141, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr
+
+
 @pytest.mark.slow
 def test_cli_bench_on_a_preset(tmp_path, monkeypatch, capsys):
     """The full command on a registered preset (a tiny builder stands in for the 7B shapes)."""

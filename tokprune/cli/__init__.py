@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from tokprune.cli.arguments import ATTENTION, DTYPES, CliError, parse_budget, parse_option, split_list
@@ -95,3 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as error:  # e.g. the toy weights are missing
         print(f"tokprune: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `tokprune methods | head`: the reader left; stop quietly, as coreutils do
+        _silence_stdout()
+        return 141
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not raise a second time."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
