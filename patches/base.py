@@ -163,10 +163,46 @@ class Adapter:
         layers: nn.ModuleList,
         make_hook,
         attention: str = "self_attn",
+        projections: tuple[str, ...] = ("q_proj", "k_proj"),
     ) -> list:
         """One forward hook per requested vision layer, on its attention module (`attention` attribute);
-        `make_hook(wanted)` builds the hook for that layer's {full name: base name} signals."""
-        return [
-            getattr(layers[index], attention).register_forward_hook(make_hook(wanted), with_kwargs=True)
-            for index, wanted in by_layer.items()
-        ]
+        `make_hook(wanted, tap)` builds the hook for that layer's {full name: base name} signals, `tap` the
+        layer's `ProjectionTap` over `projections` (its hooks are among the returned handles)."""
+        handles = []
+        for index, wanted in by_layer.items():
+            module = getattr(layers[index], attention)
+            tap = ProjectionTap(module, projections)
+            handles += [*tap.handles, module.register_forward_hook(make_hook(wanted, tap), with_kwargs=True)]
+        return handles
+
+
+class ProjectionTap:
+    """The outputs of an attention module's input projections (`q_proj`, `k_proj`, Qwen's fused `qkv`) as
+    the module's own forward computed them, for the signal hook on that module: the signals reuse them
+    instead of projecting the hidden states a second time. The signal hook runs inside `with tap:`, which
+    drops them when it ends, so nothing outlives the forward that made them."""
+
+    def __init__(self, attention: nn.Module, names: tuple[str, ...]) -> None:
+        self.attention = attention
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles = [getattr(attention, name).register_forward_hook(self._keep(name)) for name in names]
+
+    def _keep(self, name: str):
+        def hook(module, args, output):
+            self.outputs[name] = output
+
+        return hook
+
+    def output(self, name: str, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., out) `name`'s projection of `hidden` (..., C): the one the forward computed, or, if it did
+        not call that projection on an input of this shape, a fresh one (kept for the next call)."""
+        out = self.outputs.get(name)
+        if out is None or out.shape[:-1] != hidden.shape[:-1]:
+            out = self.outputs[name] = getattr(self.attention, name)(hidden)
+        return out
+
+    def __enter__(self) -> ProjectionTap:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.outputs.clear()

@@ -43,7 +43,7 @@ from tokprune.core.timing import timed
 from tokprune.errors import UnsupportedInputError
 from tokprune.signals import received_attention
 
-from .base import Adapter, ImageLayout, VisionSignalStore
+from .base import Adapter, ImageLayout, ProjectionTap, VisionSignalStore
 from .llava import clip_encoder_layers
 
 
@@ -132,7 +132,7 @@ class Gemma3Adapter(Adapter):
     def install_vision_hooks(self, names: set[str], store: VisionSignalStore) -> list:
         by_layer = self.signals_by_layer(names, len(self.vision_layers), self.score_layer)
         return self.hook_attention_layers(
-            by_layer, self.vision_layers, lambda wanted: self._hook(wanted, store)
+            by_layer, self.vision_layers, lambda wanted, tap: self._hook(wanted, store, tap)
         )
 
     def pooled(self, values: torch.Tensor) -> torch.Tensor:
@@ -142,24 +142,24 @@ class Gemma3Adapter(Adapter):
         grid = values.transpose(1, 2).reshape(n_img, channels, side, side)
         return self.pool(grid).flatten(2).transpose(1, 2).flatten(0, 1)
 
-    def _hook(self, wanted: dict[str, str], store: VisionSignalStore):
+    def _hook(self, wanted: dict[str, str], store: VisionSignalStore, tap: ProjectionTap):
         """Forward hook on one SigLIP attention module computing `wanted` ({full name: base name}), one
-        value per LLM token. No [CLS]: "cls_attention" is the attention each patch receives."""
+        value per LLM token, from the projections its forward made (`tap`). No [CLS]: "cls_attention" is
+        the attention each patch receives."""
 
         def hook(module, args, kwargs, output):
-            with timed(store.seconds, output[0].device):
+            with timed(store.seconds, output[0].device), tap:
                 hidden = kwargs.get("hidden_states", args[0] if args else None)  # (n_img, P*P, C), normed
                 n_img, length, _ = hidden.shape
-                keys = module.k_proj(hidden).view(n_img, length, -1, module.head_dim).transpose(1, 2)
+                heads = (n_img, length, -1, module.head_dim)
+                keys = tap.output("k_proj", hidden).view(heads).transpose(1, 2)
                 received = None
                 for name, base in wanted.items():
                     if base == "vit_keys":  # head mean
                         value = self.pooled(keys.float().mean(1))
                     else:  # cls_attention / received_attention
                         if received is None:
-                            query = (
-                                module.q_proj(hidden).view(n_img, length, -1, module.head_dim).transpose(1, 2)
-                            )
+                            query = tap.output("q_proj", hidden).view(heads).transpose(1, 2)
                             per_patch = torch.stack(
                                 [received_attention(q, k, module.scale) for q, k in zip(query, keys)]
                             )  # (n_img, P*P)

@@ -29,7 +29,7 @@ from tokprune.core.timing import timed
 from tokprune.errors import UnsupportedInputError, UnsupportedModelError
 from tokprune.signals import cls_attention, received_attention
 
-from .base import Adapter, ImageLayout, VisionSignalStore
+from .base import Adapter, ImageLayout, ProjectionTap, VisionSignalStore
 from .llava import feature_layer_index
 
 
@@ -144,26 +144,32 @@ class InternVLAdapter(Adapter):
     def install_vision_hooks(self, names: set[str], store: VisionSignalStore) -> list:
         by_layer = self.signals_by_layer(names, len(self.vision_layers), self.score_layer)
         return self.hook_attention_layers(
-            by_layer, self.vision_layers, lambda wanted: self._hook(wanted, store), attention="attention"
+            by_layer,
+            self.vision_layers,
+            lambda wanted, tap: self._hook(wanted, store, tap),
+            attention="attention",
         )
 
-    def _hook(self, wanted: dict[str, str], store: VisionSignalStore):
+    def _hook(self, wanted: dict[str, str], store: VisionSignalStore, tap: ProjectionTap):
         """Forward hook on one InternViT attention module computing `wanted` ({full name: base name}) per
-        LLM token: per tile, the value of every patch ([CLS] dropped), pooled over the merged patches."""
+        LLM token: per tile, the value of every patch ([CLS] dropped), pooled over the merged patches; from
+        the projections its forward made (`tap`)."""
 
         def hook(module, args, kwargs, output):
-            with timed(store.seconds, output[0].device):
+            with timed(store.seconds, output[0].device), tap:
                 hidden = kwargs.get("hidden_states", args[0] if args else None)  # (n_tiles, 1 + P, C), normed
                 n, length, _ = hidden.shape
                 shape = (n, -1, module.num_heads, module.head_dim)
-                keys = module.k_norm(module.k_proj(hidden)).view(shape).transpose(1, 2)  # (n, H, 1 + P, d)
+                keys = (
+                    module.k_norm(tap.output("k_proj", hidden)).view(shape).transpose(1, 2)
+                )  # (n, H, 1 + P, d)
                 groups = self.merge_groups(round((length - 1) ** 0.5))
                 for name, base in wanted.items():
                     if base == "cls_attention":
-                        query = module.q_norm(module.q_proj(hidden[:, :1])).view(shape).transpose(1, 2)
+                        query = module.q_norm(tap.output("q_proj", hidden)[:, :1]).view(shape).transpose(1, 2)
                         value = cls_attention(query, keys, module.scale)  # (n, 1 + P)
                     elif base == "received_attention":
-                        queries = module.q_norm(module.q_proj(hidden)).view(shape).transpose(1, 2)
+                        queries = module.q_norm(tap.output("q_proj", hidden)).view(shape).transpose(1, 2)
                         value = torch.stack(
                             [received_attention(q, k, module.scale) for q, k in zip(queries, keys)]
                         )

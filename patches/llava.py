@@ -8,7 +8,7 @@ from torch import nn
 from tokprune.core.timing import timed
 from tokprune.signals import cls_attention, received_attention
 
-from .base import Adapter, ImageLayout, VisionSignalStore
+from .base import Adapter, ImageLayout, ProjectionTap, VisionSignalStore
 
 
 def clip_encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
@@ -78,28 +78,28 @@ class LlavaAdapter(Adapter):
     def install_vision_hooks(self, names: set[str], store: VisionSignalStore) -> list:
         by_layer = self.signals_by_layer(names, len(self.vision_layers), self.score_layer)
         return self.hook_attention_layers(
-            by_layer, self.vision_layers, lambda wanted: self._hook(wanted, store)
+            by_layer, self.vision_layers, lambda wanted, tap: self._hook(wanted, store, tap)
         )
 
-    def _hook(self, wanted: dict[str, str], store: VisionSignalStore):
-        """Forward hook on one CLIP attention module computing `wanted` ({full name: base name})."""
+    def _hook(self, wanted: dict[str, str], store: VisionSignalStore, tap: ProjectionTap):
+        """Forward hook on one CLIP attention module computing `wanted` ({full name: base name}) from the
+        projections its forward made (`tap`)."""
         first = 0 if self.keeps_cls else 1
 
         def hook(module, args, kwargs, output):
-            with timed(store.seconds, output[0].device):
+            with timed(store.seconds, output[0].device), tap:
                 hidden = kwargs.get("hidden_states", args[0] if args else None)  # (n_img, 1 + P, C), normed
                 n_img, length, _ = hidden.shape
-                keys = module.k_proj(hidden).view(n_img, length, -1, module.head_dim).transpose(1, 2)
+                heads = (n_img, length, -1, module.head_dim)
+                keys = tap.output("k_proj", hidden).view(heads).transpose(1, 2)  # (n_img, H, 1 + P, d)
                 for name, base in wanted.items():
                     if base == "cls_attention":
-                        query = (
-                            module.q_proj(hidden[:, :1]).view(n_img, 1, -1, module.head_dim).transpose(1, 2)
-                        )
-                        value = cls_attention(query, keys, module.scale)  # (n_img, 1 + P)
+                        queries = tap.output("q_proj", hidden).view(heads).transpose(1, 2)
+                        value = cls_attention(queries[:, :, :1], keys, module.scale)  # (n_img, 1 + P)
                     elif base == "received_attention":
-                        query = module.q_proj(hidden).view(n_img, length, -1, module.head_dim).transpose(1, 2)
+                        queries = tap.output("q_proj", hidden).view(heads).transpose(1, 2)
                         value = torch.stack(
-                            [received_attention(q, k, module.scale) for q, k in zip(query, keys)]
+                            [received_attention(q, k, module.scale) for q, k in zip(queries, keys)]
                         )
                     else:  # vit_keys: head mean
                         value = keys.float().mean(1)

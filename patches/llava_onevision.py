@@ -54,7 +54,7 @@ from tokprune.core.selection import align_signals
 from tokprune.core.timing import timed
 from tokprune.errors import UnsupportedInputError
 
-from .base import ImageLayout, InstanceWrap, VisionSignalStore
+from .base import ImageLayout, InstanceWrap, ProjectionTap, VisionSignalStore
 from .llava import LlavaAdapter
 
 KINDS = ("image", "video")
@@ -250,12 +250,12 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         return units
 
     # ---- signals --------------------------------------------------------------------------------------
-    def _hook(self, wanted: dict[str, str], store: VisionSignalStore):
+    def _hook(self, wanted: dict[str, str], store: VisionSignalStore, tap: ProjectionTap):
         """SigLIP has no [CLS]: "cls_attention" is computed as the attention each patch receives."""
         renamed = {
             name: "received_attention" if base == "cls_attention" else base for name, base in wanted.items()
         }
-        return super()._hook(renamed, store)
+        return super()._hook(renamed, store, tap)
 
     def install_vision_hooks(self, names: set[str], store: VisionSignalStore) -> list:
         handles = super().install_vision_hooks(names, store)

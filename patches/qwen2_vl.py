@@ -29,7 +29,7 @@ from tokprune.core.timing import timed
 from tokprune.errors import UnsupportedInputError
 from tokprune.signals import received_attention
 
-from .base import Adapter, ImageLayout, InstanceWrap, VisionSignalStore
+from .base import Adapter, ImageLayout, InstanceWrap, ProjectionTap, VisionSignalStore
 
 KINDS = ("image", "video")  # visual item kinds, in the order their ViT parts are kept
 _PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
@@ -199,40 +199,47 @@ class Qwen2VLAdapter(Adapter):
         by_layer = self.signals_by_layer(names, len(self.visual.blocks), self.score_layer)  # validates first
         self._store = store
         handles = [_wrap_features(self, kind) for kind in KINDS]
-        for index, wanted in by_layer.items():
-            hook = self._hook(wanted, store)
-            handles.append(self.visual.blocks[index].attn.register_forward_hook(hook, with_kwargs=True))
-        return handles
+        return handles + self.hook_attention_layers(
+            by_layer,
+            self.visual.blocks,
+            lambda wanted, tap: self._hook(wanted, store, tap),
+            attention="attn",
+            projections=("qkv",),
+        )
 
-    def _hook(self, wanted: dict[str, str], store: VisionSignalStore):
-        """Forward hook on one ViT block's attention computing `wanted` ({full name: base name}), per LLM
-        token (pooled over the merged patches) in raster order, for the images or the videos of the running
-        pass. The ViT has no [CLS]: "cls_attention" is the attention each patch receives within its block's
-        attention pattern (an image, a video's temporal slice, or a window)."""
-        group = self.merge**2
+    def _hook(self, wanted: dict[str, str], store: VisionSignalStore, tap: ProjectionTap):
+        """Forward hook on one ViT block's attention computing `wanted` ({full name: base name}) while the
+        tower runs inside get_image_features / get_video_features (`_block_signals`)."""
 
         def hook(module, args, kwargs, output):
-            kind = self._encoding
-            if kind is None:
-                return  # the tower called outside get_image_features / get_video_features
-            with timed(store.seconds, output.device):
-                hidden = kwargs.get("hidden_states", args[0] if args else None)  # (S, C)
-                seq = hidden.shape[0]
-                q, k, _ = (
-                    module.qkv(hidden).reshape(seq, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-                )
-                order = self.merged_order(self._grids[kind])
-                received = None
-                for name, base in wanted.items():
-                    if base == "vit_keys":  # content keys (before RoPE), head mean, pooled per merged unit
-                        value = k.float().mean(1).view(seq // group, group, -1).mean(1)
-                    else:  # cls_attention / received_attention
-                        if received is None:
-                            received = self._received(module, q, k, kwargs).view(seq // group, group).mean(1)
-                        value = received
-                    self._parts[kind][name] = value if order is None else value[order]
+            with tap:
+                if self._encoding is not None:
+                    with timed(store.seconds, output.device):
+                        self._block_signals(module, wanted, tap, args, kwargs)
 
         return hook
+
+    def _block_signals(self, module: nn.Module, wanted: dict[str, str], tap: ProjectionTap, args, kwargs):
+        """`wanted` per LLM token (pooled over the merged patches) in raster order, for the images or the
+        videos of the running pass, from the qkv projection the block computed (`tap`). The ViT has no
+        [CLS]: "cls_attention" is the attention each patch receives within its block's attention pattern
+        (an image, a video's temporal slice, or a window)."""
+        kind, group = self._encoding, self.merge**2
+        hidden = kwargs.get("hidden_states", args[0] if args else None)  # (S, C)
+        seq = hidden.shape[0]
+        q, k, _ = (
+            tap.output("qkv", hidden).reshape(seq, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        )
+        order = self.merged_order(self._grids[kind])
+        received = None
+        for name, base in wanted.items():
+            if base == "vit_keys":  # content keys (before RoPE), head mean, pooled per merged unit
+                value = k.float().mean(1).view(seq // group, group, -1).mean(1)
+            else:  # cls_attention / received_attention
+                if received is None:
+                    received = self._received(module, q, k, kwargs).view(seq // group, group).mean(1)
+                value = received
+            self._parts[kind][name] = value if order is None else value[order]
 
     @staticmethod
     def _received(module, q: torch.Tensor, k: torch.Tensor, kwargs) -> torch.Tensor:

@@ -39,7 +39,7 @@ from tokprune.core.timing import timed
 from tokprune.errors import UnsupportedInputError
 from tokprune.signals import received_attention
 
-from .base import Adapter, ImageLayout, VisionSignalStore
+from .base import Adapter, ImageLayout, ProjectionTap, VisionSignalStore
 from .internvl import encoded_images, pool_groups, tile_units, visual_runs
 from .llava import clip_encoder_layers
 
@@ -139,7 +139,7 @@ class SmolVLMAdapter(Adapter):
             return []
         handles = [self.inner.vision_model.register_forward_pre_hook(self._remember_mask, with_kwargs=True)]
         handles += self.hook_attention_layers(
-            by_layer, self.vision_layers, lambda wanted: self._hook(wanted, store)
+            by_layer, self.vision_layers, lambda wanted, tap: self._hook(wanted, store, tap)
         )
         return handles
 
@@ -148,16 +148,17 @@ class SmolVLMAdapter(Adapter):
         mask = kwargs.get("patch_attention_mask", args[1] if len(args) > 1 else None)
         self._patch_mask = mask.flatten(1).bool() if mask is not None else None
 
-    def _hook(self, wanted: dict[str, str], store: VisionSignalStore):
+    def _hook(self, wanted: dict[str, str], store: VisionSignalStore, tap: ProjectionTap):
         """Forward hook on one SigLIP attention module computing `wanted` ({full name: base name}) per LLM
-        token: per frame, the value of every patch, pooled over the patches merged into one token."""
+        token: per frame, the value of every patch, pooled over the patches merged into one token; from the
+        projections its forward made (`tap`)."""
 
         def hook(module, args, kwargs, output):
-            with timed(store.seconds, output[0].device):
+            with timed(store.seconds, output[0].device), tap:
                 hidden = kwargs.get("hidden_states", args[0] if args else None)  # (n_frames, P, C), normed
                 n, length, _ = hidden.shape
                 shape = (n, length, -1, module.head_dim)
-                keys = module.k_proj(hidden).view(shape).transpose(1, 2)  # (n, H, P, d)
+                keys = tap.output("k_proj", hidden).view(shape).transpose(1, 2)  # (n, H, P, d)
                 groups = self.merge_groups(length)
                 received = None
                 for name, base in wanted.items():
@@ -165,7 +166,7 @@ class SmolVLMAdapter(Adapter):
                         value = keys.float().mean(1)  # (n, P, d)
                     else:  # cls_attention (no [CLS]: attention received) / received_attention
                         if received is None:
-                            queries = module.q_proj(hidden).view(shape).transpose(1, 2)
+                            queries = tap.output("q_proj", hidden).view(shape).transpose(1, 2)
                             received = self._received(queries, keys, module.scale)
                         value = received
                     store.values[name] = pool_groups(value, groups)

@@ -137,9 +137,14 @@ def test_pruned_prefill_matches_flop_counter(tiny, family, method, layout, attn)
     assert est.model < unpruned.model
     assert est.scoring > 0
     assert rel(est.model, measured - est.scoring) < TOLERANCE
-    # the scoring estimate is what the signals really cost (MustDrop's and VisionZip's unnamed selection
-    # work, a few percent of it, is not counted)
-    assert rel(est.scoring, measured - est.model) < 0.1
+    # the scoring estimate is what the signals really cost. VisionZip's contextual merge and MustDrop's
+    # window similarities are selection matmuls the estimate does not model: there it is a lower bound and
+    # the rest stays under 0.2 % of the model's FLOPs (0.006 % and 0.14 % here; 17 % and 48 % of the estimate)
+    extra = measured - est.model
+    if method in ("visionzip", "mustdrop"):
+        assert est.scoring <= extra < est.scoring + 2e-3 * est.model
+    else:
+        assert rel(est.scoring, extra) < 0.1
     assert est.model <= measured <= est.total * (1 + TOLERANCE)
     # every layer is counted at the length it really saw
     cfg = model.config.text_config

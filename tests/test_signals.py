@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_models import (  # tests/ is on sys.path (conftest)
+    BUILDERS,
     batch_inputs,
     tiny_llava,
     tiny_qwen2vl,
@@ -223,6 +224,39 @@ def test_qwen_vision_hook_matches_eager_received_attention(monkeypatch, family):
         raster[window_index] = pooled
         pooled = raster
     torch.testing.assert_close(values["cls_attention"], pooled, atol=1e-5, rtol=0)
+
+
+def _vision_linear_calls(model, inputs, names: set[str] | None) -> dict[str, int]:
+    """Forward calls of every Linear module of the vision tower during one model forward, with the
+    adapter's vision hooks for `names` installed (None: no hooks)."""
+    calls: dict[str, int] = {}
+    counters = [
+        module.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and ("vision" in name or "visual" in name)
+    ]
+    store = VisionSignalStore()
+    handles = adapter_for(model).install_vision_hooks(names, store) if names else []
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for handle in counters + handles:
+            handle.remove()
+    assert not names or store.values, "the hooks computed no signal"
+    return calls
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_vision_signals_reuse_the_towers_projections(family):
+    """Every ViT signal hook takes Q and K from the projections the attention layer computed itself: with
+    hooks on two layers asking for every signal the family has, no vision Linear runs more often."""
+    model, proc = BUILDERS[family]("sdpa")
+    inputs = batch_inputs(family, proc, (1, 2))
+    adapter = adapter_for(model)
+    names = set(adapter.vision_signals) | {f"{name}@0" for name in adapter.vision_signals}
+    assert len(_vision_linear_calls(model, inputs, None)) > 0
+    assert _vision_linear_calls(model, inputs, names) == _vision_linear_calls(model, inputs, None)
 
 
 @pytest.mark.parametrize("layer", [0, 1, 3])

@@ -44,12 +44,12 @@ Qwen2.5-VL's windowed blocks, the windows of ``get_vision_window_index`` (``cu_w
 Scoring (`FlopsBreakdown.scoring`) is an *estimate* of the extra matmuls tokprune's signals cost; it is
 reported separately and never mixed into the model's own FLOPs. Per signal name:
 
-* ``"cls_attention"`` — LLaVA: per image, the k projection recomputed over the n ViT tokens
-  ``2·n·C²``, the [CLS] query ``2·C²`` and one attention row ``2·n·C``. Qwen: the qkv projection
-  recomputed ``2·S·C·3C`` and the received attention, one full ``Q Kᵀ`` per attention block
-  ``2·C·Σ_b n_b²`` (the column sums are reductions, not matmuls).
-* ``"vit_keys"`` — the same k (LLaVA) / qkv (Qwen) projection; shared with ``"cls_attention"`` when both
-  are asked for.
+* ``"cls_attention"`` — LLaVA: per image, one attention row of the [CLS] query over the n ViT tokens
+  ``2·n·C``. Qwen: the received attention, one full ``Q Kᵀ`` per attention block ``2·C·Σ_b n_b²`` (the
+  column sums are reductions, not matmuls). The ViT's q/k (Qwen: qkv) projections are not recomputed:
+  the hooks take the ones the attention layer computed (`patches.base.ProjectionTap`).
+* ``"received_attention"`` — per image / attention block, one full ``Q Kᵀ`` ``2·n²·C``.
+* ``"vit_keys"`` — nothing: the keys the layer computed.
 * ``"last_query_attention"`` — per row and in-LLM stage: one query row ``2·d·H·h`` and one attention
   row over the n tokens of the layer before the boundary ``2·H·n·h``; the keys come from the KV cache.
 * ``"text_query_attention"`` — the same per query row, for the row's T instruction tokens (T ≥ 1:
@@ -160,9 +160,9 @@ def scoring_signals(methods) -> tuple[str, ...]:
 
 
 def _vision_scoring(model, inputs: dict, images: Images, signals: set[str]) -> float:
-    """ViT-side signal FLOPs. Signals are "base" or "base@layer"; each distinct layer recomputes its
-    projections once. Qwen blocks are counted with their full-image attention blocks (windowed blocks
-    cost less: an upper bound there)."""
+    """ViT-side signal FLOPs. Signals are "base" or "base@layer"; the projections are the layer's own (not
+    recomputed), so only the attention products count. Qwen blocks are counted with their full-image
+    attention blocks (windowed blocks cost less: an upper bound there)."""
     layers: dict[str, set[str]] = {}
     for name in signals:
         base, _, layer = name.partition("@")
@@ -175,16 +175,14 @@ def _vision_scoring(model, inputs: dict, images: Images, signals: set[str]) -> f
         c = model.config.vision_config.hidden_size
         for bases in layers.values():
             for n in images.vit_tokens:
-                total += 2 * n * c * c  # k projection (shared by the layer's signals)
                 if "cls_attention" in bases:
-                    total += 2 * c * c + 2 * n * c  # [CLS] query and its attention row
+                    total += 2 * n * c  # the [CLS] query's attention row
                 if "received_attention" in bases:
-                    total += 2 * n * c * c + 2 * n * n * c  # all queries, Q Kᵀ streamed over query blocks
+                    total += 2 * n * n * c  # Q Kᵀ streamed over query blocks
         return total
     vc = model.config.vision_config
     c = vc.embed_dim if model_family(model) == "qwen2_vl" else vc.hidden_size
     for bases in layers.values():
-        total += 2.0 * sum(images.vit_tokens) * c * 3 * c  # qkv recomputed at the scoring block
         if bases & {"cls_attention", "received_attention"}:  # the same received-attention pass
             total += sum(2 * n * n * c for blocks in images.full_blocks for n in blocks)  # Q Kᵀ per block
     return total
