@@ -22,6 +22,18 @@ PER_SETTING = [
 ]  # fmt: skip
 
 
+def test_one_new_token_reports_no_decode_speed(tiny):
+    """max_new_tokens=1 has no decode step: no decode figure (the table prints "—"), never 0 tok/s."""
+    from tokprune.bench.report import markdown_table
+
+    model, proc = tiny("llava")
+    inputs = batch_inputs("llava", proc, (1,))
+    rows = run_benchmark(model, inputs, [Setting()], max_new_tokens=1, repeats=1, warmup=0, progress=False)
+    assert "decode_tokens_per_s_median" not in rows[0] and rows[0]["e2e_s_median"] > 0
+    cells = markdown_table(rows).splitlines()[2].split(" | ")
+    assert cells[7] == "—"  # the decode tok/s column
+
+
 @pytest.mark.slow
 def test_harness_end_to_end(tiny, tmp_path):
     model, proc = tiny("llava")

@@ -141,9 +141,10 @@ def _measure_once(model, inputs: dict, setting: Setting, max_new_tokens: int, de
                 pad_token_id=0,
             )
         record["peak_e2e_bytes"] = memory.peak_bytes
-    # decode speed inside the same generate() call: forward ends after the first (the prefill's) one
-    decode_s = clock.ends[-1] - clock.ends[0] if len(clock.ends) > 1 else 0.0
-    record["decode_tokens_per_s"] = (len(clock.ends) - 1) / decode_s if decode_s > 0 else 0.0
+    # decode speed inside the same generate() call: forward ends after the first (the prefill's) one;
+    # with one new token there is no decode step, and no figure (the table shows "—", not 0)
+    if len(clock.ends) > 1:
+        record["decode_tokens_per_s"] = (len(clock.ends) - 1) / (clock.ends[-1] - clock.ends[0])
     record["scoring_s"] = stats.scoring_seconds if stats is not None else 0.0
     return record, {"stats": stats, "cache_lengths": lengths}
 
