@@ -160,9 +160,8 @@ class InternVLAdapter(Adapter):
                 hidden = kwargs.get("hidden_states", args[0] if args else None)  # (n_tiles, 1 + P, C), normed
                 n, length, _ = hidden.shape
                 shape = (n, -1, module.num_heads, module.head_dim)
-                keys = (
-                    module.k_norm(tap.output("k_proj", hidden)).view(shape).transpose(1, 2)
-                )  # (n, H, 1 + P, d)
+                projected = tap.output("k_proj", hidden)  # the layer's own k projection
+                keys = module.k_norm(projected).view(shape).transpose(1, 2)  # (n, H, 1 + P, d)
                 groups = self.merge_groups(round((length - 1) ** 0.5))
                 for name, base in wanted.items():
                     if base == "cls_attention":
