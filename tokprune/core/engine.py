@@ -7,8 +7,9 @@ Hook points (DESIGN §4):
   * language-model pre-hook: pre-LLM selection and compaction of inputs_embeds, mask and position ids
     (prefill); rebuild of the 2-D mask against the pruned cache (decode); a follow-up turn's new images
     on a reused cache (`turns.py`);
-  * decoder-layer hooks from the first in-LLM boundary on (`stages.py`): stage selection and compaction of the
-    residual stream, then the stage's mask / RoPE tables / position ids for every later layer.
+  * decoder-layer hooks (`stages.py`), on every layer: the position ids a layer sees (none under flash
+    attention); from the first in-LLM boundary on, stage selection and compaction of the residual
+    stream, then the stage's mask / RoPE tables / position ids for every later layer.
 Kept tokens always keep their original positions; rows are re-packed with left padding.
 """
 
@@ -36,7 +37,7 @@ from tokprune.core.positions import shifted
 from tokprune.core.selection import align_signals, content_counts, select_pre, text_after_images
 from tokprune.core.stages import StageHooks, llm_stages
 from tokprune.core.state import PrefillState, TokenMap, max_position
-from tokprune.core.stats import PruneStats, StageStats
+from tokprune.core.stats import PruneStats, StageStats, rewritten_visual
 from tokprune.core.timing import timed
 from tokprune.core.turns import FollowUpHooks
 from tokprune.core.wrap import refuse_copies
@@ -100,14 +101,12 @@ class Engine(StageHooks, FollowUpHooks):
         self.handles.append(refuse_copies(a.model))
         self.handles.append(a.language_model.register_forward_pre_hook(self._on_lm, with_kwargs=True))
         self.handles.append(a.language_model.register_forward_hook(self._on_lm_done))
-        if not self.boundaries:
-            return
         layers = a.decoder_layers
         for b in self.boundaries:
             if self._method_at(b).score_at == "previous":
                 hook = self._make_score_hook(b)
                 self.handles.append(layers[b - 1].self_attn.register_forward_hook(hook, with_kwargs=True))
-        for j in range(self.boundaries[0], len(layers)):
+        for j in range(len(layers)):  # every layer: the position ids it sees (stages.py), then the stages
             self.handles.append(
                 layers[j].register_forward_pre_hook(self._make_layer_hook(j), with_kwargs=True)
             )
@@ -267,6 +266,7 @@ class Engine(StageHooks, FollowUpHooks):
             keep, embeds = select_pre(
                 self.pre, self.pre_budget, fwd.layout, embeds, visual, signals, instruction
             )
+            merged = rewritten_visual(kwargs["inputs_embeds"], embeds, fwd.tokens.visual_rank)
             fwd.seconds[0] += self.store.seconds[0]
             self.store.seconds[0] = 0.0  # the signals stay: generate(use_cache=False) reuses them
         changed = keep is not None
@@ -278,7 +278,7 @@ class Engine(StageHooks, FollowUpHooks):
             mask = compaction.take_mask(mask)
             position_ids = compaction.take_positions(position_ids)
             kwargs["position_ids"] = position_ids
-        fwd.stats.stages.append(StageStats.of(self.pre.name, "pre", fwd.tokens.kept_visual()))
+        fwd.stats.stages.append(StageStats.of(self.pre.name, "pre", fwd.tokens.kept_visual(), merged))
         return changed, mask, position_ids
 
     def _input_signals(self, fwd: Forward, embeds: torch.Tensor, instruction: list[torch.Tensor]) -> None:

@@ -41,3 +41,21 @@ def shifted(given: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     if given.shape[0] == 4:  # text row first (transformers' packed-sequence layout)
         moved[0] = given[0]
     return moved
+
+
+def layer_position_ids(position_ids: torch.Tensor | None, config) -> torch.Tensor | None:
+    """The position ids a decoder layer gets in a forward tokprune manages (positions of kept tokens,
+    gapped where tokens were dropped): `position_ids` itself, or None under flash attention.
+
+    A decoder layer takes its RoPE from `position_embeddings`; its `position_ids` only reach the attention
+    function, and of transformers' implementations only flash attention reads them: for a batch of one
+    row without padding (its all-ones mask is dropped) it treats position ids that are not one increasing
+    run as packed sequences and sets the keys' cumulative lengths to the queries'. On a non-empty cache
+    (a follow-up turn, a prefix cache) the new tokens then attend to the first cache slots instead of the
+    cache and themselves. tokprune's rows are always one sequence each, so under flash attention the
+    layers get no position ids and flash attends each row as one causal sequence (bottom-right aligned on
+    the cache), as sdpa and eager do with the explicit mask.
+    """
+    if "flash" in (getattr(config, "_attn_implementation", None) or ""):
+        return None
+    return position_ids

@@ -1,6 +1,8 @@
 """In-LLM stages: decoder-layer hooks that score, select and compact the residual stream at each boundary,
 then give every later layer the stage's mask, RoPE tables and position ids (prefill), or the mask of the
-stage's pruned cache (decode steps)."""
+stage's pruned cache (decode steps). The hooks sit on every decoder layer: in a prefill tokprune manages,
+they also decide which position ids a layer sees (`positions.layer_position_ids`: none under flash
+attention, which would read gapped ids as packed sequences)."""
 
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ from tokprune.core.compaction import Compaction
 from tokprune.core.compat import cache_in
 from tokprune.core.forward import Forward
 from tokprune.core.masks import joined, layer_type
+from tokprune.core.positions import layer_position_ids
 from tokprune.core.selection import content_counts, select_llm, text_after_images
 from tokprune.core.state import PrefillState
-from tokprune.core.stats import StageStats
+from tokprune.core.stats import StageStats, rewritten_visual
 from tokprune.core.timing import timed
 from tokprune.errors import MethodOptionError
 from tokprune.methods.base import LLMMethod
@@ -78,9 +81,18 @@ class StageHooks:
         )  # fmt: skip
 
     def _make_layer_hook(self, j: int):
+        """Pre-hook of decoder layer j (every layer): in a prefill, the stage bookkeeping from the first
+        boundary on, and the position ids the layer may see; in a decode step, the stage's mask."""
+
         def hook(module, args, kwargs):
             if self.fwd is not None and self.fwd.tokens is not None:
-                return self._prefill_layer(j, module, args, kwargs)
+                if self.boundaries and j >= self.boundaries[0]:
+                    args, kwargs = self._prefill_layer(j, module, args, kwargs)
+                if "position_ids" in kwargs:
+                    kwargs["position_ids"] = layer_position_ids(
+                        kwargs["position_ids"], self.adapter.text_config
+                    )
+                return args, kwargs
             if self.state is not None and self.state.stage_masks and self._decode_tail is not None:
                 return self._decode_layer(j, args, kwargs)
             return None
@@ -130,14 +142,17 @@ class StageHooks:
             signals.update(self._vision_signals_now(fwd, method))
             signals.update(_input_signals_now(fwd, method))
             counts = fwd.image_counts if method.counts_on_image else fwd.entry_counts
+            received = hidden
             keep, hidden = select_llm(
                 method, budget, stage, fwd.tokens, fwd.layout, fwd.image_rows, counts, hidden, signals
             )
+            merged = rewritten_visual(received, hidden, fwd.tokens.visual_rank)
         if keep is not None:
             hidden = self._compact_stage(boundary, keep, hidden)
         if keep is not None or fwd.prefix is not None:  # a follow-up's later layers hold another cache
             self._stage_masks(boundary, hidden, cache_in(kwargs))
-        fwd.stats.stages.append(StageStats.of(method.name, f"llm@{boundary}", fwd.tokens.kept_visual()))
+        kept = fwd.tokens.kept_visual()
+        fwd.stats.stages.append(StageStats.of(method.name, f"llm@{boundary}", kept, merged))
         return hidden
 
     def _llm_vision_names(self) -> set[str]:

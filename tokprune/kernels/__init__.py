@@ -11,7 +11,8 @@
   kernels are tested against, on CPU with TRITON_INTERPRET=1).
 * `tokprune.kernels.varlen` — unpad / pad / cumulative lengths of ragged batches and a reference
   variable-length attention with flash-attn's API (the CPU stand-in used to test transformers'
-  flash_attention_2 path on pruned, ragged batches).
+  flash_attention_2 path on pruned, ragged batches; it refuses what flash-attn refuses, fp32 inputs
+  included, unless `allow_fp32=True` is passed for an exact CPU comparison).
 """
 
 from __future__ import annotations

@@ -10,12 +10,22 @@ the kernel when tokprune's tests run transformers' flash_attention_2 code on a m
 
 Layouts follow flash-attn: packed tensors are (total_tokens, heads, head_dim); `cu_seqlens` (B + 1,)
 int32 holds the offset of every sequence in the packed tensor.
+
+The stand-in refuses what flash-attn 2 refuses (`check_flash_inputs`): inputs other than fp16 / bf16
+(transformers hands the kernel an fp32 model's fp32 activations as they are, and flash-attn raises),
+q / k / v of different dtypes, head sizes above 256, query heads that are not a multiple of the key
+heads, cu_seqlens that are not int32, a last dimension that is not contiguous. So a configuration that
+passes on the CPU does not fail on the GPU for a reason the CPU could have seen. `allow_fp32=True` is the
+one explicit opt-in beyond flash-attn: fp32 inputs, for exact CPU comparisons of fp32 models against sdpa
+(the arithmetic is fp32 in every case; only the dtype check is relaxed).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from tokprune.errors import UnsupportedInputError
 
 
 def cu_seqlens_of(lengths: torch.Tensor) -> torch.Tensor:
@@ -65,6 +75,38 @@ def visible_keys(q_len: int, k_len: int, causal: bool, window: tuple[int, int], 
     return visible
 
 
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256  # flash-attn 2's largest head size
+
+
+def check_flash_inputs(q, k, v, cu_seqlens: tuple = (), allow_fp32: bool = False) -> None:
+    """Raise `UnsupportedInputError` for inputs flash-attn 2 refuses (see the module docstring).
+
+    q: (..., H, d); k, v: (..., H_kv, d); cu_seqlens: the cumulative-length tensors of a varlen call.
+    """
+    allowed = FLASH_DTYPES + ((torch.float32,) if allow_fp32 else ())
+    if q.dtype not in allowed:
+        hint = " (or allow_fp32=True for an exact CPU comparison)" if q.dtype == torch.float32 else ""
+        raise UnsupportedInputError(
+            f"flash attention supports fp16 and bf16 inputs only, got {q.dtype}: run the model in "
+            f"torch.bfloat16 or torch.float16{hint}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise UnsupportedInputError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise UnsupportedInputError(
+            f"flash attention supports head sizes up to {MAX_HEAD_DIM}, got {q.shape[-1]}"
+        )
+    if q.shape[-2] % k.shape[-2] or k.shape[-2] != v.shape[-2]:
+        raise UnsupportedInputError(
+            f"query heads ({q.shape[-2]}) must be a multiple of the key/value heads ({k.shape[-2]}, {v.shape[-2]})"
+        )
+    if any(x.stride(-1) != 1 for x in (q, k, v)):
+        raise UnsupportedInputError("q, k and v must have a contiguous last dimension")
+    if any(c.dtype != torch.int32 for c in cu_seqlens):
+        raise UnsupportedInputError("cu_seqlens must be int32")
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -106,10 +148,13 @@ def flash_attn_varlen_func(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
     window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0, deterministic: bool = False,
+    allow_fp32: bool = False,
 ):  # fmt: skip
-    """flash_attn.flash_attn_varlen_func for inference (no dropout), computed by `varlen_attention`."""
+    """flash_attn.flash_attn_varlen_func for inference (no dropout), computed by `varlen_attention`;
+    refuses what flash-attn refuses (`check_flash_inputs`; allow_fp32: the documented fp32 opt-in)."""
     if dropout_p:
-        raise ValueError("the reference flash attention is for inference: dropout_p must be 0")
+        raise UnsupportedInputError("the reference flash attention is for inference: dropout_p must be 0")
+    check_flash_inputs(q, k, v, (cu_seqlens_q, cu_seqlens_k), allow_fp32)
     return varlen_attention(
         q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, tuple(window_size), softcap
     )
@@ -118,6 +163,7 @@ def flash_attn_varlen_func(
 def flash_attn_func(
     q, k, v, dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
     window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0, deterministic: bool = False,
+    allow_fp32: bool = False,
 ):  # fmt: skip
     """flash_attn.flash_attn_func (dense (B, L, H, d) inputs, every row a full sequence)."""
     batch, q_len = q.shape[:2]
@@ -126,6 +172,6 @@ def flash_attn_func(
     cu_k = torch.arange(0, (batch + 1) * k_len, k_len, dtype=torch.int32, device=q.device)
     out = flash_attn_varlen_func(
         q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, q_len, k_len,
-        dropout_p, softmax_scale, causal, window_size, softcap, deterministic,
+        dropout_p, softmax_scale, causal, window_size, softcap, deterministic, allow_fp32,
     )  # fmt: skip
     return out.view(batch, q_len, *out.shape[1:])
