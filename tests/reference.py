@@ -1,14 +1,15 @@
 """The masked reference of DESIGN §8: the *unpatched* model, dropped tokens masked out, original positions.
 
-For a pruned run we know (from `Pruner.stats`) which visual tokens each stage kept. The reference runs
-the unpatched model on the full sequence without a cache, with:
+For a pruned run we know (from `Pruner.stats`) which visual tokens each stage kept, and which of those it
+rewrote (`StageStats.merged`: the merged vectors of merging methods). The reference runs the unpatched
+model on the full sequence without a cache, computing every state itself, with:
   * original position ids (what generate() computes from the unpruned mask);
-  * for pre-LLM stages, the LLM input embeddings of kept tokens replaced by what the pruned run fed the
-    LLM (merging methods change them; their values are checked against their definitions elsewhere) and
-    dropped tokens masked out in every layer;
-  * for an in-LLM stage at boundary b, dropped tokens masked out in layers >= b only, and (given
-    `stage_hidden`) the kept visual tokens entering layer b with the states the pruned run gave them
-    (methods that merge inside the LLM change them; checked against their definitions elsewhere);
+  * for a pre-LLM stage, dropped tokens masked out in every layer, and only the tokens the stage rewrote
+    given the LLM input the pruned run fed them (their merged values are checked against the methods'
+    definitions by the per-method tests); every other present token of the pruned run's LLM input must
+    equal the unpatched model's own LLM input there, bit for bit (checked here);
+  * for an in-LLM stage at boundary b, dropped tokens masked out in layers >= b only, and only the tokens
+    the stage rewrote entering layer b with the states the pruned run gave them;
   * the model's own attention pattern on what is left: bidirectional blocks where the model builds them
     from token_type_ids (Gemma 3's images, by the model module's own rule), and on sliding-window
     layers the window counted in slots of the pruned sequence, i.e. in tokens still present (the
@@ -155,17 +156,98 @@ def _slot_window(mask: torch.Tensor, window: int):
     return inner
 
 
-@torch.no_grad()
-def _with_states(hidden: torch.Tensor, recorded: torch.Tensor, present: torch.Tensor, visual: torch.Tensor):
-    """hidden (B, L, D) with its present visual tokens' states taken from the pruned run's stream
-    `recorded` (B, L_b, D), whose last present[row].sum() slots hold row's present tokens in order."""
-    hidden = hidden.clone()
-    for row in range(hidden.shape[0]):
-        where = present[row].nonzero().squeeze(1)
-        states = recorded[row, recorded.shape[1] - where.numel() :]
-        is_visual = visual[row, where]
-        hidden[row, where[is_visual]] = states[is_visual].to(hidden.dtype)
-    return hidden
+def rewritten_positions(visual: torch.Tensor, stage) -> list[torch.Tensor]:
+    """Per row: the sequence positions (B, L columns) of the visual tokens `stage` rewrote."""
+    return [visual[row].nonzero().squeeze(1)[merged] for row, merged in enumerate(stage.merged)]
+
+
+def _inject(target: torch.Tensor, source: torch.Tensor, present: torch.Tensor, positions) -> torch.Tensor:
+    """`target` (B, L', D) with its vectors at `positions[row]` (sequence positions, all present) taken from
+    the pruned run's `source` (B, L_s, D), whose last present[row].sum() slots hold the row's present tokens
+    (present: (B, L) over the prompt) in order."""
+    target = target.clone()
+    for row, where in enumerate(positions):
+        if where.numel():
+            slots = present[row].nonzero().squeeze(1)
+            index = source.shape[1] - slots.numel() + torch.searchsorted(slots, where)
+            target[row, where] = source[row, index].to(target.dtype)
+    return target
+
+
+def assert_same_input(own: torch.Tensor, pruned: torch.Tensor, present: torch.Tensor, rewritten) -> None:
+    """The pruned run's LLM input equals the unpatched model's, bit for bit, at every present token no
+    stage rewrote (text included), differs from it at every token a stage says it rewrote, and holds
+    nothing else.
+
+    own: (B, L, D) the unpatched model's LLM input; pruned: (B, L0, D) the pruned run's, each row's present
+    tokens right-aligned after left padding; present: (B, L) bool; rewritten: per row, sequence positions.
+    """
+    counts = present.sum(1)
+    assert pruned.shape[1] == int(counts.max()), f"LLM input of {pruned.shape[1]} slots for {counts.tolist()}"
+    for row in range(own.shape[0]):
+        slots = present[row].nonzero().squeeze(1)
+        got = pruned[row, pruned.shape[1] - slots.numel() :]
+        same = ~torch.isin(slots, rewritten[row])
+        expected = own[row, slots[same]]
+        if not torch.equal(got[same], expected):
+            bad = (got[same] != expected).any(-1)
+            raise AssertionError(
+                f"row {row}: the pruned LLM input differs from the unpatched model's at {int(bad.sum())} of "
+                f"{int(same.sum())} present tokens no stage rewrote (positions {slots[same][bad][:8].tolist()})"
+            )
+        unchanged = (got[~same] == own[row, slots[~same]]).all(-1)
+        assert not unchanged.any(), (
+            f"row {row}: tokens reported rewritten are the unpatched ones: {unchanged}"
+        )
+
+
+def present_after(model, inputs: dict, stats) -> torch.Tensor:
+    """(B, L) bool: the prompt tokens the last decoder layer (and so the logits) of the pruned prefill
+    covers: the real tokens less every stage's dropped visual tokens."""
+    valid = inputs["attention_mask"].bool()
+    if not stats.stages:
+        return valid
+    return keep_mask(visual_mask(model, inputs["input_ids"]), valid, stats.stages[-1].kept)
+
+
+def assert_close_scaled(got: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
+    """Within tol x the largest |expected| (float32 summation-order noise grows with the logits)."""
+    atol = tol * max(1.0, float(expected.abs().max()))
+    torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+
+
+def assert_prefill_matches(pruned: torch.Tensor, expected: torch.Tensor, present: torch.Tensor, tol: float):
+    """Every real position of the pruned prefill equals the reference at the same original position.
+
+    pruned: (B, L', V) the pruned run's logits, each row's present tokens right-aligned after left padding;
+    expected: (B, L, V) the reference's over the whole prompt; present: (B, L) `present_after`.
+    """
+    counts = present.sum(1)
+    assert pruned.shape[1] == int(counts.max()), f"{pruned.shape[1]} logit slots for {counts.tolist()} tokens"
+    for row in range(pruned.shape[0]):
+        n = int(counts[row])
+        assert_close_scaled(pruned[row, pruned.shape[1] - n :], expected[row, present[row]], tol)
+
+
+def assert_steps_match(steps, reference: list[torch.Tensor], tol: float) -> None:
+    """generate()'s per-step logits [(B, V)] equal the reference's: the first comes from the prefill's last
+    position, step t >= 1 follows t generated tokens."""
+    assert_close_scaled(steps[0], reference[0][:, -1], tol)
+    for step in range(1, len(steps)):
+        assert_close_scaled(steps[step], reference[step], tol)
+
+
+def _check_merged(stats, lm_input, stage_hidden) -> None:
+    """Every stage's rewritten tokens are among its kept ones; refuse a reference that could not give
+    them their values."""
+    for stage in stats.stages:
+        assert all(bool(torch.isin(m, k).all()) for m, k in zip(stage.merged, stage.kept)), stage.where
+        if not any(m.numel() for m in stage.merged):
+            continue
+        boundary = 0 if stage.where == "pre" else int(stage.where.split("@")[1])
+        given = lm_input if boundary == 0 else (stage_hidden or {}).get(boundary)
+        if given is None:
+            raise ValueError(f"stage {stage.where} rewrote tokens: pass the pruned run's stream it fed")
 
 
 @torch.no_grad()
@@ -173,18 +255,25 @@ def reference_logits(
     model,
     inputs: dict,
     stats,
-    pre_embeds: torch.Tensor | None,
+    lm_input: torch.Tensor | None,
     new_tokens: torch.Tensor,
     stage_hidden: dict[int, torch.Tensor] | None = None,
 ):
-    """Last-position logits of the masked reference for the prompt and each generated prefix.
+    """Logits of the masked reference for the prompt and each generated prefix.
 
-    stage_hidden: {boundary b: (B, L_b, D) the stream the pruned prefill fed layer b} for in-LLM stages.
+    lm_input: (B, L0, D) the LLM input of the pruned prefill `stats` describe (`LMInputRecorder`), or None:
+        checked bit for bit with `assert_same_input`, and the source of what a pre-LLM stage rewrote.
+    stage_hidden: {boundary b: (B, L_b, D) the stream the pruned prefill fed layer b} (`StageInputRecorder`),
+        the source of what the in-LLM stage at b rewrote.
+    Raises ValueError when a stage rewrote tokens whose source was not given.
     Returns a list: [prefill logits (B, L, V) over the prompt] + [(B, V) for each decode step].
     """
+    _check_merged(stats, lm_input, stage_hidden)
     visual = visual_mask(model, inputs["input_ids"])
     valid = inputs["attention_mask"].bool()
+    prompt = visual.shape[1]
     stage_keeps = [(s.where, keep_mask(visual, valid, s.kept)) for s in stats.stages]
+    rewritten = {s.where: rewritten_positions(visual, s) for s in stats.stages}
     lm = language_model(model)
     layer_types = getattr(lm.config, "layer_types", None)
     handles = []
@@ -192,19 +281,18 @@ def reference_logits(
 
     def lm_pre(module, args, kwargs):
         embeds = kwargs["inputs_embeds"]
-        length = embeds.shape[1]
-        extra = length - visual.shape[1]
-        ones = torch.ones(visual.shape[0], extra, dtype=torch.bool)
+        ones = torch.ones(visual.shape[0], embeds.shape[1] - prompt, dtype=torch.bool)
         given = kwargs["attention_mask"]  # a dict per layer type where the model builds one (Gemma 3)
         mask = (state["input_mask"] if isinstance(given, dict) else given).bool()
+        present = valid
         for where, keep in stage_keeps:
             if where == "pre":
-                if pre_embeds is not None:
-                    embeds = embeds.clone()
-                    for row in range(embeds.shape[0]):
-                        n = int(keep[row].sum())
-                        embeds[row, : visual.shape[1]][keep[row]] = pre_embeds[row, -n:]
+                present = present & keep
                 mask = mask & torch.cat([keep, ones], 1)
+        merged = rewritten.get("pre", [torch.zeros(0, dtype=torch.long)] * visual.shape[0])
+        if lm_input is not None:
+            assert_same_input(embeds[:, :prompt], lm_input, present, merged)
+            embeds = _inject(embeds, lm_input, present, merged)
         kwargs["inputs_embeds"], kwargs["attention_mask"] = embeds, mask.long()
         state["full"] = {where: torch.cat([keep, ones], 1) for where, keep in stage_keeps if where != "pre"}
         state["mask"] = mask
@@ -217,8 +305,9 @@ def reference_logits(
                 if j >= int(where.split("@")[1]):
                     mask = mask & keep
             hidden = args[0] if args else kwargs["hidden_states"]
-            if stage_hidden is not None and j in stage_hidden:  # an in-LLM boundary of the pruned run
-                hidden = _with_states(hidden, stage_hidden[j], mask[:, : visual.shape[1]], visual)
+            merged = rewritten.get(f"llm@{j}")
+            if merged is not None and any(m.numel() for m in merged):  # in-LLM merges, as the pruned run
+                hidden = _inject(hidden, stage_hidden[j], mask[:, :prompt], merged)
                 args, kwargs = (
                     ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
                 )

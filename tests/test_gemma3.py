@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import LMInputRecorder, original_positions, reference_logits
+from reference import (
+    LMInputRecorder,
+    assert_prefill_matches,
+    original_positions,
+    present_after,
+    reference_logits,
+)
 from tiny_gemma3 import IMAGE_SIZE, PATCH_SIZE, TOKENS_PER_IMAGE, tiny_gemma3
 from tiny_models import batch_inputs
 from tokprune.patches import VisionSignalStore, adapter_for
@@ -129,9 +135,7 @@ def test_without_token_type_ids_the_masks_stay_causal_as_in_the_model():
         recorder.remove()
         stats, embeds = pruner.stats, recorder.embeds
     reference = reference_logits(model, inputs, stats, embeds, inputs["input_ids"][:, :0])[0]
-    torch.testing.assert_close(
-        pruned[:, -4:], reference[:, -4:], atol=1e-5 * float(reference.abs().max()), rtol=0
-    )
+    assert_prefill_matches(pruned, reference, present_after(model, inputs, stats), 1e-5)
 
 
 def test_a_prebuilt_mask_dict_is_refused():

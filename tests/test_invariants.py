@@ -8,11 +8,15 @@ import math
 
 import pytest
 import torch
+from checks import skip_without_tiles
 from reference import (
     LMInputRecorder,
     StageInputRecorder,
+    assert_prefill_matches,
+    assert_steps_match,
     language_model,
     original_positions,
+    present_after,
     reference_logits,
     stage_plan,
 )
@@ -33,17 +37,60 @@ TINY_OPTIONS = {"vtc_cls": {"start_layer": -2, "end_layer": -1}}
 TOL = 1e-5  # relative to the largest |logit| of the compared tensors (float32 summation-order noise)
 
 
+def _hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
 def _refuses_without_tiles(model, method) -> bool:
     """AnyRes-only methods (`needs_tiles`) on a model without tiles: apply() must refuse them early,
     naming the models that have tiles, and install nothing. True when that was the case checked."""
     if not REGISTRY[method].needs_tiles or adapter_for(model).tiles:
         return False
-    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    hooks = _hook_count(model)
     with pytest.raises(UnsupportedModelError, match="models with tiles: .*ForConditionalGeneration"):
         tokprune.apply(model, method, keep_ratio=0.25, **TINY_OPTIONS.get(method, {}))
     assert not hasattr(model, "_tokprune_pruner")
-    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
+    assert _hook_count(model) == hooks
     return True
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", [m for m in METHODS if REGISTRY[m].needs_tiles])
+def test_anyres_only_methods_need_tiles(tiny, family, method):
+    """On a model without AnyRes tiles apply() refuses an AnyRes-only method (the matrix skips those
+    cases); on a model with tiles it installs, and remove() takes every hook off again."""
+    model, _ = tiny(family, "sdpa")
+    if _refuses_without_tiles(model, method):
+        return
+    hooks = _hook_count(model)
+    tokprune.apply(model, method, keep_ratio=0.25, **TINY_OPTIONS.get(method, {})).remove()
+    assert _hook_count(model) == hooks and not hasattr(model, "_tokprune_pruner")
+
+
+_UNPATCHED: dict = {}
+
+
+def unpatched_outputs(family: str, attn: str, batch: str, inputs: dict) -> tuple:
+    """(prefill logits, generated tokens, per-step logits) of a freshly built, never patched model on
+    `inputs`, computed once per (family, attn, batch); batch: a name of `inputs` that no other batch of
+    the same family uses (a layout)."""
+    key = (family, attn, batch)
+    if key not in _UNPATCHED:
+        model, _ = BUILDERS[family](attn)
+        _UNPATCHED[key] = (_prefill(model, inputs), *_generate(model, inputs))
+    return _UNPATCHED[key]
+
+
+def assert_same_outputs(got: tuple, expected: tuple) -> None:
+    """Bit-identical (prefill logits, generated tokens, per-step logits)."""
+    assert torch.equal(got[0], expected[0])
+    assert torch.equal(got[1], expected[1])
+    assert len(got[2]) == len(expected[2]) and all(torch.equal(a, b) for a, b in zip(got[2], expected[2]))
+
+
+def assert_restored(model, inputs: dict, expected: tuple) -> None:
+    """After remove(): prefill and generate() are bit-identical to `expected` (`unpatched_outputs`)."""
+    assert_same_outputs((_prefill(model, inputs), *_generate(model, inputs)), expected)
 
 
 def _generate(model, inputs):
@@ -73,21 +120,19 @@ def _prefill(model, inputs):
 @pytest.mark.parametrize("method", METHODS)
 def test_keep_all_is_bit_identical(tiny, family, attn, method):
     model, proc = tiny(family, attn)
-    if _refuses_without_tiles(model, method):
-        return
-    assert_keep_all_identical(model, batch_inputs(family, proc, (1, 2)), method)
+    skip_without_tiles(model, method)
+    inputs = batch_inputs(family, proc, LAYOUTS["1+2"])
+    assert_keep_all_identical(model, inputs, method, unpatched_outputs(family, attn, "1+2", inputs))
 
 
-def assert_keep_all_identical(model, inputs: dict, method: str) -> None:
-    """keep_ratio=1.0 gives bit-identical prefill logits, generated tokens and per-step logits."""
-    ref_logits = _prefill(model, inputs)
-    ref_tokens, ref_steps = _generate(model, inputs)
+def assert_keep_all_identical(model, inputs: dict, method: str, expected: tuple | None = None) -> None:
+    """keep_ratio=1.0 gives bit-identical prefill logits, generated tokens and per-step logits.
+
+    expected: the unpatched model's (prefill logits, tokens, steps); None: computed here before applying."""
+    if expected is None:
+        expected = (_prefill(model, inputs), *_generate(model, inputs))
     with tokprune.apply(model, method, keep_ratio=1.0, **TINY_OPTIONS.get(method, {})):
-        assert torch.equal(_prefill(model, inputs), ref_logits)
-        tokens, steps = _generate(model, inputs)
-    assert torch.equal(tokens, ref_tokens)
-    for a, b in zip(steps, ref_steps):
-        assert torch.equal(a, b)
+        assert_same_outputs((_prefill(model, inputs), *_generate(model, inputs)), expected)
 
 
 def _expected_layer_tokens(pruner, inputs, model, ratio, family):
@@ -150,62 +195,70 @@ LAYOUTS = {"1+2": (1, 2), "0+1": (0, 1)}
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
 def test_pruned_equals_masked_reference(tiny, family, attn, method, layout):
-    """Prefill and every decode step equal the masked reference; token counts exact; remove() restores."""
+    """Prefill (every real position) and every decode step equal the masked reference; the LLM input is the
+    unpatched one at the kept positions; token counts exact; remove() restores prefill and generate()."""
     model, proc = tiny(family, attn)
-    if _refuses_without_tiles(model, method):
-        return
+    skip_without_tiles(model, method)
     inputs = batch_inputs(family, proc, LAYOUTS[layout])
-    ref_logits = _prefill(model, inputs)
+    unpatched = unpatched_outputs(family, attn, layout, inputs)
     ratio = 0.25
     pruner = tokprune.apply(model, method, keep_ratio=ratio, **TINY_OPTIONS.get(method, {}))
-    recorder, probe = LMInputRecorder(model), LayerLengthProbe(model)
-    streams = StageInputRecorder(model, pruner)
-    try:
-        with torch.no_grad():  # the positions generate() would use, so that absolute RoPE angles match
-            pruned_prefill = model(**inputs, position_ids=original_positions(model, inputs)).logits
-        prefill_stats, prefill_embeds = pruner.stats, recorder.embeds
+    probe = LayerLengthProbe(model)
+
+    def counts(stats) -> None:
         expected = _expected_layer_tokens(pruner, inputs, model, ratio, family)
         padded = [max(r[i] for r in expected) for i in range(len(expected[0]))]
         assert [length for _, length in probe.lengths] == padded
         probe.remove()
-        assert prefill_stats.visual_kept == [int(k.numel()) for k in prefill_stats.kept]
-        assert all(torch.equal(k, k.sort().values) for k in prefill_stats.kept)
-        prefill_hidden, streams.hidden = streams.hidden, {}
-        recorder.embeds = None
+        assert stats.visual_kept == [int(k.numel()) for k in stats.kept]
+        assert all(torch.equal(k, k.sort().values) for k in stats.kept)
+
+    try:
+        prefill, generated = run_pruned(model, inputs, pruner, counts)
+    finally:
+        probe.remove()
+    assert_matches_reference(model, inputs, prefill, generated)
+    assert not inputs["attention_mask"].bool().all(1).all()  # the batch really has a left-padded row
+    assert_restored(model, inputs, unpatched)
+
+
+def run_pruned(model, inputs: dict, pruner, after_prefill=None) -> tuple[tuple, tuple]:
+    """A prefill (at the positions generate() uses, so that absolute RoPE angles match) and a generate()
+    under `pruner`, recorded for `assert_matches_reference`: (prefill, generated). after_prefill(stats)
+    runs its checks between the two; the pruner is removed at the end."""
+    recorder, streams = LMInputRecorder(model), StageInputRecorder(model, pruner)
+    try:
+        with torch.no_grad():
+            logits = model(**inputs, position_ids=original_positions(model, inputs)).logits
+        prefill = (logits, pruner.stats, recorder.embeds, streams.hidden)
+        if after_prefill is not None:
+            after_prefill(pruner.stats)
+        recorder.embeds, streams.hidden = None, {}
         tokens, steps = _generate(model, inputs)  # a new prefill: its stats describe it
-        generate_stats, generate_embeds = pruner.stats, recorder.embeds
+        generated = (tokens, steps, pruner.stats, recorder.embeds, streams.hidden)
     finally:
         recorder.remove()
         streams.remove()
-        probe.remove()
         pruner.remove()
-    reference = reference_logits(
-        model, inputs, prefill_stats, _pre(prefill_stats, prefill_embeds), tokens[:, :0], prefill_hidden
-    )
-    # the text tail (after the images) is aligned from the right in the pruned and the full sequence
-    tail = 4
-    torch.testing.assert_close(
-        pruned_prefill[:, -tail:], reference[0][:, -tail:], atol=TOL * _scale(reference), rtol=0
-    )
-    reference = reference_logits(
-        model, inputs, generate_stats, _pre(generate_stats, generate_embeds), tokens, streams.hidden
-    )
+    return prefill, generated
+
+
+def assert_matches_reference(model, inputs: dict, prefill: tuple, generated: tuple, tol: float = TOL) -> None:
+    """A pruned prefill and a pruned generate() equal the masked reference of what each pruned.
+
+    prefill: (logits (B, L', V) of a forward given the original positions, its stats, its LLM input, its
+    boundary streams {b: (B, L_b, D)}); generated: (tokens (B, n), per-step logits [(B, V)] * n, and the
+    stats, LLM input and boundary streams of generate()'s prefill). The reference computes every state
+    itself, taking from the pruned run only what a stage rewrote (`StageStats.merged`), and checks the LLM
+    input bit for bit; every real position of the prefill is compared.
+    """
+    logits, stats, lm_input, hidden = prefill
+    reference = reference_logits(model, inputs, stats, lm_input, inputs["input_ids"][:, :0], hidden)
+    assert_prefill_matches(logits, reference[0], present_after(model, inputs, stats), tol)
+    tokens, steps, stats, lm_input, hidden = generated
     # generate's first logits come from the prefill; step t >= 1 follows t generated tokens
-    torch.testing.assert_close(steps[0], reference[0][:, -1], atol=TOL * _scale(reference), rtol=0)
-    for step in range(1, len(steps)):
-        torch.testing.assert_close(steps[step], reference[step], atol=TOL * _scale(reference), rtol=0)
-    assert not inputs["attention_mask"].bool().all(1).all()  # the batch really has a left-padded row
-    # remove() restores bit-identical outputs
-    assert torch.equal(_prefill(model, inputs), ref_logits)
-
-
-def _pre(stats, embeds):
-    """The LLM input of a pruned run, if a pre-LLM stage changed it."""
-    return embeds if stats.stages and stats.stages[0].where == "pre" else None
-
-
-def _scale(reference) -> float:
-    return max(1.0, float(reference[0].abs().max()))
+    reference = reference_logits(model, inputs, stats, lm_input, tokens[:, : len(steps) - 1], hidden)
+    assert_steps_match(steps, reference, tol)
 
 
 def _special_ids(model) -> list[int]:
@@ -223,15 +276,15 @@ def test_composition_equals_masked_reference(tiny, family, attn):
     """Three stages from three methods: each counts its budget on the tokens it receives; prefill and
     every decode step equal the masked reference; stats report every stage; remove() restores."""
     model, proc = tiny(family, attn)
-    inputs = batch_inputs(family, proc, (1, 2))
-    ref_logits = _prefill(model, inputs)
+    inputs = batch_inputs(family, proc, LAYOUTS["1+2"])
     pruner = tokprune.apply(model, COMPOSITION, keep_ratio=0.5)
-    recorder = LMInputRecorder(model)
+    recorder, streams = LMInputRecorder(model), StageInputRecorder(model, pruner)
     try:
         tokens, steps = _generate(model, inputs)
         stats, embeds = pruner.stats, recorder.embeds
     finally:
         recorder.remove()
+        streams.remove()
         pruner.remove()
     assert [(s.method, s.where) for s in stats.stages] == [
         ("divprune", "pre"), ("fastv", "llm@1"), ("dart", "llm@3")
@@ -242,8 +295,6 @@ def test_composition_equals_masked_reference(tiny, family, attn):
     dart_kept = [math.ceil(0.5 * n - 1e-9) for n in fastv_kept]  # the user's keep_ratio, last method
     for stage, per_image in zip(stats.stages, (pre_kept, fastv_kept, dart_kept)):
         assert sorted(int(k.numel()) for k in stage.kept) == sorted([per_image[0], sum(per_image[1:])])
-    reference = reference_logits(model, inputs, stats, embeds, tokens)
-    torch.testing.assert_close(steps[0], reference[0][:, -1], atol=TOL * _scale(reference), rtol=0)
-    for step in range(1, len(steps)):
-        torch.testing.assert_close(steps[step], reference[step], atol=TOL * _scale(reference), rtol=0)
-    assert torch.equal(_prefill(model, inputs), ref_logits)
+    reference = reference_logits(model, inputs, stats, embeds, tokens[:, : len(steps) - 1], streams.hidden)
+    assert_steps_match(steps, reference, TOL)
+    assert_restored(model, inputs, unpatched_outputs(family, attn, "1+2", inputs))

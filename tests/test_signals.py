@@ -175,6 +175,60 @@ def test_llava_layered_signals_match_eager_maps(eager_llava, layer):
     torch.testing.assert_close(values[f"received_attention@{layer}"], expected_received, atol=1e-5, rtol=0)
 
 
+@torch.no_grad()
+def test_llava_next_signals_follow_pack_image_features():
+    """LLaVA-NeXT: the per-token ViT signals, in the LLM's visual-token order, equal the eager maps of every
+    tile (base view and high-resolution tiles) at the feature layer, put through the model's own
+    `pack_image_features` (unpadding, row-end newlines, which get 0)."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    model, proc = BUILDERS["llava_next"]("eager")
+    inputs = batch_inputs("llava_next", proc, (1, 2))  # 3 images, of 1x2 and 2x1 tiles + their base views
+    cfg, tower = model.config, model.model.vision_tower
+    tiles = [
+        image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+        for size in inputs["image_sizes"]
+    ]
+    # vision_feature_layer -2: the features are the output of layer n - 2, whose maps the signals read
+    layer = len(clip_encoder_layers(tower)) + cfg.vision_feature_layer
+    pixels = torch.cat([p[:n] for p, n in zip(inputs["pixel_values"], tiles)])  # every tile, image by image
+    keys_out = []
+    k_proj = clip_encoder_layers(tower)[layer].self_attn.k_proj
+    spy = k_proj.register_forward_hook(lambda module, args, output: keys_out.append(output))
+    try:
+        maps = tower(pixel_values=pixels, output_attentions=True).attentions[layer]  # (tiles, H, 1+P, 1+P)
+    finally:
+        spy.remove()
+    n_tiles, heads, length, _ = maps.shape
+    per_tile = {
+        "cls_attention": maps[:, :, 0, 1:].mean(1)[..., None],  # head-mean [CLS] row, [CLS] column dropped
+        "received_attention": maps.mean(dim=(1, 2))[:, 1:, None],  # column mean over heads and queries
+        "vit_keys": keys_out[0].view(n_tiles, length, heads, -1).mean(2)[:, 1:],  # head-mean keys
+    }
+
+    def packed(values: torch.Tensor) -> torch.Tensor:
+        """(tiles, P, C) per ViT patch -> (N_visual, C) in the LLM's order, 0 at the newline tokens."""
+        per_image, _ = model.model.pack_image_features(
+            list(torch.split(values, tiles)), inputs["image_sizes"], cfg.vision_feature_select_strategy,
+            image_newline=torch.zeros(values.shape[-1]),
+        )  # fmt: skip
+        return torch.cat(per_image)
+
+    store = VisionSignalStore()
+    handles = adapter_for(model).install_vision_hooks(set(per_tile), store)
+    try:
+        model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    n_visual = int((inputs["input_ids"] == cfg.image_token_id).sum())
+    for name, values in per_tile.items():
+        expected = packed(values)
+        expected = expected[:, 0] if name != "vit_keys" else expected
+        assert expected.shape[0] == n_visual and store.values[name].shape == expected.shape
+        torch.testing.assert_close(store.values[name], expected, atol=1e-5, rtol=0)
+
+
 def _capture_eager(monkeypatch, module_of_model, target):
     """Wrap the modeling module's eager attention to record the weights `target` computes."""
     maps = []

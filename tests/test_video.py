@@ -11,28 +11,31 @@ itself, as Qwen2VLVideoProcessor and Qwen3VLProcessor do:
     here) + `<|vision_start|>` + h*w/4 pads + `<|vision_end|>`;
   * mm_token_type_ids: 1 on image pads, 2 on video pads (ProcessorMixin.create_mm_token_type_ids).
 Images go through the tiny models' image processor. Token counts per clip / image come from the grids
-(not from tokprune). The budget rule checked: a clip is one item, budgeted as a whole.
+(not from tokprune). The budget rule checked: a clip is one item ranked as a whole; `budget=k` keeps k per
+temporal slice (frame) of it with video_budget="frame" (the default) and k per clip with "clip".
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
-from reference import LMInputRecorder, StageInputRecorder, original_positions, reference_logits, stage_plan
+from reference import stage_plan
 from test_invariants import (
     TINY_OPTIONS,
-    TOL,
     LayerLengthProbe,
-    _generate,
-    _pre,
-    _prefill,
-    _scale,
     assert_keep_all_identical,
+    assert_matches_reference,
+    assert_restored,
+    run_pruned,
+    unpatched_outputs,
 )
 from test_signals import _capture_eager
 from tiny_models import rand_image
 from tokprune.patches import adapter_for
+from video_budgets import COMPOSITION, VIDEO_BUDGETS, expected_stage_kept
 
 import tokprune
 from tokprune.core.budget import Budget
@@ -189,8 +192,11 @@ def test_keep_all_is_bit_identical_with_videos(tiny, family, attn, method):
     if _needs_tiles(method):
         pytest.skip("AnyRes-only method")
     model, proc = tiny(family, attn)
-    inputs, _ = video_batch(family, proc, LAYOUTS["video+image|image+video"])
-    assert_keep_all_identical(model, inputs, method)
+    layout = "video+image|image+video"
+    inputs, _ = video_batch(family, proc, LAYOUTS[layout])
+    assert_keep_all_identical(
+        model, inputs, method, unpatched_outputs(family, attn, f"videos {layout}", inputs)
+    )
 
 
 def _expected_layer_tokens(model, inputs, pruner, row_counts: list[list[int]]) -> list[list[int]]:
@@ -220,49 +226,30 @@ def _expected_layer_tokens(model, inputs, pruner, row_counts: list[list[int]]) -
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
 def test_pruned_with_videos_equals_masked_reference(tiny, family, attn, method, layout):
-    """Prefill and every decode step equal the masked reference; per-layer counts follow the per-clip
-    budget; the batch is left-padded; remove() restores."""
+    """Prefill (every real position) and every decode step equal the masked reference; per-layer counts
+    follow the budget; the batch is left-padded; remove() restores prefill and generate()."""
     if _needs_tiles(method):
         pytest.skip("AnyRes-only method")
     model, proc = tiny(family, attn)
     inputs, row_counts = video_batch(family, proc, LAYOUTS[layout])
     assert not inputs["attention_mask"].bool().all(1).all()  # a left-padded row
-    ref_logits = _prefill(model, inputs)
+    unpatched = unpatched_outputs(family, attn, f"videos {layout}", inputs)
     pruner = tokprune.apply(model, method, keep_ratio=RATIO, **TINY_OPTIONS.get(method, {}))
-    recorder, probe = LMInputRecorder(model), LayerLengthProbe(model)
-    streams = StageInputRecorder(model, pruner)  # in-LLM merges (visiondrop) enter the reference as run
-    try:
-        with torch.no_grad():
-            pruned_prefill = model(**inputs, position_ids=original_positions(model, inputs)).logits
-        prefill_stats, prefill_embeds = pruner.stats, recorder.embeds
+    probe = LayerLengthProbe(model)
+
+    def counts(stats) -> None:
         expected = _expected_layer_tokens(model, inputs, pruner, row_counts)
-        assert prefill_stats.layer_tokens == expected
+        assert stats.layer_tokens == expected
         assert [n for _, n in probe.lengths] == [max(r[i] for r in expected) for i in range(len(expected[0]))]
-        assert prefill_stats.visual_in == [sum(c) for c in row_counts]
+        assert stats.visual_in == [sum(c) for c in row_counts]
         probe.remove()
-        prefill_hidden, streams.hidden = streams.hidden, {}
-        recorder.embeds = None
-        tokens, steps = _generate(model, inputs)
-        generate_stats, generate_embeds = pruner.stats, recorder.embeds
+
+    try:
+        prefill, generated = run_pruned(model, inputs, pruner, counts)
     finally:
-        recorder.remove()
-        streams.remove()
         probe.remove()
-        pruner.remove()
-    reference = reference_logits(
-        model, inputs, prefill_stats, _pre(prefill_stats, prefill_embeds), tokens[:, :0], prefill_hidden
-    )
-    tail = 4  # the text after the visual items is aligned from the right in both sequences
-    atol = TOL * _scale(reference)
-    torch.testing.assert_close(pruned_prefill[:, -tail:], reference[0][:, -tail:], atol=atol, rtol=0)
-    reference = reference_logits(
-        model, inputs, generate_stats, _pre(generate_stats, generate_embeds), tokens, streams.hidden
-    )
-    atol = TOL * _scale(reference)
-    torch.testing.assert_close(steps[0], reference[0][:, -1], atol=atol, rtol=0)
-    for step in range(1, len(steps)):
-        torch.testing.assert_close(steps[step], reference[step], atol=atol, rtol=0)
-    assert torch.equal(_prefill(model, inputs), ref_logits)
+    assert_matches_reference(model, inputs, prefill, generated)
+    assert_restored(model, inputs, unpatched)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
@@ -281,3 +268,70 @@ def test_beams_prune_every_copy_of_a_clip_alike(tiny, family, method):
     for row in range(2):
         for copy in range(2):
             assert torch.equal(expanded[2 * row + copy], single[row])
+
+
+# ------------------------------------------------------------------------------ the budget unit of a clip
+
+BUDGET = 2  # clips of 2 x 6 and 3 x 6 tokens, images of 16 and 24: 2 per frame is below half of every item
+
+
+def _items_with_frames(inputs: dict, rows, row_counts: list[list[int]]) -> list[tuple[int, int, int, int]]:
+    """(row, tokens, content tokens, frames) of every item in sequence order; a clip's frames are its
+    temporal slices (t of video_grid_thw, videos numbered in prompt order), an image has 0."""
+    items, video = [], 0
+    for row, (kinds, counts) in enumerate(zip(rows, row_counts)):
+        for kind, n in zip(kinds, counts):
+            frames = int(inputs["video_grid_thw"][video][0]) if kind == "video" else 0
+            video += kind == "video"
+            items.append((row, n, n, frames))
+    return items
+
+
+@pytest.mark.parametrize("video_budget", VIDEO_BUDGETS)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", [*METHODS, "composition"])
+def test_video_budget_counts_per_frame_or_per_clip(tiny, family, method, video_budget):
+    """Every stage of every method (multi-stage ones and a composition included) keeps of a clip of t frames
+    what a budget of BUDGET * t ("frame") or BUDGET ("clip") gives, and BUDGET of an image."""
+    if method != "composition" and _needs_tiles(method):
+        pytest.skip("AnyRes-only method")
+    model, proc = tiny(family, "sdpa")
+    rows = LAYOUTS["video+image|image+video"]
+    inputs, row_counts = video_batch(family, proc, rows)
+    spec, options = (COMPOSITION, {}) if method == "composition" else (method, TINY_OPTIONS.get(method, {}))
+    with (
+        torch.no_grad(),
+        tokprune.apply(model, spec, budget=BUDGET, video_budget=video_budget, **options) as pruner,
+    ):
+        model(**inputs)
+    items = _items_with_frames(inputs, rows, row_counts)
+    n_layers = len(model.model.language_model.layers)
+    assert [s.visual_kept for s in pruner.stats.stages] == expected_stage_kept(
+        pruner, items, n_layers, video_budget
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_video_budget_exact_counts_and_same_ratio(tiny, family):
+    """Row 0: a clip of 2 frames + an image; row 1: an image + a clip of 3 frames. budget=3 keeps 2 * 3 + 3
+    and 3 + 3 * 3 per frame, 3 + 3 per clip; keep_ratio keeps the same tokens in both modes."""
+    model, proc = tiny(family, "sdpa")
+    inputs, row_counts = video_batch(family, proc, LAYOUTS["video+image|image+video"])
+    assert inputs["video_grid_thw"][:, 0].tolist() == [2, 3]
+    kept = {}
+    for video_budget in VIDEO_BUDGETS:
+        with torch.no_grad(), tokprune.apply(model, "random", budget=3, video_budget=video_budget) as pruner:
+            model(**inputs)
+        kept[video_budget] = pruner.stats.visual_kept
+        with (
+            torch.no_grad(),
+            tokprune.apply(model, "random", keep_ratio=0.25, video_budget=video_budget) as pruner,
+        ):
+            model(**inputs)
+        kept[video_budget, "ratio"] = pruner.stats.kept
+    assert kept["frame"] == [2 * 3 + 3, 3 + 3 * 3]
+    assert kept["clip"] == [3 + 3, 3 + 3]
+    assert [int(k.numel()) for k in kept["frame", "ratio"]] == [
+        sum(math.ceil(0.25 * n) for n in counts) for counts in row_counts
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(kept["frame", "ratio"], kept["clip", "ratio"]))

@@ -9,28 +9,32 @@ frames x 16 + 1 tokens, as the real processor expands it.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import reference
 import torch
-from reference import LMInputRecorder, StageInputRecorder, original_positions, reference_logits, stage_plan
+from reference import stage_plan
 from test_invariants import (
     TINY_OPTIONS,
     LayerLengthProbe,
-    _generate,
-    _pre,
     _prefill,
-    _scale,
     assert_keep_all_identical,
+    assert_matches_reference,
+    assert_restored,
+    run_pruned,
+    unpatched_outputs,
 )
 from tiny_onevision import VIDEO_LAYOUTS, onevision_batch, onevision_counts, onevision_video_counts
 from tokprune.patches import VisionSignalStore, adapter_for
 from tokprune.patches.llava import clip_encoder_layers
 from tokprune.patches.llava_onevision import LlavaOnevisionAdapter
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+from video_budgets import COMPOSITION, VIDEO_BUDGETS, expected_stage_kept
 
 import tokprune
 from tokprune.core.budget import Budget
-from tokprune.errors import UnsupportedInputError
+from tokprune.errors import UnsupportedInputError, UnsupportedModelError
 from tokprune.methods import REGISTRY
 from tokprune.methods.anyres import anyres_mosaic
 from tokprune.methods.base import ImageTokens
@@ -102,53 +106,42 @@ def _expected_layer_tokens(pruner, inputs, model, ratio: float) -> list[list[int
 @pytest.mark.parametrize("method", METHODS)
 def test_keep_all_is_bit_identical(tiny, method, attn, layout):
     model, proc = tiny(FAMILY, attn)
-    assert_keep_all_identical(model, onevision_batch(proc, layout), method)
+    inputs = onevision_batch(proc, layout)
+    assert_keep_all_identical(
+        model, inputs, method, unpatched_outputs(FAMILY, attn, f"videos {layout}", inputs)
+    )
 
 
 @pytest.mark.parametrize("layout", list(VIDEO_LAYOUTS))
 @pytest.mark.parametrize("attn", BACKENDS)
 @pytest.mark.parametrize("method", [m for m in METHODS if not REGISTRY[m].needs_tiles])
 def test_pruned_equals_masked_reference(tiny, video_reference, method, attn, layout):
-    """Prefill and every decode step equal the masked reference; exact per-layer token counts (the budget
-    counts each clip's content tokens); left padding; remove() restores."""
+    """Prefill (every real position) and every decode step equal the masked reference; exact per-layer token
+    counts (the budget counts each clip's content tokens); left padding; remove() restores prefill and
+    generate()."""
     model, proc = tiny(FAMILY, attn)
     inputs = onevision_batch(proc, layout)
     assert not inputs["attention_mask"].bool().all(1).all()  # a left-padded row
-    ref_logits = _prefill(model, inputs)
+    unpatched = unpatched_outputs(FAMILY, attn, f"videos {layout}", inputs)
     ratio = 0.25
     pruner = tokprune.apply(model, method, keep_ratio=ratio, **TINY_OPTIONS.get(method, {}))
-    recorder, probe = LMInputRecorder(model), LayerLengthProbe(model)
-    streams = StageInputRecorder(model, pruner)  # in-LLM merges (visiondrop) enter the reference as run
-    try:
-        with torch.no_grad():
-            pruned_prefill = model(**inputs, position_ids=original_positions(model, inputs)).logits
-        prefill_stats, prefill_embeds = pruner.stats, recorder.embeds
-        expected = _expected_layer_tokens(pruner, inputs, model, ratio)
-        assert prefill_stats.layer_tokens == expected
+    probe = LayerLengthProbe(model)
+    expected = _expected_layer_tokens(pruner, inputs, model, ratio)
+
+    def counts(stats) -> None:
+        assert stats.layer_tokens == expected
         assert [n for _, n in probe.lengths] == [max(r[i] for r in expected) for i in range(len(expected[0]))]
-        assert prefill_stats.visual_in == _visual(model, inputs["input_ids"]).sum(1).tolist()
+        assert stats.visual_in == _visual(model, inputs["input_ids"]).sum(1).tolist()
         probe.remove()
-        prefill_hidden, streams.hidden = streams.hidden, {}
-        recorder.embeds = None
-        tokens, steps = _generate(model, inputs)  # generate() encodes images and videos before the prefill
-        generate_stats, generate_embeds = pruner.stats, recorder.embeds
-        assert generate_stats.layer_tokens == expected
+
+    try:
+        prefill, generated = run_pruned(model, inputs, pruner, counts)
     finally:
-        recorder.remove()
-        streams.remove()
         probe.remove()
-        pruner.remove()
-    ref = reference_logits(
-        model, inputs, prefill_stats, _pre(prefill_stats, prefill_embeds), tokens[:, :0], prefill_hidden
-    )
-    torch.testing.assert_close(pruned_prefill[:, -4:], ref[0][:, -4:], atol=TOL * _scale(ref), rtol=0)
-    ref = reference_logits(
-        model, inputs, generate_stats, _pre(generate_stats, generate_embeds), tokens, streams.hidden
-    )
-    torch.testing.assert_close(steps[0], ref[0][:, -1], atol=TOL * _scale(ref), rtol=0)
-    for step in range(1, len(steps)):
-        torch.testing.assert_close(steps[step], ref[step], atol=TOL * _scale(ref), rtol=0)
-    assert torch.equal(_prefill(model, inputs), ref_logits)
+    # generate() encodes images and videos before its prefill, which prunes the same
+    assert generated[2].layer_tokens == expected
+    assert_matches_reference(model, inputs, prefill, generated, TOL)
+    assert_restored(model, inputs, unpatched)
 
 
 @pytest.mark.parametrize("layout", list(VIDEO_LAYOUTS))
@@ -164,17 +157,60 @@ def test_anyres_only_methods_refuse_clips_and_base_views(tiny, method, layout):
     assert torch.equal(_prefill(model, inputs), reference_out)
 
 
-def test_budget_tokens_count_per_clip(tiny):
-    """budget=k keeps k content tokens of every clip (frames x 16 of them), and of every image."""
+@pytest.mark.parametrize("video_budget", [None, *VIDEO_BUDGETS])
+def test_budget_tokens_count_per_frame_or_per_clip(tiny, video_budget):
+    """budget=k keeps k content tokens of every image and, of a clip of 3 frames x 16 tokens, 3k with
+    video_budget="frame" (also the default, None here) or k with "clip"; keep_ratio is the same in both."""
     model, proc = tiny(FAMILY, "sdpa")
-    inputs = onevision_batch(proc, "mixed")
-    with tokprune.apply(model, "random", budget=20) as pruner, torch.no_grad():
+    inputs = onevision_batch(proc, "mixed")  # every row: one image and one clip
+    assert inputs["pixel_values_videos"].shape[1] == 3
+    given = {} if video_budget is None else {"video_budget": video_budget}
+    with tokprune.apply(model, "random", budget=10, **given) as pruner, torch.no_grad():
         model(**inputs)
-    items = _items(model, inputs)
+    per_clip = 10 if video_budget == "clip" else 3 * 10
     visual = _visual(model, inputs["input_ids"])
     for row in range(2):
-        assert pruner.stats.visual_kept[row] == 20 * sum(1 for r, _, _ in items if r == row)
+        assert pruner.stats.visual_kept[row] == 10 + per_clip
         assert pruner.stats.visual_in[row] == int(visual[row].sum())
+    with tokprune.apply(model, "random", keep_ratio=0.25, **given) as pruner, torch.no_grad():
+        model(**inputs)
+    contents = [c for _, _, c in _items(model, inputs)]
+    assert sum(pruner.stats.visual_kept) == sum(math.ceil(0.25 * c) for c in contents)
+
+
+def _item_frames(model, inputs) -> list[int]:
+    """Frames of every item in sequence order, 0 for an image (the rows of the "mixed" layout alternate
+    images and clips, so every change of placeholder starts an item)."""
+    frames = inputs["pixel_values_videos"].shape[1]
+    out = []
+    for row in inputs["input_ids"]:
+        kinds = torch.unique_consecutive(row[_visual(model, row[None])[0]]).tolist()
+        out += [frames if kind == model.config.video_token_id else 0 for kind in kinds]
+    return out
+
+
+@pytest.mark.parametrize("video_budget", VIDEO_BUDGETS)
+@pytest.mark.parametrize("method", [*[m for m in METHODS if not REGISTRY[m].needs_tiles], "composition"])
+def test_video_budget_counts_per_frame_or_per_clip(tiny, method, video_budget):
+    """Every stage of every method (multi-stage ones and a composition included) keeps of a clip of t frames
+    what a budget of 5t ("frame") or 5 ("clip") gives, and 5 of an image; a pruned item loses its newlines."""
+    model, proc = tiny(FAMILY, "sdpa")
+    inputs = onevision_batch(proc, "mixed")
+    spec, options = (COMPOSITION, {}) if method == "composition" else (method, TINY_OPTIONS.get(method, {}))
+    with (
+        torch.no_grad(),
+        tokprune.apply(model, spec, budget=5, video_budget=video_budget, **options) as pruner,
+    ):
+        model(**inputs)
+    frames = _item_frames(model, inputs)
+    items = [
+        (row, count, content, t)
+        for (row, count, content), t in zip(_items(model, inputs), frames, strict=True)
+    ]
+    n_layers = len(model.model.language_model.layers)
+    assert [s.visual_kept for s in pruner.stats.stages] == expected_stage_kept(
+        pruner, items, n_layers, video_budget
+    )
 
 
 def test_beam_expansion_keeps_the_tokens_of_the_unexpanded_rows(tiny):
@@ -289,7 +325,7 @@ def test_interleaved_items_and_default_strategy_are_refused(tiny):
         adapter_for(model).image_layout({**inputs, "input_ids": ids})
     model.config.vision_feature_select_strategy = "default"
     try:
-        with pytest.raises(NotImplementedError, match="no \\[CLS\\]"):
+        with pytest.raises(UnsupportedModelError, match="no \\[CLS\\]"):
             LlavaOnevisionAdapter(model)
     finally:
         model.config.vision_feature_select_strategy = "full"

@@ -9,16 +9,43 @@ import torch
 
 @dataclass
 class StageStats:
-    """One pruning stage: where it acted and the visual tokens left per batch row after it."""
+    """One pruning stage: where it acted, the visual tokens left per batch row after it, and which of them
+    it rewrote.
+
+    kept[b]: sorted LongTensor of the visual-token indices (row b's visual-token order) left after the stage.
+    merged[b]: sorted LongTensor, a subset of kept[b]: the tokens whose vector the stage replaced (the merged
+        embeddings / hidden states of merging methods); empty for pure pruning.
+    """
 
     method: str
     where: str  # "pre" or "llm@<first layer that sees the reduced set>"
     visual_kept: list[int]
-    kept: list[torch.Tensor] = field(default_factory=list)  # per row, sorted visual-token indices left
+    kept: list[torch.Tensor] = field(default_factory=list)
+    merged: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
-    def of(cls, method: str, where: str, kept: list[torch.Tensor]) -> StageStats:
-        return cls(method, where, [int(k.numel()) for k in kept], kept)
+    def of(
+        cls, method: str, where: str, kept: list[torch.Tensor], merged: list[torch.Tensor] | None = None
+    ) -> StageStats:
+        """merged: per row, the rewritten visual-token indices (None: the stage rewrote nothing)."""
+        if merged is None:
+            merged = [k[:0] for k in kept]
+        return cls(method, where, [int(k.numel()) for k in kept], kept, merged)
+
+
+def rewritten_visual(
+    before: torch.Tensor, after: torch.Tensor, visual_rank: torch.Tensor
+) -> list[torch.Tensor]:
+    """Per row: the sorted visual-token indices whose vector a stage replaced.
+
+    before / after: (B, L, D) the sequence a stage received and the one it hands on, before compaction
+    (`after is before` when the stage merged nothing); visual_rank: (B, L) visual-token index of every slot,
+    -1 for text and padding. A merged vector equal to the token's own counts as not rewritten.
+    """
+    if after is before:
+        return [r[:0] for r in visual_rank]
+    changed = (after != before).any(-1) & (visual_rank >= 0)
+    return [rank[row].sort().values for rank, row in zip(visual_rank, changed)]
 
 
 @dataclass
