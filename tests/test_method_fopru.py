@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import tokprune
 from tokprune.core.budget import Budget
+from tokprune.core.layout import Unit
+from tokprune.core.selection import select_units
 from tokprune.errors import MethodOptionError
 from tokprune.methods.base import ImageTokens
 from tokprune.methods.fopru import FoPru
@@ -122,3 +125,58 @@ def test_class_attributes():
     assert FoPru.signals == ("received_attention",)
     assert FoPru.default_budget == Budget(ratio=0.25)
     assert FoPru().strategy == "rank"
+
+
+def _two_frames(seed: int = 0) -> ImageTokens:
+    """Two 4 x 5 units (video frames) whose significance is all in the first: a per-unit split would keep
+    half of k in each."""
+    image = _image(8, 5, seed, grid=False)
+    sig = image.signals["received_attention"].clone()
+    sig[:20] += 1.0
+    image.signals = {"received_attention": sig}
+    image.units = [Unit(torch.arange(20), (4, 5), "frame"), Unit(torch.arange(20, 40), (4, 5), "frame")]
+    return image
+
+
+@pytest.mark.parametrize("k", [3, 10, 16])
+def test_rank_is_global_over_tiles_and_frames(k):
+    """ "rank" ranks every token of the image together: the engine does not split it by unit."""
+    image = _two_frames()
+    assert not FoPru().spatial
+    keep = select_units(FoPru(), image, k).keep
+    assert keep.tolist() == _ref_rank(image.signals["received_attention"].tolist(), k)
+    assert bool((keep < 20).all())
+
+
+@pytest.mark.parametrize("k", [5, 10, 13])
+def test_row_runs_per_unit_with_the_size_split(k):
+    """ "row" needs a grid: each unit keeps its share (sizes split k) as rows of its own grid."""
+    image = _two_frames(1)
+    assert FoPru(strategy="row").spatial
+    keep = select_units(FoPru(strategy="row"), image, k).keep
+    sig = image.signals["received_attention"].tolist()
+    shares = [(k + 1) // 2, k // 2]  # equal sizes: the first unit takes the odd token
+    expected = _ref_row(sig[:20], 4, 5, shares[0]) + [20 + i for i in _ref_row(sig[20:], 4, 5, shares[1])]
+    assert keep.tolist() == expected
+
+
+def test_rank_on_anyres_images_in_the_engine(tiny, monkeypatch):
+    """LLaVA-NeXT (base view + tiles): with "rank" the kept set of an image is its global top-k by the
+    signal, whatever tile the tokens sit in."""
+    from tiny_models import batch_inputs
+
+    model, proc = tiny("llava_next", "sdpa")
+    seen = []
+    original = FoPru.select
+
+    def record(self, image, k):
+        selection = original(self, image, k)
+        seen.append((image.signals["received_attention"].float(), len(image.units or ()), k, selection.keep))
+        return selection
+
+    monkeypatch.setattr(FoPru, "select", record)
+    with tokprune.apply(model, "fopru", keep_ratio=0.25), torch.no_grad():
+        model(**batch_inputs("llava_next", proc, (1,), sizes=((224, 224),)))
+    [(sig, units, k, keep)] = seen  # one call for the whole image
+    assert units > 2
+    assert keep.tolist() == _ref_rank(sig.tolist(), k)

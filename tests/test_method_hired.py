@@ -14,7 +14,7 @@ import tokprune
 from tokprune.core.budget import Budget
 from tokprune.core.layout import Unit
 from tokprune.core.selection import image_view
-from tokprune.errors import MethodOptionError, UnsupportedModelError
+from tokprune.errors import MethodOptionError, UnsupportedInputError, UnsupportedModelError
 from tokprune.methods import REGISTRY
 from tokprune.methods.anyres import anyres_mosaic
 from tokprune.methods.base import ImageTokens
@@ -112,14 +112,35 @@ def test_mosaic_matches_llava_next_packing(tiny):
 def test_images_that_are_not_anyres_raise():
     """A plain image or video frames (no base view with tiles): a clear error naming the base view."""
     plain = ImageTokens(embeds=torch.zeros(16, 2), grid=(4, 4), signals={s: torch.rand(16) for s in SIGNALS})
-    with pytest.raises(ValueError, match="AnyRes image \\(a base view"):
+    with pytest.raises(UnsupportedInputError, match="AnyRes image \\(a base view"):
         HiRED().select(plain, 4)
     frames = [
         Unit(index=torch.arange(8), grid=(2, 4), kind="frame"),
         Unit(torch.arange(8, 16), (2, 4), "frame"),
     ]
-    with pytest.raises(ValueError, match="'base' unit"):
+    with pytest.raises(UnsupportedInputError, match="'base' unit.*use a method that does not need tiles"):
         HiRED().select(ImageTokens(plain.embeds, None, plain.signals, units=frames), 4)
+
+
+@pytest.mark.parametrize("method", ["hired", "globalcom2"])
+@pytest.mark.parametrize("layout", ["mixed", "multi"])
+def test_untiled_items_on_a_tiled_model_say_what_to_do(tiny, method, layout):
+    """LLaVA-OneVision has tiles, but a video clip (or an image of a several-image prompt) has none: the
+    forward fails with an UnsupportedInputError that names methods to use instead; remove() restores."""
+    from tiny_onevision import onevision_batch
+
+    model, proc = tiny("llava_onevision", "sdpa")
+    inputs = onevision_batch(proc, layout)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        with (
+            tokprune.apply(model, method, keep_ratio=0.25),
+            pytest.raises(
+                UnsupportedInputError, match=f"{method} needs .*use a method that does not need tiles"
+            ),
+        ):
+            model(**inputs)
+        assert torch.equal(model(**inputs).logits, reference)
 
 
 def test_malformed_anyres_images_raise():

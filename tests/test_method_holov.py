@@ -12,7 +12,10 @@ import pytest
 import torch
 from checks import assert_valid_keep
 
+import tokprune
 from tokprune.core.budget import Budget
+from tokprune.core.layout import Unit
+from tokprune.core.selection import select_units
 from tokprune.errors import MethodOptionError
 from tokprune.methods.base import ImageTokens
 from tokprune.methods.holov import HoloV, allocate_quotas, crop_layout, crop_partition, holistic_scores
@@ -385,3 +388,97 @@ def test_metadata_and_options():
             HoloV(**bad)
     with pytest.raises(ValueError):
         HoloV().select(ImageTokens(torch.randn(10, 4), (3, 3), {"cls_attention": torch.rand(10)}), 3)
+
+
+# ------------------------------------------------------------------------------------ several units
+
+
+def _units_image(grids, seed: int = 0, hot: int = 0) -> ImageTokens:
+    """Units of the given (h, w) grids laid one after the other (tile / frame order); unit `hot` holds
+    most of the attention."""
+    sizes = [h * w for h, w in grids]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    image = _image(1, sum(sizes), seed=seed, grid=False)
+    a = image.signals["cls_attention"].clone()
+    a[starts[hot] : starts[hot] + sizes[hot]] *= 20
+    image.signals = {"cls_attention": a / a.sum()}
+    image.units = [Unit(torch.arange(s, s + h * w), (h, w), "frame") for s, (h, w) in zip(starts, grids)]
+    return image
+
+
+def _ref_select_units(
+    image: ImageTokens, k: int, rows: int = 4, cols: int = 4
+) -> tuple[list[int], list[int]]:
+    """(kept indices, per-unit kept counts): every unit cut into its own crops; all crops share k."""
+    crops, owner = [], []
+    for u, unit in enumerate(image.units):
+        h, w = unit.grid
+        start = int(unit.index[0])
+        for crop in _ref_crops(h, w, rows, cols):
+            crops.append([start + i for i in crop])
+            owner.append(u)
+    scores, crop_scores = _ref_scores(image.embeds, image.signals["cls_attention"], crops)
+    quotas = _ref_quotas([max(s, 0.0) for s in crop_scores], [len(c) for c in crops], k)
+    keep, per_unit = [], [0] * len(image.units)
+    for crop, q, u in zip(crops, quotas, owner):
+        keep += sorted(crop, key=lambda i: (-scores[i], i))[:q]
+        per_unit[u] += q
+    return sorted(keep), per_unit
+
+
+@pytest.mark.parametrize(
+    "grids,k", [([(6, 6), (6, 6)], 18), ([(4, 4), (6, 4), (5, 5)], 20), ([(8, 8), (3, 7)], 9)]
+)
+def test_units_share_the_budget_by_crop_score(grids, k):
+    """AnyRes tiles / video frames: every unit is cut into its own crops and all crops share k by crop
+    score (not the units by size): the unit holding the attention gets more than its size share."""
+    image = _units_image(grids, seed=k)
+    method = HoloV()
+    assert not method.spatial  # the engine hands over the whole image, units included
+    keep = select_units(method, image, k).keep
+    assert_valid_keep(keep, image.n, k)
+    expected, per_unit = _ref_select_units(image, k)
+    assert keep.tolist() == expected
+    assert sum(per_unit) == k
+    size_share = k * grids[0][0] * grids[0][1] / image.n
+    assert per_unit[0] > size_share  # unit 0 holds the attention
+
+
+def test_crops_never_span_two_units():
+    """Each 2 x 8 frame gets its own crop partition (`crop_partition(2, 8)`); no crop spans two frames."""
+    from tokprune.methods.holov import image_crops
+
+    image = _units_image([(2, 8), (2, 8)])
+    crops = image_crops(image, 4, 4, "blocks", "holov")
+    assert sorted(torch.cat(crops).tolist()) == list(range(32))
+    assert all(bool((c < 16).all()) or bool((c >= 16).all()) for c in crops)
+    assert len(crops) == 2 * len(crop_partition(2, 8))
+
+
+def test_anyres_image_in_the_engine(tiny, monkeypatch):
+    """LLaVA-NeXT: HoloV sees each image whole (base view + tiles) and keeps exactly its count."""
+    from tiny_models import batch_inputs
+
+    model, proc = tiny("llava_next", "sdpa")
+    seen = []
+    original = HoloV.select
+
+    def record(self, image, k):
+        selection = original(self, image, k)
+        seen.append((len(image.units or ()), k, selection.keep.numel()))
+        return selection
+
+    monkeypatch.setattr(HoloV, "select", record)
+    with tokprune.apply(model, "holov", keep_ratio=0.25), torch.no_grad():
+        model(**batch_inputs("llava_next", proc, (1,), sizes=((224, 224),)))
+    [(units, k, kept)] = seen
+    assert units > 2 and kept == k
+
+
+def test_alpha_beta_need_rank_by_score():
+    """alpha / beta weigh the diversity term: refused with rank_by="attention" unless left at the defaults."""
+    for bad in [{"alpha": 2.0}, {"beta": 0.0}, {"alpha": 0.5, "beta": 0.5}]:
+        with pytest.raises(MethodOptionError, match="used only with rank_by='score'"):
+            HoloV(rank_by="attention", **bad)
+    HoloV(rank_by="attention", alpha=1.0, beta=0.09)  # the defaults, given explicitly
+    HoloV(rank_by="score", alpha=2.0, beta=0.5)

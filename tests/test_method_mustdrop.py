@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from checks import assert_valid_keep
@@ -12,6 +13,7 @@ from tiny_models import batch_inputs, image_counts
 
 import tokprune
 from tokprune.core.budget import Budget
+from tokprune.core.layout import Unit
 from tokprune.errors import MethodOptionError
 from tokprune.methods import make_method
 from tokprune.methods.base import ImageTokens
@@ -234,6 +236,119 @@ def test_engine_counts_and_keys_survive_both_stages(tiny, monkeypatch, family):
         torch.testing.assert_close(seen["prefill"][image], cls[local])  # aligned ViT signal in the LLM
         final_local = stats.stages[1].kept[row] - start
         assert set(keys.tolist()) <= set(final_local.tolist())
+
+
+def _record_stages(monkeypatch) -> dict:
+    """Patch both stages to record, per image, what they saw and chose (image-local indices)."""
+    seen = {"vision": [], "prefill": []}
+    for cls_, key in ((MustDropVision, "vision"), (MustDropPrefill, "prefill")):
+        original = cls_.select
+
+        def record(self, image, k, original=original, key=key):
+            selection = original(self, image, k)
+            cls = image.signals["cls_attention"].float().reshape(-1)
+            units = len(image.units or ())
+            seen[key].append(
+                dict(cls=cls.clone(), k=k, full_n=image.full_n, units=units, keep=selection.keep)
+            )
+            return selection
+
+        monkeypatch.setattr(cls_, "select", record)
+    return seen
+
+
+def _assert_one_key_set(seen: dict, key_ratio: float = 0.08) -> int:
+    """Every image pruned by both stages: the vision stage kept the rule's key set (the top ceil(key_ratio *
+    full_n) by [CLS] attention over the whole image), and the final set holds all of it, or its top f when
+    the final count f is smaller. Returns the number of images checked."""
+    assert len(seen["vision"]) == len(seen["prefill"])
+    for vision, prefill in zip(seen["vision"], seen["prefill"]):
+        n_keys = math.ceil(key_ratio * vision["full_n"] - 1e-9)
+        ranked = torch.sort(vision["cls"], descending=True, stable=True).indices
+        keys = ranked[: min(vision["k"], n_keys)].tolist()
+        assert set(keys) <= set(vision["keep"].tolist())
+        final = vision["keep"][prefill["keep"]]  # the prefill view holds the vision stage's kept tokens
+        assert prefill["full_n"] == vision["full_n"]
+        assert set(keys[: prefill["k"]]) <= set(final.tolist())
+    return len(seen["vision"])
+
+
+ANYRES_SIZES = [((112, 112), (112, 168)), ((168, 112), (112, 112)), ((224, 224), (112, 112))]
+
+
+@pytest.mark.parametrize("sizes", ANYRES_SIZES)
+@pytest.mark.parametrize("ratio", [0.25, 0.1])
+def test_keys_survive_both_stages_on_anyres_images(tiny, monkeypatch, sizes, ratio):
+    """LLaVA-NeXT: base view + tiles. The key set is chosen once over the whole image (not per tile), so the
+    prefill stage never drops a key the vision stage protected (per-tile keys lost 1-3 keys here)."""
+    model, proc = tiny("llava_next", "sdpa")
+    seen = _record_stages(monkeypatch)
+    inputs = batch_inputs("llava_next", proc, (1, 2), sizes=sizes)
+    with tokprune.apply(model, "mustdrop", keep_ratio=ratio), torch.no_grad():
+        model(**inputs)
+    assert _assert_one_key_set(seen) == 3
+    assert all(v["units"] > 2 for v in seen["vision"])  # a base view and tiles
+
+
+def test_vision_stage_keys_are_global_on_units():
+    """Two units with all the high attention in the first: the keys all come from it (a per-unit rule would
+    take ceil(0.08 * 36) = 3 from each), merging stays inside each unit's windows, exactly k kept."""
+    units = [Unit(index=torch.arange(36), grid=(6, 6), kind="frame"),
+             Unit(index=torch.arange(36, 72), grid=(6, 6), kind="frame")]  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    embeds = torch.randn(72, 8, generator=g)
+    window = (36 + windows((6, 6), 3)[0]).tolist()  # the top-left 3 x 3 window of unit 1
+    embeds[window] = embeds[36].clone()  # identical: the one mergeable window
+    cls = torch.rand(72, generator=g) * 0.1
+    cls[:36] += 1.0
+    cls[window] += 0.5  # the merged token outranks the rest of unit 1 in the drop step
+    image = ImageTokens(embeds=embeds, grid=None, signals={"cls_attention": cls}, units=units, full_n=72)
+    k = 40
+    selection = MustDropVision().select(image, k)
+    assert_valid_keep(selection.keep, 72, k)
+    keys = torch.sort(cls, descending=True, stable=True).indices[: math.ceil(0.08 * 72)]
+    assert set(keys.tolist()) <= set(selection.keep.tolist()) and bool((keys < 36).all())
+    # the identical window merged into its last member: the mean of the identical vectors is that vector
+    kept = selection.keep.tolist()
+    assert window[-1] in kept and not set(window[:-1]) & set(kept)
+    torch.testing.assert_close(selection.merged[kept.index(window[-1])], embeds[36])
+
+
+def _video_inputs(proc, frames: int = 4, side: int = 112) -> dict:
+    """One Qwen2-VL clip of frames / 2 temporal slices of (side / 28)^2 LLM tokens, laid out as the video
+    processor does (see tests/test_video.py, which documents the layout)."""
+    ip = proc.image_processor
+    p, m, tp = ip.patch_size, ip.merge_size, ip.temporal_patch_size
+    rgb = np.random.default_rng(7).integers(0, 255, (frames, side, side, 3), dtype=np.uint8)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (ip.image_mean, ip.image_std))
+    video = (torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    t, h, w = frames // tp, side // p, side // p
+    patches = video.reshape(t, tp, 3, h // m, m, p, w // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    pads = "<|video_pad|>" * (t * h * w // (m * m))
+    inputs = dict(
+        proc.tokenizer(
+            [f"USER: <|vision_start|>{pads}<|vision_end|> describe ASSISTANT:"], return_tensors="pt"
+        )
+    )
+    video_id = proc.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    inputs["mm_token_type_ids"] = 2 * (inputs["input_ids"] == video_id).long()
+    inputs["pixel_values_videos"] = patches.reshape(t * h * w, 3 * tp * p * p)
+    inputs["video_grid_thw"] = torch.tensor([[t, h, w]])
+    return inputs
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.1])
+def test_keys_survive_both_stages_on_video_frames(tiny, monkeypatch, ratio):
+    """A Qwen2-VL clip of 2 frames of 4 x 4 tokens: the key set is ceil(0.08 * 32) = 3 over the clip (per
+    frame it would be 2 + 2), and the prefill stage keeps it."""
+    model, proc = tiny("qwen2_vl", "sdpa")
+    seen = _record_stages(monkeypatch)
+    with tokprune.apply(model, "mustdrop", keep_ratio=ratio) as pruner, torch.no_grad():
+        model(**_video_inputs(proc))
+    assert _assert_one_key_set(seen) == 1
+    assert (seen["vision"][0]["full_n"], seen["vision"][0]["units"]) == (32, 2)
+    final = math.ceil(ratio * 32 - 1e-9)
+    assert [s.visual_kept for s in pruner.stats.stages] == [[min(32, 2 * final)], [final]]
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -540,6 +540,19 @@ def test_option_errors(options):
         make_method("sparsevlm", options)
 
 
+@pytest.mark.parametrize(
+    "options", [{"recycle_ratio": 0.5}, {"cluster_size": 4}, {"recycle_ratio": 0.1, "cluster_size": 2}]
+)
+def test_recycling_options_need_recycle(options):
+    """recycle_ratio / cluster_size would be ignored without recycle=True: an error that says which option
+    needs which setting; with recycle=True, or at their defaults, they are fine."""
+    names = " and ".join(options)
+    with pytest.raises(MethodOptionError, match=f"sparsevlm: {names} .*used only with recycle=True"):
+        make_method("sparsevlm", options)
+    assert make_method("sparsevlm", {**options, "recycle": True}).recycle
+    make_method("sparsevlm", {"recycle_ratio": 0.3, "cluster_size": 10})  # the defaults, given explicitly
+
+
 @pytest.mark.parametrize("layers", [(2, 2, 3), (3, 2, 1), (-1, 0, 1), (0, 1, 3)])
 def test_layers_must_fit_the_llm(layers):
     with pytest.raises(MethodOptionError, match="strictly increasing"):

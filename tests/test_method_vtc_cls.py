@@ -136,3 +136,12 @@ def test_runs_end_to_end_on_tiny_models(tiny, family):
     assert all(0 < kept < total for kept, total in zip(stats.visual_kept, stats.visual_in))
     if family == "llava":  # 7 x 7 tokens per image, ceil(0.25 * 49) = 13 kept each
         assert stats.visual_kept == [13, 26]
+
+
+@pytest.mark.parametrize("options", [{}, {"start_layer": 0, "end_layer": 3}])
+def test_layers_outside_the_tower_fail_at_apply(tiny, options):
+    """The docstring's rule: no index wraps around; a layer the 3-layer tower lacks fails in apply()."""
+    model, _ = tiny("llava")
+    with pytest.raises(MethodOptionError, match="vision tower has 3 layers"):
+        tokprune.apply(model, VTCCLS(**options))
+    assert not hasattr(model, "_tokprune_pruner")

@@ -20,6 +20,7 @@ from tokprune.methods.options import (
     check_int_tuple,
     check_llm_layer,
     check_number,
+    check_only_with,
     check_ratio_tuple,
     check_vision_layer,
 )
@@ -138,3 +139,12 @@ def test_numpy_scalars_in_checks():
     for bad in (np.bool_(True), np.float64(1.0)):
         with pytest.raises(MethodOptionError, match="an int"):
             check_int(_Options(bad), "value")
+
+
+def test_check_only_with_refuses_options_that_would_be_ignored():
+    defaults = {"value": None}
+    check_only_with(_Options(None), defaults, False, "mode='x'", "to tune x")  # at its default
+    check_only_with(_Options(3), defaults, True, "mode='x'", "to tune x")  # its setting is on
+    with pytest.raises(MethodOptionError, match=r"^toy: value is used only with mode='x', to tune x; use "
+                       r"mode='x', or leave value=None$"):  # fmt: skip
+        check_only_with(_Options(3), defaults, False, "mode='x'", "to tune x")

@@ -1,8 +1,12 @@
 """The kept-set stability diagnostic."""
 
-import torch
-from tiny_models import batch_inputs
+import math
 
+import pytest
+import torch
+from tiny_models import batch_inputs, text_inputs
+
+from tokprune.errors import UnsupportedInputError
 from tokprune.robustness import jaccard, kept_set_stability
 
 
@@ -79,3 +83,108 @@ def test_cli_robustness_on_the_shipped_toy(capsys):
     assert "random        mean 1.000" in "\n".join(lines)
     fastervlm = next(line for line in lines if "fastervlm" in line)
     assert 0.0 <= float(fastervlm.split("mean")[1].split()[0]) <= 1.0
+
+
+def test_input_independent_kept_sets_are_detected(tiny):
+    """random, pool and ToMe at full matching rounds keep the same positions for any image: flagged, so that
+    their 1.0 is not read as robustness; an attention ranking is not flagged."""
+    model, proc = tiny("llava")
+    inputs = batch_inputs("llava", proc, (1, 2))  # 7 x 7 = 49 tokens per image
+
+    def run(method, **budget):
+        return kept_set_stability(model, inputs, method, trials=1, **budget)
+
+    assert run("random", keep_ratio=0.25)["input_independent"]
+    assert run("pool", keep_ratio=0.25)["input_independent"]
+    # ToMe: 49 -> 24 -> 12 are two full rounds (every A token merges); 49 -> 24 -> 13 ends with a partial one
+    assert run("tome", budget=12)["input_independent"]
+    assert not run("tome", budget=13)["input_independent"]
+    fastervlm = run("fastervlm", keep_ratio=0.25)
+    assert not fastervlm["input_independent"]
+    assert fastervlm["min_row_jaccard"] <= fastervlm["min_jaccard"] <= fastervlm["mean_jaccard"]
+
+
+@pytest.mark.parametrize(
+    "arguments, match",
+    [
+        ({"trials": 0}, "trials must be an int >= 1"),
+        ({"trials": True}, "trials must be an int >= 1"),
+        ({"trials": 2.0}, "trials must be an int >= 1"),
+        ({"noise_std": -0.1}, "noise_std must be a finite number >= 0"),
+        ({"noise_std": math.nan}, "noise_std must be a finite number >= 0"),
+    ],
+)
+def test_bad_arguments_fail_early(tiny, arguments, match):
+    model, proc = tiny("llava")
+    with pytest.raises(UnsupportedInputError, match=match):
+        kept_set_stability(model, batch_inputs("llava", proc, (1,)), "fastervlm", **arguments)
+    assert not hasattr(model, "_tokprune_pruner")
+
+
+def test_inputs_without_pixels_fail_early(tiny):
+    model, proc = tiny("llava")
+    with pytest.raises(UnsupportedInputError, match="neither pixel_values nor pixel_values_videos"):
+        kept_set_stability(model, text_inputs(proc), "fastervlm")
+    assert not hasattr(model, "_tokprune_pruner")
+
+
+def test_video_only_inputs_perturb_the_video_pixels(tiny):
+    """A Qwen2-VL prompt with one video clip and no image: the video pixels get the noise."""
+    from test_method_mustdrop import _video_inputs
+
+    model, proc = tiny("qwen2_vl")
+    inputs = _video_inputs(proc)  # 2 frames of 4 x 4 tokens
+    assert "pixel_values" not in inputs
+    calm = kept_set_stability(model, inputs, "fastervlm", keep_ratio=0.25, noise_std=0.0, trials=1)
+    assert calm["mean_jaccard"] == 1.0 and calm["visual_kept"] == [8]
+    assert not calm["input_independent"]
+    noisy = kept_set_stability(model, inputs, "fastervlm", keep_ratio=0.25, noise_std=3.0, trials=2)
+    assert noisy["mean_jaccard"] < 1.0
+
+
+def _tiny_llava_preset(monkeypatch):
+    from tiny_models import tiny_llava
+
+    from tokprune.bench import presets
+
+    def build(layers, attn, dtype, device):
+        model, proc = tiny_llava(attn)
+        return model, lambda batch_size: batch_inputs("llava", proc, (1,) * batch_size)
+
+    monkeypatch.setitem(presets.PRESETS, "tiny-llava", presets.Preset("tiny-llava", "test", build))
+
+
+def test_cli_marks_fixed_and_inapplicable_methods(monkeypatch, capsys):
+    """Every method by default: input-independent ones are marked, AnyRes-only ones are listed as n/a (the
+    registry is cut to five methods here: vtc_cls's default layers need a deeper tower than the tiny one)."""
+    import tokprune
+    from tokprune import cli
+
+    _tiny_llava_preset(monkeypatch)
+    monkeypatch.setattr(
+        tokprune, "available_methods", lambda: ["fastervlm", "globalcom2", "hired", "pool", "random"]
+    )
+    assert cli.main(["robustness", "--model", "tiny-llava", "--budget", "0.25", "--trials", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = {line.split()[0]: line for line in lines if line.startswith("  ")}
+    assert "fixed by construction" in row["random"] and "fixed by construction" in row["pool"]
+    assert "fixed by construction" not in row["fastervlm"]
+    for method in ("hired", "globalcom2"):
+        assert "n/a (needs AnyRes tiles; LlavaForConditionalGeneration has none)" in row[method]
+    assert lines[-1].startswith("(positions only")
+
+
+def test_cli_options_and_early_errors(monkeypatch, capsys):
+    from tokprune import cli
+
+    _tiny_llava_preset(monkeypatch)
+    argv = ["robustness", "--model", "tiny-llava", "--methods", "fastv", "--budget", "0.25", "--trials", "1"]
+    assert cli.main([*argv, "--option", "layer=1"]) == 0
+    assert "fastv" in capsys.readouterr().out
+    assert cli.main([*argv, "--option", "layers=1"]) == 2
+    assert "fastv has no option layers" in capsys.readouterr().err
+    # checked before the model loads: an unknown model would fail otherwise
+    assert cli.main(["robustness", "--model", "no-such-model", "--trials", "0"]) == 2
+    assert "trials must be an int >= 1" in capsys.readouterr().err
+    assert cli.main(["robustness", "--model", "no-such-model", "--noise-std", "-1"]) == 2
+    assert "noise_std must be" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from tokprune.core.layout import Unit
+from tokprune.errors import UnsupportedInputError
 from tokprune.methods.base import ImageTokens
 
 
@@ -55,8 +56,19 @@ class Mosaic:
         return region.reshape(-1)
 
 
+_WHAT_TO_DO = (
+    "On this model {method} only prunes single images that get tiles; for prompts with video clips or "
+    "several images (which LLaVA-OneVision encodes as base views only), use a method that does not need "
+    "tiles (e.g. 'fastervlm', 'visionzip', 'holov'), or send such prompts unpruned."
+)
+
+
 def anyres_mosaic(image: ImageTokens, method: str) -> Mosaic:
-    """The base view and tile mosaic of one AnyRes image; a clear ValueError if the image is not one.
+    """The base view and tile mosaic of one AnyRes image.
+
+    Raises UnsupportedInputError (a ValueError) when the image is not one (no units, or units that are not
+    one base view and tiles: a video clip, a base-only view), saying what to use instead; ValueError when
+    the units are malformed (a unit without a full grid, tiles that form no raster mosaic).
 
     Needs exactly one unit of kind "base" and at least one of kind "tile", all with grids. The tile
     mosaic is rebuilt from the tiles' token indices: ranked among all tile tokens, a tile at mosaic
@@ -67,15 +79,19 @@ def anyres_mosaic(image: ImageTokens, method: str) -> Mosaic:
     """
     units = image.units
     if not units:
-        raise ValueError(
+        raise UnsupportedInputError(
             f"{method} needs an AnyRes image (a base view and high-resolution tiles, ImageTokens.units); "
-            "this image has no units. Use a model with tiles (e.g. LlavaNextForConditionalGeneration)."
+            f"this image has no units. {_WHAT_TO_DO.format(method=method)}"
         )
     bases = [u for u in units if u.kind == "base"]
     tiles = [u for u in units if u.kind == "tile"]
     if len(bases) != 1 or not tiles or len(bases) + len(tiles) != len(units):
         kinds = [u.kind for u in units]
-        raise ValueError(f"{method} needs one 'base' unit and at least one 'tile' unit, got kinds {kinds}")
+        raise UnsupportedInputError(
+            f"{method} needs one 'base' unit and at least one 'tile' unit (an AnyRes image), got kinds "
+            f"{kinds}: a video clip, or an image the model encodes without tiles. "
+            f"{_WHAT_TO_DO.format(method=method)}"
+        )
     for unit in units:
         if unit.grid is None or unit.grid[0] * unit.grid[1] != unit.index.numel():
             raise ValueError(f"{method}: every unit needs a full token grid, got {unit.grid} for {unit.kind}")

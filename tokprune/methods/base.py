@@ -69,7 +69,9 @@ class Method:
       default_budget: the published default when neither budget nor keep_ratio is given;
       paper: the citation shown by the catalogue;
       spatial: the method needs a token grid: on images made of several units (AnyRes tiles, video
-          frames) the engine runs it on each unit with the budget split by unit size;
+          frames) the engine runs it on each unit with the budget split by unit size (a property where it
+          depends on an option, e.g. FoPru's strategy; methods that handle `ImageTokens.units` themselves,
+          such as HoloV and MustDrop, are not spatial);
       needs_tiles: the method only works on AnyRes images (a base view and tiles, `ImageTokens.units`);
           `tokprune.apply` refuses it on models whose adapter has no tiles (`Adapter.tiles`).
     """

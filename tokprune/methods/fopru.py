@@ -56,10 +56,12 @@ class FoPru(Method):
     Here: token significance = the attention each visual token *receives* at the layer whose output feeds
     the projector (LLaVA: CLIP layer -2; Qwen2.5-VL: the last full-attention block), i.e. the column mean
     over query tokens of the head-averaged softmax map ("received_attention"), as in that implementation.
-      * "rank" (default): the global top-k tokens by significance;
+      * "rank" (default): the global top-k tokens by significance, over the whole image: on an AnyRes
+        image (base view and tiles) or a video clip, all its tiles / frames compete together;
       * "row": grid rows ranked by row significance = the sum of their tokens' significance (as in that
         implementation), the best rows kept whole, filled to exactly k with a contiguous run from the
-        next-ranked row (see `row_select`).
+        next-ranked row (see `row_select`). Rows belong to one grid, so on an AnyRes image or a clip
+        "row" runs on each tile / frame with the budget split by their sizes (`spatial`).
     Either way the kept tokens stay in their original order (step 3) and keep their original positions.
     Without a grid (e.g. a [CLS] feature among the tokens) "row" falls back to "rank".
 
@@ -83,11 +85,16 @@ class FoPru(Method):
     signals = ("received_attention",)
     default_budget = Budget(ratio=0.25)
     paper = "Jiang et al., arXiv:2411.14164 (FoPru)"
-    spatial = True
     strategy: str = "rank"
 
     def __post_init__(self) -> None:
         check_choice(self, "strategy", _STRATEGIES)
+
+    @property
+    def spatial(self) -> bool:  # type: ignore[override]
+        """Only "row" needs a grid: it runs per AnyRes tile / video frame (budget split by unit size), while
+        "rank" ranks every token of the image (all its tiles / frames) together."""
+        return self.strategy == "row"
 
     def select(self, image: ImageTokens, k: int) -> Selection:
         if (trivial := trivial_selection(image, k)) is not None:

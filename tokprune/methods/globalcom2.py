@@ -77,7 +77,8 @@ class GlobalCom2(Method):
          to the crop) and l the crop's own [CLS] attention, each L2-normalised over the crop; the paper
          uses alpha = 0.5 (alpha = 1: global score alone, alpha = 0: the crop's own attention alone).
     Kept tokens stay in their original order. An image without a base view and tiles (a video clip, an
-    image of a several-image LLaVA-OneVision prompt) raises a ValueError.
+    image of a several-image LLaVA-OneVision prompt) raises an UnsupportedInputError (a ValueError) that
+    says what to use instead.
 
     Budget mapping: the published retention ratio 0.25 = default keep_ratio 0.25 of the image's content
     tokens (the authors' code keeps every row-end newline token besides; here a pruned image loses its

@@ -79,7 +79,8 @@ class HiRED(Method):
          attention at the feature layer (the layer whose output feeds the projector, the code's ViT
          layer 22 of 24 on LLaVA-NeXT; `final_layer`).
     Kept tokens stay in their original order. An image without a base view and tiles (a video clip, an
-    image of a several-image LLaVA-OneVision prompt) raises a ValueError.
+    image of a several-image LLaVA-OneVision prompt) raises an UnsupportedInputError (a ValueError) that
+    says what to use instead.
 
     Budget mapping: default keep_ratio 0.2 = HiRED-20% (0.2 * 5 * 576 = 576 tokens of an unpadded
     2x2-tile LLaVA-NeXT image); here the ratio is of the image's content tokens after unpadding, while

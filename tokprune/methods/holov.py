@@ -9,10 +9,11 @@ import torch
 
 from tokprune.core.budget import Budget
 from tokprune.methods.base import ImageTokens, Method, Selection, grid_of, topk_sorted, trivial_selection
-from tokprune.methods.options import check_choice, check_int, check_number
+from tokprune.methods.options import check_choice, check_int, check_number, check_only_with
 
 _LAYOUTS = ("blocks", "bands")
 _RANK_BY = ("score", "attention")
+ALPHA, BETA = 1.0, 0.09  # the authors' code
 
 
 def crop_layout(h: int, w: int, crop_rows: int, crop_cols: int) -> tuple[int, int]:
@@ -171,6 +172,12 @@ class HoloV(Method):
       3. budget: crop c gets a share of k proportional to max(mean_c(s), 0) ** power, capped at its
          size with the excess handed to the other crops, integer by largest remainder
          (`allocate_quotas`), so exactly k tokens are kept;
+         images of several units (an AnyRes base view and its tiles, the frames of a video clip): each
+         unit's grid is cut into its own crop_rows x crop_cols crops (`image_crops`) and the crops of
+         ALL units share the image's k by crop score in this same step, so a tile or frame gets what
+         its crops score, not a share by its size. This extends the paper's rule (the budget follows
+         crop importance) from one grid to an image made of several; the authors' code handles one
+         grid per image only, so there is no published rule for tiles or frames;
       4. each crop keeps its quota of top tokens by s (ties: lower index); kept tokens stay in order.
 
     Where each part comes from. The paper text that could be consulted (abstract, arXiv HTML front
@@ -202,7 +209,8 @@ class HoloV(Method):
           16 at 64 of 576 but 8 at 128 and 5 at 192;
       (3) ranking inside a crop: by s, so that the diversity term the method is named for acts at all
           (see the identity above); the code computes s but keeps each crop's top tokens by attention
-          alone (`rank_by="attention"` reproduces that);
+          alone (`rank_by="attention"` reproduces that; alpha and beta then only scale the crop scores
+          by alpha + beta, a common factor apart from one-token crops, so giving them with it is refused);
       (4) integer budgets: the code floors the shares, gives the leftover tokens one each to the crops
           with the largest weights, and when a share exceeds its crop keeps the whole crop and drops
           the excess, padding the sequence with zero embeddings; here the excess is re-shared, the
@@ -225,12 +233,11 @@ class HoloV(Method):
     signals = ("cls_attention",)
     default_budget = Budget(tokens=64)
     paper = "Zou et al., NeurIPS 2025, arXiv:2510.02912 (HoloV)"
-    spatial = True
 
     crop_rows: int = 4
     crop_cols: int = 4
-    alpha: float = 1.0
-    beta: float = 0.09
+    alpha: float = ALPHA
+    beta: float = BETA
     power: float = 1.0
     eps: float = 1e-6
     layout: str = "blocks"
@@ -245,13 +252,17 @@ class HoloV(Method):
         check_number(self, "eps", 0, low_open=True)
         check_choice(self, "layout", _LAYOUTS)
         check_choice(self, "rank_by", _RANK_BY)
+        check_only_with(
+            self, {"alpha": ALPHA, "beta": BETA}, self.rank_by == "score", "rank_by='score'",
+            "to weigh the diversity term of the token score, which rank_by='attention' does not rank by (the "
+            "crop split sees only alpha + beta, a common factor)",
+        )  # fmt: skip
 
     def select(self, image: ImageTokens, k: int) -> Selection:
         if (trivial := trivial_selection(image, k)) is not None:
             return trivial
         device = image.embeds.device
-        h, w = grid_of(image, self.name)
-        crops = crop_partition(h, w, self.crop_rows, self.crop_cols, self.layout)
+        crops = image_crops(image, self.crop_rows, self.crop_cols, self.layout, self.name)
         attention = image.signals["cls_attention"].to(device)
         scores, crop_scores = holistic_scores(image.embeds, attention, crops, self.alpha, self.beta, self.eps)
         weights = [max(s, 0.0) ** self.power for s in crop_scores.tolist()]
@@ -261,3 +272,24 @@ class HoloV(Method):
             idx.to(device)[topk_sorted(rank[idx.to(device)], q)] for idx, q in zip(crops, quotas) if q > 0
         ]
         return Selection(keep=torch.cat(kept).sort().values)
+
+
+def image_crops(
+    image: ImageTokens, crop_rows: int, crop_cols: int, layout: str, method: str
+) -> list[torch.Tensor]:
+    """Every crop of the image as (m,) ascending token indices into its n tokens.
+
+    A plain image: `crop_partition` of its grid (a 1 x n strip without one). An image of several units
+    (`ImageTokens.units`: an AnyRes base view and tiles, the frames of a video clip): each unit's grid is
+    cut into crop_rows x crop_cols crops of its own (a unit without a grid as a strip), so a crop never
+    spans two tiles or frames, and the crops of all units are listed together, unit by unit.
+    """
+    if not image.units:
+        h, w = grid_of(image, method)
+        return crop_partition(h, w, crop_rows, crop_cols, layout)
+    crops = []
+    for unit in image.units:
+        h, w = unit.grid or (1, unit.index.numel())
+        index = unit.index.cpu()
+        crops += [index[c] for c in crop_partition(h, w, crop_rows, crop_cols, layout)]
+    return crops

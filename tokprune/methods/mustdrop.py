@@ -26,9 +26,16 @@ TEXT_SIGNAL = "text_query_attention"
 
 
 def key_tokens(cls_attention: torch.Tensor, k: int, full_n: int, key_ratio: float) -> torch.Tensor:
-    """The key token set: the top min(k, ceil(key_ratio * full_n)) tokens by [CLS] attention, sorted (ties:
-    the lower index). full_n = the image's tokens before any merging (the released code takes its 8% of the
-    tokens left after merging; see `MustDrop`, difference 3)."""
+    """The key tokens a stage keeping k tokens protects: (min(k, K),) sorted indices, K = ceil(key_ratio *
+    full_n), the top by [CLS] attention over all the tokens given (ties: the lower index).
+
+    One rule for both stages: the image's key set is its top K tokens by [CLS] attention over the whole
+    image (every AnyRes tile / video frame together); full_n = the image's content tokens before any
+    pruning (the released code takes its 8% of the tokens left after merging; see `MustDrop`, difference
+    3). The vision stage protects them all (it keeps at least K when k >= K); the prefill stage ranks the
+    tokens the vision stage left, in which the keys are still the top K, so it protects the same set, or
+    its top k when its count k is below K.
+    """
     return topk_sorted(cls_attention, min(k, math.ceil(key_ratio * full_n - 1e-9)))
 
 
@@ -49,23 +56,20 @@ def similarity_to_others(x: torch.Tensor) -> torch.Tensor:
     return (sims.sum(1) - sims.diagonal()) / (x.shape[0] - 1)
 
 
-def local_merge_groups(
+def merge_candidates(
     embeds: torch.Tensor,
     grid: tuple[int, int],
     protected: torch.Tensor,
-    reduce: int,
     size: int = 3,
     threshold: float = 0.8,
-) -> list[torch.Tensor]:
-    """Local spatial merging: groups of tokens (each (m,) ascending indices) to merge into one token each.
+) -> list[tuple[float, torch.Tensor]]:
+    """The windows of one token grid that may merge: (similarity, members (m,) ascending indices), in raster
+    order of windows.
 
     embeds: (n, D); protected: (n,) bool key tokens, never merged. A window's members are its unprotected
     tokens; its similarity = the mean cosine similarity over the ordered pairs of distinct members (the
     released code's window score, there over all 9 cells). Windows of at least 2 members and similarity >=
-    `threshold` are merged whole, most similar first (ties: the earlier window), while that removes at most
-    `reduce` tokens in all; the window that would remove too many merges only its r + 1 members most similar
-    to the others (ties: the lower index), r = the tokens still to remove. The cap and the partial window
-    are tokprune's (exact counts); the released code merges every window at or above the threshold.
+    `threshold` are candidates.
     """
     candidates = []
     for cells in windows(grid, size):
@@ -74,50 +78,85 @@ def local_merge_groups(
             similarity = float(similarity_to_others(embeds[members]).mean())
             if similarity >= threshold:
                 candidates.append((similarity, members))
-    candidates.sort(key=lambda c: -c[0])  # stable: equal windows stay in raster order
+    return candidates
+
+
+def take_groups(
+    candidates: list[tuple[float, torch.Tensor]], embeds: torch.Tensor, reduce: int
+) -> list[torch.Tensor]:
+    """The groups to merge (each (m,) ascending indices into embeds (n, D)): candidate windows most similar
+    first (ties: the earlier candidate), merged whole while that removes at most `reduce` tokens in all; the
+    window that would remove too many merges only its r + 1 members most similar to the others (ties: the
+    lower index), r = the tokens still to remove. The cap and the partial window are tokprune's (exact
+    counts); the released code merges every window at or above the threshold."""
+    ranked = sorted(candidates, key=lambda c: -c[0])  # stable: equal windows stay in their order
     groups, left = [], reduce
-    for _, members in candidates:
+    for _, members in ranked:
         if left == 0:
             break
         if members.numel() - 1 > left:
-            members = members[topk_sorted(similarity_to_others(embeds[members]), left + 1)]
+            members = members[topk_sorted(similarity_to_others(embeds[members]), left + 1).cpu()]
         groups.append(members)
         left -= members.numel() - 1
     return groups
 
 
+def local_merge_groups(
+    embeds: torch.Tensor,
+    grid: tuple[int, int],
+    protected: torch.Tensor,
+    reduce: int,
+    size: int = 3,
+    threshold: float = 0.8,
+) -> list[torch.Tensor]:
+    """Local spatial merging of one grid: `take_groups` of its `merge_candidates` (see both)."""
+    return take_groups(merge_candidates(embeds, grid, protected, size, threshold), embeds, reduce)
+
+
+def grids_of(image: ImageTokens, method: str) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+    """The image's token grids as (indices (m,) into its tokens, (h, w)): one per AnyRes tile / base view /
+    video frame (`ImageTokens.units`; a unit without a grid is a 1 x m strip), or the whole image's grid."""
+    if not image.units:
+        return [(torch.arange(image.n), grid_of(image, method))]
+    return [(u.index.cpu(), u.grid or (1, u.index.numel())) for u in image.units]
+
+
 @dataclass
 class MustDropVision(Method):
-    """MustDrop's vision stage on one image grid: key tokens (chosen first, never merged), local spatial
-    merging, then (only if merging similar windows leaves more than k tokens) the lowest-[CLS]-attention
-    non-key tokens are dropped, a merged token scored by its members' mean. The final drop is tokprune's, to
-    keep exactly k; the released code's vision stage only merges."""
+    """MustDrop's vision stage on one image: key tokens (`key_tokens` over the whole image, chosen first,
+    never merged), local spatial merging inside each grid (every AnyRes tile / base view / video frame on
+    its own, the most similar windows of all grids first), then (only if merging similar windows leaves
+    more than k tokens) the lowest-[CLS]-attention non-key tokens of the image are dropped, a merged token
+    scored by its members' mean. The final drop is tokprune's, to keep exactly k; the released code's vision
+    stage only merges. Not `spatial`: the key set and the drop rank the whole image, so that the prefill
+    stage, which sees the image whole, protects the same keys."""
 
     name = "mustdrop"
     family = "multi-stage"
     signals = ("cls_attention",)
-    spatial = True
     key_ratio: float = 0.08
     window: int = 3
     threshold: float = 0.8
 
     def select(self, image: ImageTokens, k: int) -> Selection:
-        grid = grid_of(image, self.name)
         n, device = image.n, image.embeds.device
-        cls = image.signals["cls_attention"].float().to(device)
-        keys = key_tokens(cls, k, n, self.key_ratio)
-        protected = torch.zeros(n, dtype=torch.bool, device=device)
-        protected[keys] = True
-        groups = local_merge_groups(image.embeds, grid, protected.cpu(), n - k, self.window, self.threshold)
+        cls = image.signals["cls_attention"].float().reshape(-1).to(device)
+        keys = key_tokens(cls, k, image.full_n or n, self.key_ratio)
+        protected = torch.zeros(n, dtype=torch.bool)
+        protected[keys.cpu()] = True
+        candidates = []
+        for index, grid in grids_of(image, self.name):
+            local = merge_candidates(image.embeds[index], grid, protected[index], self.window, self.threshold)
+            candidates += [(similarity, index[members]) for similarity, members in local]
         owner = torch.arange(n, device=device)  # the token each token ends up in: a group's last member
-        for members in groups:
+        for members in take_groups(candidates, image.embeds, n - k):
             owner[members.to(device)] = int(members[-1])
         values = image.embeds.float()
         sizes = torch.zeros(n, device=device).index_add_(0, owner, torch.ones(n, device=device))
         merged = torch.zeros_like(values).index_add_(0, owner, values) / sizes.clamp(min=1)[:, None]
         score = torch.zeros(n, device=device).index_add_(0, owner, cls) / sizes.clamp(min=1)
         alive = (sizes > 0).nonzero().squeeze(1)
-        others = alive[~protected[alive]]
+        others = alive[~protected.to(device)[alive]]
         chosen = others[topk_sorted(score[others], k - keys.numel())]
         keep = torch.cat([keys, chosen]).sort().values
         return Selection(keep=keep, merged=merged[keep].to(image.embeds.dtype))
@@ -147,9 +186,10 @@ def dual_attention_order(attention: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class MustDropPrefill(LLMMethod):
-    """MustDrop's prefill stage: the key tokens (top [CLS] attention of the whole image, the same set as the
-    vision stage's) always stay; the rest of the budget goes to the other tokens in `dual_attention_order`
-    of layer `layer` - 1's instruction-to-visual attention; layers >= `layer` see only the kept tokens."""
+    """MustDrop's prefill stage: the key tokens (`key_tokens`: the top ceil(key_ratio * full_n) by [CLS]
+    attention over the whole image, the set the vision stage protected, or its top k when k is smaller)
+    always stay; the rest of the budget goes to the other tokens in `dual_attention_order` of layer
+    `layer` - 1's instruction-to-visual attention; layers >= `layer` see only the kept tokens."""
 
     name = "mustdrop"
     family = "multi-stage"
@@ -208,8 +248,11 @@ class MustDrop(CompositeMethod):
 
     tokprune's version, two stages:
       * vision stage (`MustDropVision`, before the LLM): the key set = the top ceil(`key_ratio` * n)
-        tokens by [CLS] attention at the ViT feature layer (n the image's tokens, `key_ratio` 0.08 from the
-        code; on towers without [CLS] the adapter's attention received), never merged. Local spatial
+        tokens by [CLS] attention at the ViT feature layer over the whole image (n the image's tokens, all its
+        AnyRes tiles / video frames together; `key_ratio` 0.08 from the code; on towers without [CLS] the
+        adapter's attention received), never merged; both stages take the keys by this one rule
+        (`key_tokens`), so the prefill stage protects exactly the vision stage's keys (its top f of them
+        when the final count f is below ceil(`key_ratio` * n)). Local spatial
         merging (`local_merge_groups`): non-overlapping `window` x `window` windows (3 x 3) of the token
         grid; a window's non-key tokens whose mean pairwise cosine similarity is >= `threshold` (0.8) become
         one token (their mean, at the position of the last of them in raster order), most similar windows
@@ -217,7 +260,8 @@ class MustDrop(CompositeMethod):
         tokprune's choice, neither the paper's text nor the code has a vision-stage count): merging stops
         there (a last window merges only its most typical tokens), and if merging similar windows does not
         get there, the lowest-[CLS]-attention non-key tokens (a merged one scored by its members' mean) are
-        dropped. AnyRes tiles and video frames are merged unit by unit.
+        dropped (ranked over the whole image). Windows never cross an AnyRes tile / video frame: each unit's
+        grid is cut into its own windows, and the windows of all units compete for the merge cap.
       * prefill stage (`MustDropPrefill`, layers >= `layer`, default 3, i.e. scored in layer 2, the code's
         first filter layer): the instruction tokens' head-mean attention rows over the visual tokens
         (recomputed from layer 2's q/k projections) give the global (sum) and individual (maximum)

@@ -159,3 +159,17 @@ def check_ratio_tuple(method, option: str, *, optional: bool = True) -> None:
     if not ok or not all(_is_number(r) and 0 < r <= 1 for r in value):
         _fail(method, option, "a non-empty tuple of ratios in (0, 1] (one per stage)", optional)
     _store_plain(method, option)
+
+
+def check_only_with(method, defaults: dict, active: bool, setting: str, why: str) -> None:
+    """Options that act only under `setting` (e.g. "recycle=True"): when `active` is False, giving any of
+    them a value other than its default (in `defaults`, option -> default) fails instead of being ignored.
+    `why` says what the options do there ("to size ..."), for the message."""
+    changed = [option for option, default in defaults.items() if getattr(method, option) != default]
+    if changed and not active:
+        names = " and ".join(changed)
+        left = ", ".join(f"{option}={defaults[option]!r}" for option in changed)
+        raise MethodOptionError(
+            f"{method.name}: {names} {'is' if len(changed) == 1 else 'are'} used only with {setting}, {why}; "
+            f"use {setting}, or leave {left}"
+        )

@@ -39,8 +39,9 @@ def iqr_outliers(attention: torch.Tensor, factor: float = 1.5) -> torch.Tensor:
 def prumerge_adaptive_count(attention: torch.Tensor, factor: float = 1.5) -> int:
     """PruMerge's adaptive budget for one image: the number of IQR outliers of its attention (at least 1).
 
-    attention: (n,). The engine asks a method for an exact count per image, so this count is not applied
-    automatically; pass it as `budget=` for a known image, or use it to measure the average ratio.
+    attention: (n,). The engine keeps budget.kept(n) tokens per image, a count fixed before the method runs
+    (see `PruMerge`, "Budget"), so this count is not applied automatically; pass it as `budget=` for a known
+    image, or use it to measure the average ratio.
     """
     return max(1, int(iqr_outliers(attention, factor).numel()))
 
@@ -143,13 +144,20 @@ class PruMerge(Method):
         x'_i = (a_i x_i + sum_j a_j x_j) / (a_i + sum_j a_j) (`merge="mean"`, the weighted average of the
         cluster with its centre, this library's reading of the paper; see `merge_neighbours`).
 
-    Budget: the engine asks every method for exactly k tokens per image and cannot let a method choose its
-    own count, so the IQR count is not applied per image. Under a budget k the kept set is the outliers
-    ranked by attention, truncated to k or topped up by the next-highest attention tokens; since the
-    outliers are always the highest-attention tokens, that is the top-k by attention (as FasterVLM), and
-    the merge is what differs. The default budget is the paper's average adaptive count, keep_ratio 0.055
-    (32 of LLaVA-1.5's 576 tokens, 5.5%). `prumerge_adaptive_count(attention)` gives the adaptive count of
-    one image.
+    Budget: the IQR count (AITS) is not applied per image, and no option offers it, because the engine
+    cannot run a method with a count of its own: `tokprune.apply` turns budget=None / keep_ratio=None into
+    the method's `default_budget` (`Budget.from_args`), a rule whose count depends only on the image's token
+    count n (`Budget.kept(n)`); the engine computes k = budget.kept(n) for every image before the method
+    runs (`core.selection.select_pre`) and rejects a selection of any other size (`checked_select`); the
+    stats and the invariant tests derive every stage's count from the same arithmetic. A count read from
+    the [CLS] attention would need the engine to ask the method for its count first (a change to
+    `core/selection.py`, `core/budget.py` and the tests' reference plan), which is not done. So under a budget
+    k the kept set is the outliers ranked by attention, truncated to k or topped up by the next-highest
+    attention tokens; since the outliers are always the highest-attention tokens, that is the top-k by
+    attention (as FasterVLM), and the merge is what differs. The default budget is the paper's average
+    adaptive count, keep_ratio 0.055 (32 of LLaVA-1.5's 576 tokens, 5.5%).
+    `prumerge_adaptive_count(attention)` gives the adaptive count of one image (to pass as `budget=` for
+    that image, or to measure the average ratio on a data set).
 
     Deliberate differences from the paper and the authors' code: (1) the merge averages the LLM input
     embeddings (after the projector), not the CLIP features before it, so that pruning is one step of the

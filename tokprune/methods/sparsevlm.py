@@ -12,11 +12,19 @@ import torch.nn.functional as F
 from tokprune.core.budget import Budget
 from tokprune.errors import MethodOptionError
 from tokprune.methods.base import ImageTokens, LLMMethod, Selection, topk_sorted
-from tokprune.methods.options import check_bool, check_choice, check_int, check_int_tuple, check_number
+from tokprune.methods.options import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_int_tuple,
+    check_number,
+    check_only_with,
+)
 
 SIGNAL = "text_query_attention"
 RELEVANCE = "input_text_relevance"
 _RATERS = ("embeddings", "attention")
+RECYCLE_DEFAULTS = {"recycle_ratio": 0.3, "cluster_size": 10}  # tau = 30%, theta = 1/10 (§3.3)
 # Published per-stage kept visual tokens of LLaVA-1.5 (576 per image, 32 layers), pruning after layers
 # 2, 6, 15, for the paper's "64", "128" and "192" settings: the schedule of the authors' public v1 code
 # (Gumpest/SparseVLMs, llava/model/language_model/score.py); the paper's text gives neither the layers
@@ -194,7 +202,8 @@ class SparseVLM(LLMMethod):
     (theta = 1/10, plus one, as the code); the k - c best-scored tokens are kept as they are, the r
     best-scored of the rest are clustered by `density_peaks` (Eq. 8-9 with k = 5 neighbours, cosine
     assignment) of their hidden states, and each cluster becomes one token, the mean of its members, at
-    its centre's position (see `recycle_select`).
+    its centre's position (see `recycle_select`). `recycle_ratio` and `cluster_size` only act with
+    `recycle=True`: setting either to another value without it is an error.
 
     Deliberate differences: (1) raters are chosen per image (the paper and the code have one image per
     prompt), with the paper's >= (the code: >); (2) fixed (interpolated) counts as the public code, not Eq. 7's
@@ -217,8 +226,8 @@ class SparseVLM(LLMMethod):
     layers: tuple[int, ...] | None = None
     raters: str = "embeddings"
     recycle: bool = False
-    recycle_ratio: float = 0.3
-    cluster_size: int = 10
+    recycle_ratio: float = RECYCLE_DEFAULTS["recycle_ratio"]
+    cluster_size: int = RECYCLE_DEFAULTS["cluster_size"]
 
     def __post_init__(self) -> None:
         check_int_tuple(self, "layers", len(PUBLISHED_LAYERS))
@@ -226,6 +235,7 @@ class SparseVLM(LLMMethod):
         check_bool(self, "recycle")
         check_number(self, "recycle_ratio", 0, 1, low_open=True)
         check_int(self, "cluster_size", 1)
+        check_only_with(self, RECYCLE_DEFAULTS, self.recycle, "recycle=True", "to size the recycled clusters")
 
     @property
     def signals(self) -> tuple[str, ...]:  # type: ignore[override]

@@ -76,7 +76,9 @@ class ToMe(Method):
     signal, of the token embeddings. Merged embeddings and keys are size-weighted averages. Each survivor
     keeps the position of its own original token (the B token that absorbed others keeps its index).
     Schedule: r per round = min(tokens still to remove, |A|), |A| = ceil(current / 2), so 576 -> 64 runs
-    288, 144, 72, 8 merges (576 -> 288 -> 144 -> 72 -> 64).
+    288, 144, 72, 8 merges (576 -> 288 -> 144 -> 72 -> 64). When every round is full (r = |A|, e.g. 196 -> 98
+    -> 49) all A tokens merge and the survivors are the same positions (every 2^rounds-th token) whatever the
+    image; only a partial last round makes the kept positions depend on the input.
 
     Default budget: 64 tokens per image, the setting in which the VLM papers report ToMe on LLaVA-1.5
     (DESIGN §7: 70.1 at 64 of 576, HoloV Table 1).

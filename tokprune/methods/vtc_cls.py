@@ -47,7 +47,9 @@ class VTCCLS(Method):
     layer feeding the merger is the last block, so give end_layer = -1 to include it; (2) ties are broken
     towards the lower index (the code uses torch.topk, whose order among ties is unspecified); (3) the
     code sums the layers where the paper averages them; the two rank identically.
-    Note: the adapters take a layer index modulo the depth, so a range longer than a (tiny) tower wraps.
+    Layers must exist in the tower: `tokprune.apply` fails with a MethodOptionError naming the tower's
+    depth when a layer of the range lies outside [-depth, depth - 1] (nothing wraps around; on a tower
+    with fewer than 4 layers give a shorter range, e.g. start_layer = -2, end_layer = -1).
     """
 
     name = "vtc_cls"
