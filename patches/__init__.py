@@ -34,6 +34,12 @@ def supported_model_classes() -> list[str]:
     return [name for adapter in ADAPTERS for name in adapter.model_classes]
 
 
+def model_families() -> dict[str, str]:
+    """{supported model class name: its family}, the family being the adapter that handles the class (e.g.
+    "Qwen3VLMoeForConditionalGeneration": "qwen3_vl"), in `supported_model_classes()` order."""
+    return {name: adapter.family for adapter in ADAPTERS for name in adapter.model_classes}
+
+
 def adapter_for(model: nn.Module) -> Adapter:
     """The adapter for this model instance (matched on the exact class name, never on a base class)."""
     name = type(model).__name__
@@ -62,5 +68,6 @@ __all__ = [
     "ImageLayout",
     "VisionSignalStore",
     "adapter_for",
+    "model_families",
     "supported_model_classes",
 ]

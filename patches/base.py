@@ -33,6 +33,10 @@ class Adapter:
     # from that). Methods with `needs_tiles` (HiRED, GlobalCom²) are refused on adapters without it.
     # Tiles laid out one after another (InternVL) do not say where each tile sits, so they do not qualify.
     tiles: ClassVar[bool] = False
+    # the model receives a video as separate images (InternVL, SmolVLM: its inputs do not group the frames
+    # into a clip), so every frame is its own budget unit and `video_budget="clip"` is refused. Families
+    # with clips (Qwen-VL, LLaVA-OneVision) describe each as one item of "frame" units instead.
+    frames_as_images: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

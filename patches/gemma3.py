@@ -26,8 +26,16 @@ model's rule as is (no re-widening, no per-token positions in the window): the w
 compacted sequence, in prefill and decode (the sliding cache keeps the last window - 1 slots).
 
 `token_type_ids` must mark exactly the image tokens (what Gemma3Processor returns) or be absent (then
-the model's masks are plainly causal and so are tokprune's). Pan-and-scan crops are extra images of
-the same size to the model and are pruned as such, each on its own grid.
+the model's masks are plainly causal and so are tokprune's).
+
+Pan-and-scan (`do_pan_and_scan=True`): the processor gives an image its original view plus up to
+`pan_and_scan_max_num_crops` crops, each a full image of `mm_tokens_per_image` tokens to the model, in
+pixel_values order, and drops `num_crops` from the model's inputs. The prompt separates the views of one
+image exactly as it separates adjacent images (`<end_of_image>` `\n\n` ... `\n\n` `<start_of_image>`; only
+the text before the first view, "Here is the original image", differs, and it is plain text), so nothing
+the model receives tells which views belong together. Every view is therefore one budget unit, pruned on
+its own grid: `budget=k` keeps k tokens of every view, i.e. k x (1 + crops) of an image with crops;
+`keep_ratio` keeps the same fraction of every view (`tests/test_gemma3_pan_and_scan.py`).
 """
 
 from __future__ import annotations

@@ -67,6 +67,7 @@ def pool_groups(value: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
 class InternVLAdapter(Adapter):
     model_classes = ("InternVLForConditionalGeneration",)
     family = "internvl"
+    frames_as_images = True  # InternVLProcessor turns a video into one-tile images ("Frame1: <img>...</img>")
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -1,4 +1,13 @@
-"""LLaVA-1.5 (LlavaForConditionalGeneration): CLIP-style ViT with a [CLS] token, Llama-style LLM."""
+"""LLaVA-1.5 (LlavaForConditionalGeneration): a CLIP-style ViT with a [CLS] token (or a SigLIP tower without
+one), Llama-style LLM.
+
+Features: with vision_feature_select_strategy "default" the model drops the tower's first token ([CLS]) and
+an image gives its h x w patch tokens, a plain grid; with "full" a CLIP tower's [CLS] stays in front of the
+patches (h * w + 1 tokens, no grid). A tower without [CLS] (SigLIP: no `class_embedding`) needs "full", where
+every patch reaches the projector (h * w tokens, a plain grid); "default" would drop a real patch and is
+refused. On such a tower "cls_attention" is the attention each patch *receives* (as on the other SigLIP
+families).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +15,7 @@ import torch
 from torch import nn
 
 from tokprune.core.timing import timed
+from tokprune.errors import UnsupportedInputError, UnsupportedModelError
 from tokprune.signals import cls_attention, received_attention
 
 from .base import Adapter, ImageLayout, ProjectionTap, VisionSignalStore
@@ -17,7 +27,15 @@ def clip_encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
         encoder = getattr(owner, "encoder", None) if owner is not None else None
         if encoder is not None and hasattr(encoder, "layers"):
             return encoder.layers
-    raise TypeError(f"cannot find encoder.layers in vision tower {type(vision_tower).__name__}")
+    raise UnsupportedModelError(
+        f"vision tower {type(vision_tower).__name__} is not supported: tokprune needs a CLIP- or SigLIP-style "
+        "tower (encoder.layers of attention layers); use a checkpoint with a CLIP or SigLIP vision tower"
+    )
+
+
+def tower_has_cls(vision_tower: nn.Module) -> bool:
+    """Whether the tower puts a [CLS] token before the patches (CLIP's `class_embedding`); SigLIP has none."""
+    return any(hasattr(module, "class_embedding") for module in vision_tower.modules())
 
 
 def feature_layer_index(vision_feature_layer: int | list[int], num_layers: int) -> int:
@@ -33,14 +51,16 @@ def feature_layer_index(vision_feature_layer: int | list[int], num_layers: int) 
     )
     index = fl % (num_layers + 1) - 1
     if index < 0:
-        raise ValueError(
-            "vision_feature_layer selects the patch embeddings; there is no attention to score with"
+        raise UnsupportedModelError(
+            f"vision_feature_layer={vision_feature_layer} selects the patch embeddings, before any attention "
+            "layer, so there is no attention to score with; use a layer of the encoder (e.g. -2 or -1)"
         )
     return index
 
 
 class LlavaAdapter(Adapter):
-    """Images are square crops of a CLIP ViT; each yields h*w patch tokens (+ [CLS] with strategy 'full')."""
+    """Images are square crops of a CLIP ViT; each yields h*w patch tokens (+ [CLS] with strategy 'full'), or
+    of a SigLIP tower (no [CLS]; strategy 'full': h*w patch tokens)."""
 
     model_classes = ("LlavaForConditionalGeneration",)
     family = "llava"
@@ -50,14 +70,24 @@ class LlavaAdapter(Adapter):
         cfg = model.config
         self.vision_layers = clip_encoder_layers(self.inner.vision_tower)
         self.score_layer = feature_layer_index(cfg.vision_feature_layer, len(self.vision_layers))
-        self.keeps_cls = cfg.vision_feature_select_strategy == "full"
+        full = cfg.vision_feature_select_strategy == "full"
+        self.has_cls = tower_has_cls(self.inner.vision_tower)
+        if not self.has_cls and not full:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} with vision_feature_select_strategy='default' on a tower with no [CLS] "
+                f"({type(self.inner.vision_tower).__name__}) is not supported: 'default' drops the first token, a "
+                "real patch of every image; use 'full' (the setting of SigLIP checkpoints)"
+            )
+        self.first_feature = 0 if full else 1  # the tower's first token among the image features
+        self.keeps_cls = full and self.has_cls  # a [CLS] token is among the image features
         self.patch_size = cfg.vision_config.patch_size
 
     def image_layout(self, inner_kwargs: dict) -> ImageLayout | None:
         pixel_values = inner_kwargs.get("pixel_values")
         if inner_kwargs.get("image_sizes") is not None:
-            raise NotImplementedError(
-                "LLaVA with image_sizes (Pixtral-style variable sizes) is not supported yet"
+            raise UnsupportedInputError(
+                "LLaVA with image_sizes (Pixtral-style variable image sizes) is not supported; pass pixel_values "
+                "of fixed-size crops (what the processor of a CLIP/SigLIP LLaVA returns) without image_sizes"
             )
         if pixel_values is not None:
             n_images, _, height, width = pixel_values.shape
@@ -83,8 +113,14 @@ class LlavaAdapter(Adapter):
 
     def _hook(self, wanted: dict[str, str], store: VisionSignalStore, tap: ProjectionTap):
         """Forward hook on one CLIP attention module computing `wanted` ({full name: base name}) from the
-        projections its forward made (`tap`)."""
-        first = 0 if self.keeps_cls else 1
+        projections its forward made (`tap`). A tower without [CLS] gives, for "cls_attention", the attention
+        each patch receives."""
+        first = self.first_feature
+        if not self.has_cls:
+            wanted = {
+                name: "received_attention" if base == "cls_attention" else base
+                for name, base in wanted.items()
+            }
 
         def hook(module, args, kwargs, output):
             with timed(store.seconds, output[0].device), tap:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from tokprune.core.layout import Unit
+from tokprune.errors import UnsupportedInputError, UnsupportedModelError
 
 from .base import ImageLayout, InstanceWrap, VisionSignalStore
 from .llava import LlavaAdapter
@@ -29,9 +30,9 @@ class LlavaNextAdapter(LlavaAdapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         if self.keeps_cls:
-            raise NotImplementedError(
-                "LLaVA-NeXT with vision_feature_select_strategy='full' is not supported: its [CLS] tokens "
-                "would sit inside the tile grids; use the 'default' strategy"
+            raise UnsupportedModelError(
+                "LLaVA-NeXT with vision_feature_select_strategy='full' on a tower with a [CLS] token is not "
+                "supported: its [CLS] tokens would sit inside the tile grids; use the 'default' strategy"
             )
         side = model.config.vision_config.image_size // self.patch_size
         self.tile_tokens = side * side
@@ -41,30 +42,38 @@ class LlavaNextAdapter(LlavaAdapter):
         image_sizes = inner_kwargs.get("image_sizes")
         if inner_kwargs.get("pixel_values") is not None:
             if image_sizes is None:
-                raise ValueError(
-                    "LLaVA-NeXT needs image_sizes with pixel_values (the processor returns them)"
+                raise UnsupportedInputError(
+                    "LLaVA-NeXT needs image_sizes with pixel_values: pass the image_sizes the processor returns"
                 )
             return self.packing(image_sizes)[0]
         counts = self.precomputed_counts(inner_kwargs)
         if counts is None:
             return None
         if self._latest is None:
-            raise RuntimeError("precomputed LLaVA-NeXT image features without their image_sizes")
+            raise UnsupportedInputError(
+                "precomputed LLaVA-NeXT image features without their image_sizes: tokprune saw no "
+                "get_image_features call since apply(); pass pixel_values and image_sizes"
+            )
         layout = self._latest[0]
         if counts != layout.counts:  # generate() repeated rows (beams, num_return_sequences)
             layout = layout.expanded(self.visual_mask(inner_kwargs["input_ids"]), counts)
         return layout
 
-    def packing(self, image_sizes: torch.Tensor) -> tuple[ImageLayout, torch.Tensor]:
-        """(layout of the packed images, source (N_visual,) long: for every LLM visual token the index of
-        its ViT patch token in the tower's flat per-tile order, -1 for newline tokens)."""
+    def tower_inputs(self, image_sizes: torch.Tensor, batch_num_images=None) -> list[int]:
+        """Tower inputs per image (base view + tiles, also tiles that unpadding removes later), as the model
+        counts them in get_image_features. batch_num_images: unused (LLaVA-OneVision's signature)."""
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         cfg = self.model.config
-        tiles = [
+        return [
             image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
             for size in image_sizes
         ]
+
+    def packing(self, image_sizes: torch.Tensor) -> tuple[ImageLayout, torch.Tensor]:
+        """(layout of the packed images, source (N_visual,) long: for every LLM visual token the index of
+        its ViT patch token in the tower's flat per-tile order, -1 for newline tokens)."""
+        tiles = self.tower_inputs(image_sizes)
         flat = torch.arange(sum(tiles) * self.tile_tokens, dtype=torch.float32)
         per_image = torch.split(flat.view(-1, self.tile_tokens, 1), tiles)
         packed, _ = self.inner.pack_image_features(

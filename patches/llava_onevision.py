@@ -2,7 +2,8 @@
 a SigLIP tower, Qwen2 LLM.
 
 The SigLIP tower has no [CLS] token and the checkpoints use vision_feature_select_strategy="full" (every
-patch reaches the projector; "default" would drop a real patch and is rejected). So "cls_attention" is the
+patch reaches the projector; "default" would drop a real patch and is rejected by `LlavaAdapter`, as is a
+tower with a [CLS] under "full"). So "cls_attention" is the
 attention each patch *receives* at the scoring layer (head-mean, query-mean column of the softmax map,
 streamed per tile without N x N maps, `signals.received_attention`), as on Qwen; "received_attention" is
 the same quantity and "vit_keys" the head-mean keys.
@@ -24,9 +25,11 @@ base-only view, which have no tiles.
 Videos (`get_video_features`): every frame goes through the tower, its patch grid is bilinearly pooled to
 ceil(h/2) x ceil(w/2) (`apply_pooling`), the frames are concatenated and ONE `image_newline` token ends the
 clip. Signals are pooled the same way. A clip is one entry of the layout (one "image" for the engine):
-units = one Unit(kind="frame") per frame, the final newline a separator. Budget rule: `budget=k` keeps k
-content tokens per clip (not per frame; spatial methods share the k among the frames in proportion to
-their sizes, i.e. equally), `keep_ratio=r` keeps ceil(r * frames * tokens_per_frame) per clip.
+units = one Unit(kind="frame") per frame, the final newline a separator. Budget rule (`core.budget`): a
+clip of t frames keeps min(k * t, t * tokens_per_frame) content tokens with `budget=k` (k per frame, the
+default `video_budget="frame"`) or min(k, ...) with `video_budget="clip"`; methods that rank tokens rank
+the clip at once, spatial methods share the count among the frames in proportion to their sizes (equally);
+`keep_ratio=r` keeps ceil(r * t * tokens_per_frame) per clip in both modes.
 
 Order: the model scatters all image features into the `<image>` positions, then all video features into
 the `<video>` positions. `visual_mask` covers both, and `image_layout` lists images and videos in the
@@ -52,9 +55,9 @@ from tokprune.core.compat import cache_in
 from tokprune.core.layout import Unit, in_sequence_order
 from tokprune.core.selection import align_signals
 from tokprune.core.timing import timed
-from tokprune.errors import UnsupportedInputError
+from tokprune.errors import UnsupportedInputError, UnsupportedModelError
 
-from .base import ImageLayout, InstanceWrap, ProjectionTap, VisionSignalStore
+from .base import ImageLayout, InstanceWrap, VisionSignalStore
 from .llava import LlavaAdapter
 
 KINDS = ("image", "video")
@@ -67,10 +70,11 @@ class LlavaOnevisionAdapter(LlavaAdapter):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        if not self.keeps_cls:
-            raise NotImplementedError(
-                "LLaVA-OneVision with vision_feature_select_strategy='default' is not supported: its SigLIP "
-                "tower has no [CLS], so 'default' drops a real patch of every tile; use 'full' (the checkpoints' setting)"
+        if self.keeps_cls:  # a SigLIP tower with 'default' is refused by LlavaAdapter (it has no [CLS])
+            raise UnsupportedModelError(
+                "LLaVA-OneVision with vision_feature_select_strategy='full' on a tower with a [CLS] token is not "
+                "supported: its [CLS] tokens would sit inside the tile grids; use a SigLIP tower (the checkpoints'), "
+                "or the 'default' strategy"
             )
         self.side = model.config.vision_config.image_size // self.patch_size
         self.tile_tokens = self.side * self.side
@@ -109,15 +113,18 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         if inner_kwargs.get("pixel_values") is not None:
             image_sizes = inner_kwargs.get("image_sizes")
             if image_sizes is None:
-                raise ValueError(
-                    "LLaVA-OneVision needs image_sizes with pixel_values (the processor returns them)"
+                raise UnsupportedInputError(
+                    "LLaVA-OneVision needs image_sizes with pixel_values: pass the image_sizes the processor returns"
                 )
             return self.packing(image_sizes, inner_kwargs.get("batch_num_images"))
         counts = self.precomputed_counts(inner_kwargs)
         if counts is None:
             return None
         if self._latest_images is None:
-            raise RuntimeError("precomputed LLaVA-OneVision image features without their image_sizes")
+            raise UnsupportedInputError(
+                "precomputed LLaVA-OneVision image features without their image_sizes: tokprune saw no "
+                "get_image_features call since apply(); pass pixel_values and image_sizes"
+            )
         layout = self._latest_images
         if counts != layout.counts:  # generate() repeated rows (beams, num_return_sequences)
             layout = layout.expanded(input_ids == self.image_token_id, counts)
@@ -250,13 +257,6 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         return units
 
     # ---- signals --------------------------------------------------------------------------------------
-    def _hook(self, wanted: dict[str, str], store: VisionSignalStore, tap: ProjectionTap):
-        """SigLIP has no [CLS]: "cls_attention" is computed as the attention each patch receives."""
-        renamed = {
-            name: "received_attention" if base == "cls_attention" else base for name, base in wanted.items()
-        }
-        return super()._hook(renamed, store, tap)
-
     def install_vision_hooks(self, names: set[str], store: VisionSignalStore) -> list:
         handles = super().install_vision_hooks(names, store)
         self._staged, self._latest_images, self._input_ids = {}, None, None

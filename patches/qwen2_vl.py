@@ -11,8 +11,10 @@ video placeholders separately, each in its own order; the adapter describes all 
 the order their tokens appear in the sequence (rows in order, left to right), which is the order of the
 engine's visual mask (image | video placeholders), and assembles the ViT signals of the image pass and the
 video pass in that same order. A video of grid (t, h, w) gives t*h*w/4 LLM tokens, temporal slice by
-temporal slice; it is one item (the budget counts the whole clip) made of t frame units, each an
-(h/2, w/2) grid, so that spatial methods work frame by frame.
+temporal slice; it is one item made of t frame units (a frame = one temporal slice, i.e.
+temporal_patch_size = 2 video frames), each an (h/2, w/2) grid, so that spatial methods work frame by
+frame. Budget (`core.budget`): `budget=k` keeps min(k * t, n) tokens of the clip (k per frame, the default
+`video_budget="frame"`) or min(k, n) with `video_budget="clip"`; `keep_ratio` is a fraction of the clip.
 """
 
 from __future__ import annotations

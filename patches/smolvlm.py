@@ -50,6 +50,9 @@ class SmolVLMAdapter(Adapter):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
+        # SmolVLMProcessor turns a video into one-frame images ("Frame from 00:01: <global-img>..."); Idefics3
+        # takes no video
+        self.frames_as_images = type(model).__name__ == "SmolVLMForConditionalGeneration"
         cfg = model.config
         self.vision_layers = clip_encoder_layers(self.inner.vision_model)
         self.score_layer = len(self.vision_layers) - 1  # last_hidden_state feeds the connector

@@ -320,6 +320,11 @@ def test_readme_tables_list_every_method_and_model():
     for entry in catalogue():
         row = f"| `{entry['name']}` | {entry['family']} | {entry['acts']} |"
         assert row in readme, f"README's method table lacks {row} (the registry's name, family and place)"
+        line = next(line for line in readme.splitlines() if line.startswith(row))
+        default = line.split(" | ")[4]  # name | family | acts | score / rule | default | paper
+        assert default.startswith(f"`{entry['default']}`"), (
+            f"README's default for {entry['name']} is {default!r}, the catalogue's is {entry['default']!r}"
+        )
     for name in tokprune.available_models():
         assert f"| `{name}` |" in readme, f"README's model table lacks {name}"
 
@@ -342,3 +347,58 @@ def test_a_patched_model_cannot_be_copied_or_pickled():
     pruner.remove()
     twin = pickle.loads(pickle.dumps(copy.deepcopy(model)))
     assert not hasattr(twin, "_tokprune_pruner") and not {"generate", "__reduce_ex__"} & set(twin.__dict__)
+
+
+def test_model_families_name_the_family_of_every_class(tiny, capsys):
+    """available_models() lists class names; model_families() maps each to its family, and `tokprune models`
+    prints both on one line."""
+    from tokprune.patches import adapter_for
+
+    from tokprune import cli
+
+    families = tokprune.model_families()
+    assert list(families) == tokprune.available_models()
+    assert families["Qwen3VLMoeForConditionalGeneration"] == families["Qwen3VLForConditionalGeneration"]
+    for family in ("llava", "qwen2_5_vl", "idefics3"):
+        model, _ = tiny(family)
+        assert families[type(model).__name__] == adapter_for(model).family
+    assert cli.main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name, family in families.items():
+        assert any(line.split() == [name, family] for line in lines), (name, family)
+
+
+@pytest.mark.parametrize("video_budget", ["frames", "per clip", None, 1, ""])
+def test_video_budget_must_be_frame_or_clip(tiny, video_budget):
+    model, _ = tiny("qwen2_vl")
+    with pytest.raises(errors.BudgetError, match="video_budget must be 'frame'.*or 'clip'") as info:
+        tokprune.apply(model, "random", budget=4, video_budget=video_budget)
+    assert isinstance(info.value, ValueError)
+    assert not hasattr(model, "_tokprune_pruner")
+
+
+def test_clip_budget_is_refused_where_frames_are_images(tiny):
+    """InternVL and SmolVLM receive a video as separate images: a budget per clip cannot be kept there.
+    Idefics3 (same adapter, no video input) and the families with clips accept it."""
+    for family in ("internvl", "smolvlm"):
+        model, _ = tiny(family)
+        with pytest.raises(errors.UnsupportedModelError, match="separate images.*video_budget='frame'"):
+            tokprune.apply(model, "random", budget=4, video_budget="clip")
+        assert not hasattr(model, "_tokprune_pruner")
+        tokprune.apply(model, "random", budget=4, video_budget="frame").remove()
+    for family in ("idefics3", "qwen2_vl", "llava_onevision", "llava"):
+        model, _ = tiny(family)
+        pruner = tokprune.apply(model, "random", budget=4, video_budget="clip")
+        assert all(b.video == "clip" for b in pruner.budgets)
+        pruner.remove()
+
+
+def test_budgets_count_clips_as_asked_at_every_stage(tiny):
+    """video_budget reaches every installed stage's budget (a multi-stage method's earlier stages too)."""
+    model, _ = tiny("qwen2_vl")
+    for video_budget in ("frame", "clip"):
+        with tokprune.apply(model, ["visionzip", "fastv"], budget=4, video_budget=video_budget) as pruner:
+            assert [b.video for b in pruner.budgets] == [video_budget] * 2
+        with tokprune.apply(model, "mustdrop", budget=4, video_budget=video_budget) as pruner:
+            assert [b.video for b in pruner.budgets] == [video_budget] * 2
+            assert pruner.budgets[0].final.video == video_budget  # the earlier stage follows the final one

@@ -37,15 +37,25 @@ def test_tiny_budgets_keep_exact_counts(tiny, family, method, attn):
         assert torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("video_budget", ["frame", "clip"])
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("method", [m for m in tokprune.available_methods() if not REGISTRY[m].needs_tiles])
-def test_tiny_budgets_on_clips_keep_exact_counts(tiny, family, method):
-    """A clip is one item: budget 1 or 3 per clip, below its number of frames (2 and 3 frames)."""
+def test_tiny_budgets_on_clips_keep_exact_counts(tiny, family, method, video_budget):
+    """A clip is one item: budget 1 or 3 per frame (2 and 3 frames), or per clip, below its number of frames."""
     model, proc = tiny(family, "sdpa")
     inputs, row_counts = video_batch(family, proc, (("video",), ("image", "video")))
+    first, second = inputs["video_grid_thw"][:, 0].tolist()
+    frames = [[first], [0, second]]  # per row and item: a clip's frames (temporal slices), 0 for the image
     for budget in (1, 3):
         options = TINY_OPTIONS.get(method, {})
-        with tokprune.apply(model, method, budget=budget, **options) as pruner, torch.no_grad():
+        with (
+            torch.no_grad(),
+            tokprune.apply(model, method, budget=budget, video_budget=video_budget, **options) as pruner,
+        ):
             logits = model(**inputs).logits
-        assert pruner.stats.visual_kept == [sum(min(budget, n) for n in counts) for counts in row_counts]
+        expected = [
+            sum(min(budget * (t if video_budget == "frame" and t else 1), n) for n, t in zip(counts, ts))
+            for counts, ts in zip(row_counts, frames)
+        ]
+        assert pruner.stats.visual_kept == expected
         assert torch.isfinite(logits).all()

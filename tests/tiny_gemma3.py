@@ -5,7 +5,8 @@ to 6 x 6 = 36 tokens per image; a 4-layer Gemma 3 text model with both layer typ
 sliding, full), two RoPE bases, and a sliding window of 24 slots, shorter than the prompts of the
 tests, so that the window really cuts before and after pruning. The processor is the real
 Gemma3Processor over the PIL image processor (torchvision is not installed), pan-and-scan off: every
-image is resized to 96 x 96.
+image is resized to 96 x 96. `PAN_AND_SCAN` are the processor-call settings that turn it on for these small
+images (crops of at least 32 px, up to 4 of them, from an aspect ratio of 1.2).
 """
 
 from __future__ import annotations
@@ -19,6 +20,13 @@ from tokprune.bench.synthetic import WORDS
 GEMMA3_IMAGE = "<start_of_image>"  # what a prompt holds per image; the processor expands it
 IMAGE_SIZE, PATCH_SIZE, TOKENS_PER_IMAGE = 96, 8, 36
 SLIDING_WINDOW = 24
+# Gemma3Processor(...)(..., **PAN_AND_SCAN): the original view plus pan-and-scan crops, each resized to 96 x 96
+PAN_AND_SCAN = dict(
+    do_pan_and_scan=True,
+    pan_and_scan_min_crop_size=32,
+    pan_and_scan_max_num_crops=4,
+    pan_and_scan_min_ratio_to_activate=1.2,
+)
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
 
 

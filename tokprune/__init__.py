@@ -5,7 +5,7 @@ with tokprune.apply(model, "visionzip", budget=64):
 """
 
 from tokprune import errors
-from tokprune.api import Pruner, apply, available_methods, available_models
+from tokprune.api import Pruner, apply, available_methods, available_models, model_families
 from tokprune.core.stats import PruneStats
 from tokprune.robustness import kept_set_stability
 
@@ -17,5 +17,6 @@ __all__ = [
     "available_models",
     "errors",
     "kept_set_stability",
+    "model_families",
 ]
 __version__ = "0.1.0"

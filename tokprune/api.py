@@ -4,19 +4,21 @@ from __future__ import annotations
 
 from torch import nn
 
-from tokprune.core.budget import Budget
+from tokprune.core.budget import Budget, check_video_budget
 from tokprune.core.engine import Engine
 from tokprune.core.stats import PruneStats
 from tokprune.errors import (
     AlreadyPatchedError,
+    BudgetError,
     MethodOptionError,
     UnknownMethodError,
     UnsupportedModelError,
 )
-from tokprune.methods import LLMMethod, Method, available_methods, make_method
+from tokprune.methods import LLMMethod, Method, available_methods, make_method, make_stage
 from tokprune.methods.attention_llm import reject_budget_conflict
 from tokprune.methods.base import CompositeMethod
 from tokprune.patches import ADAPTERS, Adapter, adapter_for, supported_model_classes
+from tokprune.patches import model_families as _families
 
 _ATTRIBUTE = "_tokprune_pruner"
 
@@ -65,7 +67,8 @@ class Pruner:
         return f"Pruner({names}, {state})"
 
 
-def _resolve_methods(method, options: dict) -> list[Method]:
+def _resolve_methods(method, options: dict) -> list[tuple[Method, Budget | None]]:
+    """The methods of `apply`'s `method` argument, each with its own budget (from a pair) or None."""
     items = method if isinstance(method, list) else [method]
     if not items:
         raise UnknownMethodError(f"no method given; available methods: {', '.join(available_methods())}")
@@ -74,51 +77,90 @@ def _resolve_methods(method, options: dict) -> list[Method]:
             "options cannot be shared by several methods; pass method objects instead, e.g. "
             "[tokprune.methods.make_method('visionzip', {}), tokprune.methods.make_method('fastv', {'layer': 3})]"
         )
-    methods = []
+    resolved: list[tuple[Method, Budget | None]] = []
     for item in items:
         if isinstance(item, Method):
             if options:
                 raise MethodOptionError("give options to the method object itself, not to apply()")
-            methods.append(item)
+            resolved.append((item, None))
         elif isinstance(item, str):
-            methods.append(make_method(item, options))
+            resolved.append((make_method(item, options), None))
         elif (
             isinstance(item, tuple)
             and len(item) == 2
-            and isinstance(item[0], str)
+            and isinstance(item[0], (str, Method))
             and isinstance(item[1], dict)
         ):
             if options:
                 raise MethodOptionError("give options inside the (name, options) pairs, not to apply()")
-            methods.append(make_method(*item))
+            resolved.append(make_stage(*item))
         else:
             raise UnknownMethodError(
                 f"method must be a registered name or a tokprune Method, got {type(item).__name__}; "
                 f"available methods: {', '.join(available_methods())}"
             )
-    parts = [part for m in methods for part in _parts(m)]  # a composite counts as its stages
+    parts = [part for m, _ in resolved for part in _parts(m)]  # a composite counts as its stages
     pre = [m for m in parts if not isinstance(m, LLMMethod)]
     if len(pre) > 1 or (pre and parts[0] is not pre[0]):
         raise MethodOptionError(
             "compose at most one pre-LLM method, first, followed by in-LLM methods in layer order, e.g. "
             "['visionzip', 'fastv'] or ['visionzip', ('fastv', {'layer': 2}), ('pdrop', {'layers': (8, 16)})]"
         )
-    return methods
+    return resolved
+
+
+def _stage_budgets(
+    resolved: list[tuple[Method, Budget | None]], budget: int | None, keep_ratio: float | None
+) -> list[Budget]:
+    """Every method's budget: its own (from its pair); else, for the last method, apply's budget /
+    keep_ratio; else its published default. Giving the last method both is an error."""
+    given = budget is not None or keep_ratio is not None
+    final, final_own = resolved[-1]
+    user_budget = Budget.from_args(budget, keep_ratio, final.default_budget)
+    if given and final_own is not None:
+        raise BudgetError(
+            f"{final.name} got a budget twice: in its (method, options) pair and as apply()'s "
+            f"budget/keep_ratio; give it once (apply()'s sets the last method only when its pair has none)"
+        )
+    reject_budget_conflict(final, given)
+    last = len(resolved) - 1
+    return [
+        own if own is not None else (user_budget if i == last else m.default_budget)
+        for i, (m, own) in enumerate(resolved)
+    ]
 
 
 def apply(
-    model: nn.Module, method, *, budget: int | None = None, keep_ratio: float | None = None, **options
+    model: nn.Module,
+    method,
+    *,
+    budget: int | None = None,
+    keep_ratio: float | None = None,
+    video_budget: str = "frame",
+    **options,
 ) -> Pruner:
     """Patch `model` in place to prune visual tokens with `method`; returns the `Pruner` handle.
 
     method: a registered name (`available_methods()`), a Method object, or a list to compose: at most one
         pre-LLM method first, then in-LLM methods in layer order; each item a name, a Method object or a
-        (name, options) pair. budget: visual tokens kept per image at the method's final stage;
-        keep_ratio: the kept fraction, ceil(keep_ratio * n). Give at most one; neither = the method's
-        published default. In a composition they apply to the last method, counted on the tokens it
-        receives; every earlier method keeps its published default (or its own options). A multi-stage
-        method (a `CompositeMethod`: mustdrop, visiondrop) is installed as its stages: its budget is the
-        final count and `part_budgets` gives the earlier stages theirs.
+        pair (name, options) / (Method object, {"budget": ...}).
+    budget: visual tokens kept per image at the method's final stage (per frame for video, see
+        video_budget); keep_ratio: the kept fraction, ceil(keep_ratio * n). Give at most one; neither = the
+        method's published default. Composition budget rule: every method of the list counts its budget on the
+        tokens each image has when that method starts. A method given as a pair may set its own count
+        there, `("visionzip", {"budget": 192})` or `(method_object, {"keep_ratio": 0.5})` (at most one of
+        the two per pair); apply()'s budget / keep_ratio set the last method, unless its pair sets its own
+        (giving both is an error); every other method keeps its published default. A multi-stage method (a
+        `CompositeMethod`: mustdrop, visiondrop) is installed as its stages: its budget is the final count
+        and `part_budgets` gives the earlier stages theirs. `Pruner.stats.stages` reports every stage.
+    video_budget: how `budget` counts a video clip of t frames (Qwen-VL: t temporal slices; LLaVA-OneVision:
+        t pooled frames): "frame" (default, DESIGN §3) keeps min(budget * t, n) of the clip's n content
+        tokens, "clip" keeps min(budget, n). Methods that rank tokens rank the whole clip with that count,
+        spatial methods split it over the frames by size; a multi-stage method's earlier stages follow from
+        the clip's final count; every method of a composition counts the same way. keep_ratio is the same
+        fraction in both modes, ceil(keep_ratio * n) over the whole clip. Families that receive a video as
+        separate images (InternVL, SmolVLM: the model's inputs do not group the frames) count every frame
+        as an image, i.e. per frame, and refuse "clip".
     options: the method's own options (e.g. layer=3 for fastv); with a single method only.
     """
     existing = getattr(model, _ATTRIBUTE, None)
@@ -128,14 +170,13 @@ def apply(
             "one call: tokprune.apply(model, ['visionzip', 'fastv'])"
         )
     adapter = adapter_for(model)  # unsupported classes fail before anything else
-    methods = _resolve_methods(method, options)
+    _reject_clip_budget(adapter, check_video_budget(video_budget))
+    resolved = _resolve_methods(method, options)
+    methods = [m for m, _ in resolved]
     _reject_missing_tiles(adapter, methods)
-    final = methods[-1]
-    user_budget = Budget.from_args(budget, keep_ratio, final.default_budget)
-    reject_budget_conflict(final, budget is not None or keep_ratio is not None)
-    budgets = [user_budget if m is final else m.default_budget for m in methods]
+    budgets = _stage_budgets(resolved, budget, keep_ratio)
     staged = [(part, b) for m, budget in zip(methods, budgets) for part, b in _staged(m, budget)]
-    return Pruner(model, [m for m, _ in staged], [b for _, b in staged])
+    return Pruner(model, [m for m, _ in staged], [b.with_video(video_budget) for _, b in staged])
 
 
 def _parts(method: Method) -> list[Method]:
@@ -150,8 +191,25 @@ def _staged(method: Method, budget: Budget) -> list[tuple[Method, Budget]]:
 
 
 def available_models() -> list[str]:
-    """Class names of every supported model."""
+    """Class names of every supported model (their families: `model_families()`)."""
     return supported_model_classes()
+
+
+def model_families() -> dict[str, str]:
+    """{class name of every supported model: its family}, e.g. {"LlavaForConditionalGeneration": "llava",
+    "Qwen3VLMoeForConditionalGeneration": "qwen3_vl", ...}; `tokprune models` prints it."""
+    return _families()
+
+
+def _reject_clip_budget(adapter: Adapter, video_budget: str) -> None:
+    """video_budget="clip" on a family whose model receives a video as separate images: refuse, since
+    tokprune cannot tell which frames form a clip (it would silently count per frame)."""
+    if video_budget == "clip" and adapter.frames_as_images:
+        raise UnsupportedModelError(
+            f"video_budget='clip' needs video clips, but {type(adapter.model).__name__} receives a video as "
+            "separate images (its inputs do not say which frames form a clip), so every frame is budgeted "
+            "as an image; use video_budget='frame' (the default)"
+        )
 
 
 def _reject_missing_tiles(adapter: Adapter, methods: list[Method]) -> None:

@@ -68,13 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     robust.add_argument("--methods", nargs="+", default=[], help="methods (default: every registered one)")
     robust.add_argument("--budget", default="64", help="tokens per image (64), keep ratio (0.25) or 33.3%%")
     robust.add_argument("--noise-std", type=float, default=0.01, help="Gaussian noise in normalised pixels")
-    robust.add_argument("--trials", type=int, default=5)
+    robust.add_argument("--trials", type=int, default=5, help="noisy copies per method (>= 1)")
+    robust.add_argument("--option", action="append", default=[], help="method option name=value (repeatable)")
     robust.add_argument("--layers", type=int, default=None)
     robust.add_argument("--attn", choices=ATTENTION, default="sdpa")
     robust.add_argument("--dtype", choices=DTYPES, default="float32")
     robust.add_argument("--device", default="cpu")
     sub.add_parser("methods", help="list the registered methods")
-    sub.add_parser("models", help="list supported model classes and benchmark presets")
+    sub.add_parser("models", help="list supported model classes with their families, and benchmark presets")
     return parser
 
 

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import tokprune
-from tokprune.cli.arguments import CliError, parse_budget, parse_option, split_list
-from tokprune.cli.loading import attention_backend, load_model
+from tokprune.cli.arguments import CliError, check_device, parse_budget, parse_option, split_list
+from tokprune.cli.loading import load_checkpoint, load_model
 
 
 def settings_from(args) -> list:
@@ -101,7 +101,7 @@ def run_demo(args) -> int:
     import torch
 
     from tokprune.methods import make_method
-    from tokprune.toy import demo
+    from tokprune.toy import demo, report
     from tokprune.toy.task import generate
     from tokprune.toy.train import HELD_OUT_SEED
 
@@ -114,16 +114,26 @@ def run_demo(args) -> int:
     for name, value in (("--questions", args.questions), ("--batch-size", args.batch_size)):
         if value < 1:
             raise CliError(f"{name} must be >= 1")
+    check_device(args.device)
+    missing = demo.missing_plot_modules()
+    if missing:
+        raise CliError(
+            f"tokprune demo draws its plot and picture with {' and '.join(missing)}, not installed here: "
+            "pip install 'tokprune[demo]'"
+        )
     answerer = _demo_answerer(args)
+    skipped: list[str] = []
     if not methods:  # every registered method this model can run (AnyRes-only ones need tiles)
         methods = _runnable(tokprune.available_methods(), answerer.model)
         skipped = sorted(set(tokprune.available_methods()) - set(methods))
         if skipped:
             print(f"skipped (need AnyRes tiles, which this model has not): {', '.join(skipped)}")
-    samples = generate(args.questions, HELD_OUT_SEED)
     settings = [(None, {})] + [(m, b) for m in methods for b in budgets]
+    demo.check_settings(answerer.model, settings)  # bad budgets / refused methods fail before any run
+    samples = generate(args.questions, HELD_OUT_SEED)
     print(
-        f"{len(settings)} settings x {len(samples)} held-out questions on {args.model} ({args.device})",
+        f"{len(settings)} settings x {len(samples)} held-out questions on {args.model} ({args.device}, "
+        f"{args.dtype})",
         flush=True,
     )
 
@@ -135,52 +145,70 @@ def run_demo(args) -> int:
     meta = {
         "model": args.model,
         "questions": len(samples),
+        "dtype": args.dtype,
+        "attn": args.attn,
+        "batch_size": args.batch_size,
         "device": _device_name(args.device),
         "threads": torch.get_num_threads(),
+        "skipped": skipped,
         "seconds": round(time.perf_counter() - start, 1),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    print("\n" + demo.table(rows))
-    paths = demo.write_report(rows, samples, meta, Path(args.out))
+    print("\n" + report.table(rows))
+    grids = demo.token_grids(answerer, samples[: demo.N_PICTURES])
+    paths = report.write_report(rows, samples, meta, Path(args.out), grids)
+    if "picture" not in paths:
+        print(
+            f"\nno kept-tokens picture: {args.model}'s visual tokens are not one plain grid per image "
+            "(AnyRes tiles, row separators or another layout)"
+        )
     print(f"\n{meta['seconds']} s; wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
 def _demo_answerer(args):
-    from tokprune.toy import demo
-
-    if args.model == "toy":
-        from tokprune.toy.model import load_toy
-
-        with attention_backend(args.attn):
-            model, processor = load_toy(attn=args.attn)
-        return demo.ToyAnswerer(model.to(args.device), processor)
-    from tokprune.eval.loading import load_pretrained, prepare
-
-    with attention_backend(args.attn):
-        model, processor = load_pretrained(args.model, args.dtype, args.attn)
+    """The demo's answerer on --model in --dtype / --attn, on --device (left padding, eval mode)."""
     import torch
 
-    return demo.ChatAnswerer(prepare(model, processor, torch.device(args.device)), processor)
+    from tokprune.eval.loading import prepare
+    from tokprune.toy import demo
+
+    model, processor = load_checkpoint(args.model, args.dtype, args.attn)
+    model = prepare(model, processor, torch.device(args.device))
+    if args.model == "toy":
+        return demo.ToyAnswerer(model, processor)
+    return demo.ChatAnswerer(model, processor)
 
 
 def run_robustness(args) -> int:
-    from tokprune.robustness import kept_set_stability
+    from tokprune.methods import make_method
+    from tokprune.robustness import check_stability_arguments, kept_set_stability
 
+    check_stability_arguments(args.noise_std, args.trials)  # bad numbers fail before any model loads
     budget = parse_budget(args.budget)
+    options = dict(parse_option(o) for o in args.option)
     methods = split_list(args.methods) or tokprune.available_methods()
+    for method in methods:
+        make_method(method, options)  # unknown names / options fail here too
     model, make_inputs = load_model(args.model, args.layers, args.attn, args.dtype, args.device)
-    if not split_list(args.methods):
-        methods = _runnable(methods, model)
+    runnable = methods if split_list(args.methods) else _runnable(methods, model)  # named ones say why
     inputs = make_inputs(1)
     print(
-        f"kept-set stability: mean Jaccard over {args.trials} noisy copies (std {args.noise_std}), {args.budget}"
+        f"kept-set stability: mean Jaccard of the kept positions over {args.trials} noisy copies "
+        f"(std {args.noise_std}), {args.budget}"
     )
     for method in methods:
+        if method not in runnable:
+            print(f"  {method:<13} n/a (needs AnyRes tiles; {type(model).__name__} has none)")
+            continue
         result = kept_set_stability(
-            model, inputs, method, noise_std=args.noise_std, trials=args.trials, **budget
+            model, inputs, method, noise_std=args.noise_std, trials=args.trials, **budget, **options
         )
-        print(f"  {method:<13} mean {result['mean_jaccard']:.3f}  min {result['min_jaccard']:.3f}")
+        line = f"  {method:<13} mean {result['mean_jaccard']:.3f}  min {result['min_jaccard']:.3f}"
+        if result["input_independent"]:
+            line += "  fixed by construction (unrelated images keep the same positions)"
+        print(line)
+    print("(positions only: what merging methods write into the kept tokens is not compared)")
     return 0
 
 
@@ -211,9 +239,11 @@ def print_methods() -> int:
 def print_models() -> int:
     from tokprune.bench.presets import PRESETS
 
-    print("supported model classes:")
-    for name in tokprune.available_models():
-        print(f"  {name}")
+    print("supported model classes and their families:")
+    families = tokprune.model_families()
+    width = max(map(len, families))
+    for name, family in families.items():
+        print(f"  {name:<{width}}  {family}")
     print("benchmark presets (random weights, real shapes):")
     for preset in PRESETS.values():
         print(f"  {preset.name:<15} {preset.description}")

@@ -1,20 +1,46 @@
-"""Budget arithmetic: how many visual tokens of one image (or frame) survive."""
+"""Budget arithmetic: how many visual tokens of one image (or video clip) survive.
+
+The budget unit (DESIGN §3): `budget` counts tokens kept per image, and per *frame* for video. A clip of
+t frames (units of kind "frame" in the layout; on Qwen-VL a frame is one temporal slice of the LLM tokens)
+therefore keeps min(budget * t, n) tokens with `video_budget="frame"` (the default) and min(budget, n) with
+`video_budget="clip"`. `keep_ratio` is the same fraction either way: ceil(keep_ratio * n) over the whole
+clip's content tokens (one rounding per clip, not one per frame). `Budget.per_item` is the only place that
+applies the rule; the engine calls it for every image or clip before asking a method for its counts.
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 from tokprune.errors import BudgetError
+
+# how `budget` counts a video clip: per frame (DESIGN §3) or per clip
+VIDEO_BUDGETS = ("frame", "clip")
+
+
+def check_video_budget(video_budget: object) -> str:
+    """`video_budget` if it is one of VIDEO_BUDGETS, else a BudgetError that lists them."""
+    if not isinstance(video_budget, str) or video_budget not in VIDEO_BUDGETS:
+        raise BudgetError(
+            f"video_budget must be 'frame' (budget = tokens kept per video frame, the default) or 'clip' "
+            f"(budget = tokens kept per whole clip), got {video_budget!r}"
+        )
+    return video_budget
 
 
 @dataclass(frozen=True)
 class Budget:
-    """Exactly one of `tokens` (kept per image) or `ratio` (kept fraction, rounded up) is set."""
+    """Exactly one of `tokens` (kept per image) or `ratio` (kept fraction, rounded up) is set.
+
+    video: how `tokens` counts a video clip, "frame" (tokens per frame) or "clip" (tokens per clip); see
+    `per_item`. It never changes a ratio.
+    """
 
     tokens: int | None = None
     ratio: float | None = None
+    video: str = "frame"
 
     @classmethod
     def from_args(cls, budget: int | None, keep_ratio: float | None, default: Budget) -> Budget:
@@ -48,8 +74,32 @@ class Budget:
         """The kept fraction for an image of `n` tokens."""
         return self.kept(n) / n if n else 1.0
 
+    def with_video(self, video_budget: str) -> Budget:
+        """This budget counting clips per `video_budget` ("frame" or "clip"), nested budgets included (the
+        final budget a `ScaledBudget` of an earlier stage follows)."""
+        changes = {name: value.with_video(video_budget) for name, value in self._nested()}
+        return replace(self, video=check_video_budget(video_budget), **changes)
+
+    def per_item(self, frames: int) -> Budget:
+        """The budget of one image or clip of `frames` video frames (0 for an image): with video="frame" a
+        token budget is multiplied by the frames, so the clip keeps min(tokens * frames, n); a ratio, a
+        budget per clip and an image or one-frame clip keep this budget. Nested budgets (a `ScaledBudget`'s
+        final) follow, so every earlier stage of a multi-stage method scales with its final count."""
+        if frames <= 1:
+            return self
+        changes: dict[str, object] = {name: value.per_item(frames) for name, value in self._nested()}
+        if self.tokens is not None and self.video == "frame":
+            changes["tokens"] = self.tokens * frames
+        return replace(self, **changes) if changes else self
+
+    def _nested(self) -> list[tuple[str, Budget]]:
+        """(field name, value) of the fields that hold a Budget (subclasses' `final`)."""
+        return [(f.name, v) for f in fields(self) if isinstance(v := getattr(self, f.name), Budget)]
+
     def __str__(self) -> str:
-        return f"budget={self.tokens}" if self.tokens is not None else f"keep_ratio={self.ratio:g}"
+        if self.tokens is None:
+            return f"keep_ratio={self.ratio:g}"
+        return f"budget={self.tokens}" + (" per clip" if self.video == "clip" else "")
 
 
 def split_budget(k: int, sizes: list[int]) -> list[int]:

@@ -116,6 +116,13 @@ def image_view(
     return view, content
 
 
+def item_budget(budget: Budget, layout: ImageLayout, image: int) -> Budget:
+    """`budget` for image `image` of `layout`: a video clip's frame units scale a per-frame token budget
+    (`Budget.per_item`; DESIGN §3: budget per frame for video unless `video_budget="clip"`)."""
+    units = layout.units_of(image) or []
+    return budget.per_item(sum(1 for unit in units if unit.kind == "frame"))
+
+
 def select_pre(
     method: Method,
     budget: Budget,
@@ -142,7 +149,7 @@ def select_pre(
         text = {"embeds": instruction[index]} if instruction is not None else {}
         local = torch.arange(n, device=flat.device)
         view, content = image_view(layout, index, local, flat[span], slice_signals(signals, span), text)
-        selection = select_units(method, view, budget.kept(view.n))
+        selection = select_units(method, view, item_budget(budget, layout, index).kept(view.n))
         if selection is not None:
             kept = start + local[content][selection.keep]
             keep_flat[span] = False
@@ -215,7 +222,8 @@ def select_llm(
             layout, image, local, hidden[row, where], slice_signals(row_signals, where),
             slice_signals(row_signals, text[row]),
         )  # fmt: skip
-        selection = select_units(method, view, method.stage_counts(n_entry, budget)[stage])
+        counts = method.stage_counts(n_entry, item_budget(budget, layout, image))
+        selection = select_units(method, view, counts[stage])
         if selection is None:
             continue
         kept = where[content][selection.keep]
