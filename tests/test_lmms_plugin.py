@@ -1,7 +1,9 @@
 """The lmms-eval plugin (`--model tokprune`) and the packaged `tokprune_toyvqa` tasks, offline on CPU.
 
 An untrained toy VLM is enough: these tests check the pipeline (requests in, answers, losses, stats and
-metrics out), not accuracy.
+metrics out). That the answers are right is checked on the trained toy in test_lmms_trained_toy.py.
+lmms-eval is an optional extra: without it these tests skip, except under `make test` (which installs it
+and sets TOKPRUNE_REQUIRE_EVAL=1), where they fail.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("lmms_eval")
+if os.environ.get("TOKPRUNE_REQUIRE_EVAL"):
+    import lmms_eval  # noqa: F401
+else:
+    pytest.importorskip("lmms_eval")
 
 from lmms_eval.api.instance import GenerationResult, Instance  # noqa: E402
 from lmms_eval.evaluator import simple_evaluate  # noqa: E402
@@ -152,11 +157,29 @@ def test_model_needs_processor_and_pretrained_toy(toy):
         TokpruneSimple(model=toy[0])
     with pytest.raises(ModelArgsError, match="pretrained="):
         TokpruneSimple(method="divprune")
-    if (WEIGHTS / "model.safetensors").exists():
-        assert TokpruneSimple("toy", method="divprune").session.model.config.image_seq_length == N_VISUAL
-    else:
-        with pytest.raises(FileNotFoundError, match="no trained toy weights"):
-            TokpruneSimple("toy")
+    assert (WEIGHTS / "model.safetensors").exists(), "the trained toy weights must ship in the package"
+    assert TokpruneSimple("toy", method="divprune").session.model.config.image_seq_length == N_VISUAL
+
+
+def test_a_built_model_gets_the_dtype_and_attention_given():
+    """dtype / attn_implementation apply to a model passed in (in place, as device does); left out, the
+    model keeps its own; a backend the model refuses is a ModelArgsError."""
+    from transformers import LlavaForConditionalGeneration
+
+    processor = toy_processor()
+    model = LlavaForConditionalGeneration(toy_config(processor)).eval()
+    kept = TokpruneSimple(model=model, processor=processor, method="divprune", keep_ratio=0.25)
+    assert kept.session.model.dtype == torch.float32 and model.config._attn_implementation == "sdpa"
+    lm = TokpruneSimple(model=model, processor=processor, method="divprune", keep_ratio=0.25,
+                        dtype="bfloat16", attn_implementation="eager")  # fmt: skip
+    assert lm.session.model is model and model.dtype == torch.bfloat16
+    configs = (model.config, model.config.text_config, model.config.vision_config)
+    assert [c._attn_implementation for c in configs] == ["eager"] * 3
+    lm.task_dict[TASK] = docs(1)
+    (answer,) = lm.generate_until([generate_request(0)])  # bf16 pixels from the session, eager attention
+    assert isinstance(answer.text, str) and answer.token_counts.input_tokens > KEEP
+    with pytest.raises(ModelArgsError, match="attn_implementation=nonsense cannot be used"):
+        TokpruneSimple(model=model, processor=processor, attn_implementation="nonsense")
 
 
 # ----------------------------------------------------------------------------------------- prompts

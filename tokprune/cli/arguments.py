@@ -41,3 +41,29 @@ def parse_option(text: str) -> tuple[str, object]:
 
 def split_list(values: list[str]) -> list[str]:
     return [item for value in values for item in value.split(",") if item]
+
+
+def check_device(device: str) -> None:
+    """A `--device` this torch build can run on (cpu; cuda / cuda:N with a CUDA build and that many GPUs;
+    mps where available), else a CliError that says what to use instead."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise CliError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise CliError(
+                f"--device {device}: this torch ({torch.__version__}) has no usable CUDA device; "
+                "use --device cpu, or install a CUDA build of torch on a machine with a GPU"
+            )
+        if parsed.index is not None and parsed.index >= count:
+            raise CliError(
+                f"--device {device}: only {count} CUDA device(s) here (cuda:0 .. cuda:{count - 1})"
+            )
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise CliError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise CliError(f"--device {device}: tokprune commands run on cpu, cuda or mps")

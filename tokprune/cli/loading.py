@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
-from tokprune.cli.arguments import CliError
+from tokprune.cli.arguments import CliError, check_device
 
 
 @contextmanager
@@ -23,6 +23,7 @@ def attention_backend(attn: str):
 
 def load_model(name: str, layers: int | None, attn: str, dtype: str, device: str):
     """(model, make_inputs(batch_size)) from a preset, a local folder or an HF id."""
+    check_device(device)
     with attention_backend(attn):
         return _load_model(name, layers, attn, dtype, device)
 
@@ -46,18 +47,20 @@ def _load_model(name: str, layers: int | None, attn: str, dtype: str, device: st
             f"unknown model {name!r}: not a preset ({', '.join(PRESETS)}), 'toy', a local folder or an HF id"
         )
     from tokprune.bench.synthetic import rand_image
-    from tokprune.eval.loading import load_pretrained
+    from tokprune.eval.loading import prepare
+    from tokprune.eval.prompting import Turn, render
 
-    try:
-        model, processor = load_pretrained(name, dtype, attn)
-    except OSError as error:
-        raise CliError(f"cannot load {name!r} (weights must be on this machine): {error}") from None
-    model = model.to(device).eval()
+    model, processor = load_checkpoint(name, dtype, attn)
+    model = prepare(model, processor, torch.device(device))  # eval mode, left padding for generate()
 
     def make_inputs(batch_size: int = 1) -> dict:
-        token = getattr(processor, "image_token", "<image>")
-        texts = [f"USER: {token}\nDescribe the image in detail. ASSISTANT:"] * batch_size
-        images = [rand_image(672, 672, seed=i) for i in range(batch_size)]
+        # the model's own prompt format (its chat template), as the demo and the lmms-eval plugin use it
+        prompts = [
+            render(processor, [Turn("user", "Describe the image in detail.", [rand_image(672, 672, seed=i)])])
+            for i in range(batch_size)
+        ]
+        texts = [text for text, _ in prompts]
+        images = [row for _, row in prompts]  # per prompt (Gemma 3 and Idefics3 need them nested)
         batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
         return {
             k: v.to(device=device, dtype=torch_dtype) if v.is_floating_point() else v.to(device)
@@ -65,3 +68,21 @@ def _load_model(name: str, layers: int | None, attn: str, dtype: str, device: st
         }
 
     return model, make_inputs
+
+
+def load_checkpoint(name: str, dtype: str, attn: str):
+    """(model, processor) of 'toy' (the packaged weights, in `dtype`), a local folder or an HF id, as
+    `tokprune demo` runs them. A name that is neither, a checkpoint that is not on this machine or an
+    --attn backend the model refuses is a one-line CliError."""
+    from tokprune.eval.loading import load_pretrained
+
+    if name != "toy" and not Path(name).exists() and name.count("/") != 1:
+        raise CliError(
+            f"unknown model {name!r}: not 'toy', an existing local folder or an HF id (organisation/name)"
+        )
+    try:
+        with attention_backend(attn):
+            return load_pretrained(name, dtype, attn)
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CliError(f"cannot load {name!r} (its files must be on this machine): {reason}") from None

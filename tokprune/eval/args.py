@@ -28,6 +28,8 @@ class RunArgs:
     pretrained: HF id, local folder, or "toy" (the packaged toy weights); None when a model is given.
     method: registered tokprune method names (several = composition); empty = unpruned.
     budget / keep_ratio: passed to `tokprune.apply` (at most one). options: the method's own options.
+    attn_implementation / dtype: how a checkpoint is loaded (None: sdpa; "auto": the checkpoint's dtype);
+    applied to a model passed in already built when set (None / "auto": it keeps its own).
     max_new_tokens: overrides the task's generation_kwargs when set.
     """
 
@@ -36,7 +38,7 @@ class RunArgs:
     budget: int | None = None
     keep_ratio: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
-    attn_implementation: str = "sdpa"
+    attn_implementation: str | None = None
     dtype: str = "auto"
     device: str | None = None
     batch_size: int = 1
@@ -118,7 +120,7 @@ def run_args(
     method: Any = None,
     budget: Any = None,
     keep_ratio: Any = None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: Any = None,
     dtype: str = "auto",
     device: str | None = None,
     batch_size: Any = 1,
@@ -142,7 +144,7 @@ def run_args(
         budget=None if budget is None else budget_value(budget),
         keep_ratio=None if keep_ratio is None else option_value(keep_ratio),
         options={key: option_value(value) for key, value in options.items()},
-        attn_implementation=str(attn_implementation),
+        attn_implementation=None if attn_implementation is None else str(attn_implementation),
         dtype=str(dtype),
         device=None if device is None else str(device),
         batch_size=batch_size_value(batch_size),

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from tokprune.eval.args import ModelArgsError, RunArgs, run_args
-from tokprune.eval.loading import load_pretrained, prepare, resolve_device
+from tokprune.eval.loading import configure, load_pretrained, prepare, resolve_device
 from tokprune.eval.measure import RowReport
 from tokprune.eval.prompting import Turn, turns_from_context, turns_from_messages
 from tokprune.eval.session import Answer, EvalSession, GenSettings
@@ -57,8 +57,9 @@ class TokpruneSimple(lmms):
     Keyword arguments are the `--model_args`: pretrained (HF id, folder or "toy"), method (a registered
     name, "a+b" to compose, omitted/"none" = unpruned), budget or keep_ratio, attn_implementation,
     dtype, device, batch_size, max_new_tokens (overrides the task's); any other key is a method option.
-    model / processor: an already built model (then `pretrained` must be omitted; it stays on its
-    device and dtype unless `device` is given). max_batch_size: passed by the CLI, ignored.
+    model / processor: an already built model (then `pretrained` must be omitted). It stays on its
+    device, dtype and attention backend unless `device`, `dtype` or `attn_implementation` is given: those
+    are applied to it in place. max_batch_size: passed by the CLI, ignored.
     """
 
     is_simple = True
@@ -93,7 +94,7 @@ class TokpruneSimple(lmms):
             raise ModelArgsError("give either pretrained= or a built model=, not both")
         if processor is None:
             raise ModelArgsError("a built model= needs its processor= as well")
-        return model, processor
+        return configure(model, args.dtype, args.attn_implementation), processor
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> TokpruneSimple:

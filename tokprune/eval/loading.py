@@ -7,7 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokprune.eval.args import ModelArgsError
+
 TOY = "toy"
+DEFAULT_ATTN = "sdpa"
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -22,8 +25,12 @@ def torch_dtype(dtype: str) -> torch.dtype | str:
     return "auto" if dtype == "auto" else getattr(torch, dtype)
 
 
-def load_pretrained(pretrained: str, dtype: str, attn_implementation: str) -> tuple[nn.Module, Any]:
-    """(model, processor) from `pretrained`: "toy" = the packaged toy weights, else an HF id or folder."""
+def load_pretrained(
+    pretrained: str, dtype: str, attn_implementation: str | None = None
+) -> tuple[nn.Module, Any]:
+    """(model, processor) from `pretrained`: "toy" = the packaged toy weights, else an HF id or folder;
+    dtype "auto" = the checkpoint's; attn_implementation None = sdpa."""
+    attn_implementation = attn_implementation or DEFAULT_ATTN
     if pretrained == TOY:
         from tokprune.toy.model import load_toy
 
@@ -37,6 +44,22 @@ def load_pretrained(pretrained: str, dtype: str, attn_implementation: str) -> tu
         pretrained, dtype=torch_dtype(dtype), attn_implementation=attn_implementation
     )
     return model, AutoProcessor.from_pretrained(pretrained)
+
+
+def configure(model: nn.Module, dtype: str, attn_implementation: str | None) -> nn.Module:
+    """Apply the plugin's dtype (unless "auto") and attention backend (unless None) to an already built
+    model, in place (as `device` is); a backend the model refuses is a ModelArgsError."""
+    if attn_implementation is not None:  # every sub-model (vision tower, LLM) gets it
+        try:
+            model.set_attn_implementation(attn_implementation)
+        except (ImportError, ValueError) as error:
+            reason = str(error).strip().splitlines()[0]
+            raise ModelArgsError(
+                f"attn_implementation={attn_implementation} cannot be used: {reason}"
+            ) from None
+    if dtype != "auto":
+        model = model.to(torch_dtype(dtype))
+    return model
 
 
 def prepare(model: nn.Module, processor: Any, device: torch.device) -> nn.Module:

@@ -2,30 +2,31 @@
 
 For each setting (the unpruned model, then every method at every budget) the demo answers the same
 held-out questions and records accuracy, the visual tokens entering the LLM and their layer average, the
-analytic prefill FLOPs and the measured prefill time. It prints a table and writes it (markdown, JSON),
-a plot of accuracy against kept tokens (one line per method) and a picture of which tokens each method
-kept over a few questions' images.
+analytic prefill FLOPs (`tokprune.flops`, for every model family it supports) and the measured prefill
+time. `tokprune.toy.report` prints the table and writes it (markdown, JSON), a plot of accuracy against
+kept tokens (one line per method) and a picture of which tokens each method kept over a few questions'
+images.
 
 On the toy model a question is answered by the argmax of the next-token logits after "ASSISTANT:" (one
 prefill, the answers are single words). On a real model (`--model <HF id or path>`) the question goes
-through the processor's chat template and the first word of a short greedy answer is compared.
+through the processor's chat template and the first word of a short greedy answer is compared; its
+prefill time is the time to the first token (`eval.measure.FirstTokenClock`), not the whole generate().
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 import tokprune
+from tokprune.eval.measure import FirstTokenClock, synchronize, visual_counts
 from tokprune.toy.task import Sample
 
 KEEP_RATIOS = (0.5, 0.25, 0.125)
 N_PICTURES = 4  # questions shown in the kept-token picture
+PLOT_MODULES = {"matplotlib": "matplotlib", "PIL": "pillow"}  # import name -> package (the `demo` extra)
 
 
 @dataclass
@@ -39,9 +40,10 @@ class DemoRow:
     visual_in: float = 0.0  # mean visual tokens per question before pruning
     visual_to_llm: float = 0.0  # mean visual tokens entering the LLM
     visual_layer_avg: float = 0.0  # mean layer-averaged visual tokens
-    flops: float = 0.0  # mean analytic prefill FLOPs per question (scoring included)
+    flops: float = 0.0  # mean analytic prefill FLOPs per question (scoring included); 0 = no FLOPs model
     seconds: float = 0.0  # measured prefill time, all questions
-    kept: list[list[int]] = field(default_factory=list)  # kept visual indices of the pictured questions
+    # kept visual indices (the row's visual-token order) of the first N_PICTURES questions
+    kept: list[list[int]] = field(default_factory=list)
 
     @property
     def accuracy(self) -> float:
@@ -55,13 +57,25 @@ class ToyAnswerer:
         self.model, self.processor = model, processor
 
     def inputs(self, samples: list[Sample]) -> dict:
+        """The processor's outputs for the samples (left padded), pixel values in the model's dtype."""
         from tokprune.toy.train import encode
 
-        return encode(self.processor, samples, self.model.device)
+        batch = encode(self.processor, samples, self.model.device)
+        batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
+        return batch
 
-    def answer(self, inputs: dict) -> list[str]:
-        logits = self.model(**inputs, logits_to_keep=1).logits[:, -1]
-        return self.processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
+    def logits(self, inputs: dict) -> torch.Tensor:
+        """(B, V) float32 next-token logits after each prompt's 'ASSISTANT:' (one prefill)."""
+        return self.model(**inputs, logits_to_keep=1).logits[:, -1].float()
+
+    def answer(self, inputs: dict) -> tuple[list[str], float]:
+        """(one vocabulary word per row, prefill seconds)."""
+        synchronize(self.model.device)
+        start = time.perf_counter()
+        logits = self.logits(inputs)
+        synchronize(self.model.device)
+        seconds = time.perf_counter() - start
+        return self.processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist()), seconds
 
 
 class ChatAnswerer:
@@ -71,6 +85,7 @@ class ChatAnswerer:
         self.model, self.processor, self.max_new_tokens = model, processor, max_new_tokens
 
     def inputs(self, samples: list[Sample]) -> dict:
+        """The processor's outputs for the samples' chat prompts (left padded), floats in the model's dtype."""
         from PIL import Image
 
         from tokprune.eval.prompting import Turn, render
@@ -84,12 +99,26 @@ class ChatAnswerer:
             texts.append(text)
             images += imgs
         batch = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
-        return {k: v.to(self.model.device) for k, v in batch.items()}
+        dtype = self.model.dtype
+        return {
+            k: v.to(self.model.device, dtype) if v.is_floating_point() else v.to(self.model.device)
+            for k, v in batch.items()
+            if torch.is_tensor(v)
+        }
 
-    def answer(self, inputs: dict) -> list[str]:
-        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+    def answer(self, inputs: dict) -> tuple[list[str], float]:
+        """(first word of each row's greedy answer, lower case; prefill seconds = time to first token)."""
+        clock = FirstTokenClock()
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        synchronize(self.model.device)
+        start = time.perf_counter()
+        out = self.model.generate(
+            **inputs, max_new_tokens=self.max_new_tokens, do_sample=False, logits_processor=[clock],
+            pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+        prefill = clock.ttft(start)
         texts = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        return [(t.strip().split() or [""])[0].strip(".,!?").lower() for t in texts]
+        return [(t.strip().split() or [""])[0].strip(".,!?").lower() for t in texts], prefill
 
 
 def run_settings(
@@ -100,19 +129,17 @@ def run_settings(
     progress=None,
 ) -> list[DemoRow]:
     """Run every (method or None, budget kwargs) setting over the samples; the unpruned row first."""
-    from tokprune.flops import prefill_flops, scoring_signals
-
     batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
     prepared = [answerer.inputs(batch) for batch in batches]
     with torch.no_grad():
         answerer.answer(prepared[0])  # warm-up: the first forward pays one-off allocation costs
     rows = []
     for method, budget in settings:
-        row = DemoRow(method=method or "unpruned", budget=_budget_label(budget))
+        row = DemoRow(method=method or "unpruned", budget=budget_label(budget))
         pruner = tokprune.apply(answerer.model, method, **budget) if method else None
         try:
             for batch, inputs in zip(batches, prepared):
-                _answer_batch(answerer, pruner, batch, inputs, row, prefill_flops, scoring_signals)
+                _answer_batch(answerer, pruner, batch, inputs, row)
         finally:
             if pruner is not None:
                 pruner.remove()
@@ -123,15 +150,24 @@ def run_settings(
     return rows
 
 
-def _answer_batch(answerer, pruner, batch, inputs, row: DemoRow, prefill_flops, scoring_signals) -> None:
-    start = time.perf_counter()
+def check_settings(model, settings: list[tuple[str | None, dict]]) -> None:
+    """Install and remove every setting once: a bad budget, option or a method the model refuses
+    raises tokprune's error now, before any question is answered."""
+    for method, budget in settings:
+        if method:
+            tokprune.apply(model, method, **budget).remove()
+
+
+def _answer_batch(answerer, pruner, batch: list[Sample], inputs: dict, row: DemoRow) -> None:
+    from tokprune import flops
+
     with torch.no_grad():
-        answers = answerer.answer(inputs)
-    row.seconds += time.perf_counter() - start
+        answers, seconds = answerer.answer(inputs)
+    row.seconds += seconds
     row.correct += sum(a == s.answer for a, s in zip(answers, batch))
     row.total += len(batch)
     stats = pruner.stats if pruner is not None else None
-    visual = (inputs["input_ids"] == answerer.model.config.image_token_id).sum(1).tolist()
+    visual = visual_counts(answerer.model, inputs)
     row.visual_in += sum(visual)
     if stats is not None:
         row.visual_to_llm += sum(stats.layer_tokens[b][0] - stats.text_tokens[b] for b in range(len(batch)))
@@ -139,12 +175,15 @@ def _answer_batch(answerer, pruner, batch, inputs, row: DemoRow, prefill_flops, 
     else:
         row.visual_to_llm += sum(visual)
         row.visual_layer_avg += sum(visual)
-    if _is_toy(answerer):
-        signals = scoring_signals(pruner) if pruner is not None else ()
-        row.flops += prefill_flops(answerer.model, inputs, stats, logits_to_keep=1, signals=signals).total
-    if not row.kept:
+    if flops.supports(answerer.model):
+        signals = flops.scoring_signals(pruner) if pruner is not None else ()
+        row.flops += flops.prefill_flops(
+            answerer.model, inputs, stats, logits_to_keep=1, signals=signals
+        ).total
+    missing = N_PICTURES - len(row.kept)
+    if missing > 0:  # the pictured questions may span several batches
         kept = stats.kept if stats is not None else [torch.arange(v) for v in visual]
-        row.kept = [k.tolist() for k in kept[:N_PICTURES]]
+        row.kept += [k.tolist() for k in kept[:missing]]
 
 
 def _average(row: DemoRow) -> None:
@@ -152,11 +191,7 @@ def _average(row: DemoRow) -> None:
         setattr(row, name, getattr(row, name) / max(1, row.total))
 
 
-def _is_toy(answerer) -> bool:
-    return isinstance(answerer, ToyAnswerer)
-
-
-def _budget_label(budget: dict) -> str:
+def budget_label(budget: dict) -> str:
     if "keep_ratio" in budget:
         return f"keep {budget['keep_ratio']:g}"
     if "budget" in budget:
@@ -164,100 +199,24 @@ def _budget_label(budget: dict) -> str:
     return "all"
 
 
-# --------------------------------------------------------------------------------------------- report
-def table(rows: list[DemoRow]) -> str:
-    """Markdown table: accuracy, % of unpruned, visual tokens, FLOPs, measured prefill speed-up."""
-    base = rows[0]
-    lines = [
-        "| method | budget | accuracy | % of unpruned | vis→LLM | vis avg/layer | GFLOPs/question | prefill speed-up |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        share = 100 * row.accuracy / base.accuracy if base.accuracy else float("nan")
-        gflops = f"{row.flops / 1e9:.3f}" if row.flops else "—"
-        speed = base.seconds / row.seconds if row.seconds else float("nan")
-        lines.append(
-            f"| {row.method} | {row.budget} | {100 * row.accuracy:.1f}% | {share:.1f}% | "
-            f"{row.visual_to_llm:.1f} | {row.visual_layer_avg:.1f} | {gflops} | {speed:.2f}× |"
-        )
-    return "\n".join(lines)
+def token_grids(answerer, samples: list[Sample]) -> list[tuple[int, int] | None]:
+    """Per sample (one image each), the (rows, cols) grid its visual tokens form in the LLM, in raster
+    order, or None where they are not one plain grid (AnyRes tiles, separators, frames, other counts).
+    Read from the model adapter's `ImageLayout` of the processor's outputs."""
+    from tokprune.patches import adapter_for
+
+    layout = adapter_for(answerer.model).image_layout(answerer.inputs(samples))
+    if layout is None or len(layout.counts) != len(samples):
+        return [None] * len(samples)
+    grids = []
+    for i, (count, grid) in enumerate(zip(layout.counts, layout.grids)):
+        plain = layout.units_of(i) is None and layout.separators_of(i) is None
+        grids.append(grid if plain and grid is not None and grid[0] * grid[1] == count else None)
+    return grids
 
 
-def write_report(rows: list[DemoRow], samples: list[Sample], meta: dict, out: Path) -> dict[str, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"markdown": out / "demo.md", "json": out / "demo.json"}
-    paths["markdown"].write_text(f"# tokprune demo\n\n{json.dumps(meta)}\n\n{table(rows)}\n")
-    records = [{**asdict(r), "accuracy": r.accuracy} for r in rows]
-    paths["json"].write_text(json.dumps({"meta": meta, "rows": records}, indent=1))
-    paths["plot"] = plot_accuracy(rows, out / "accuracy_vs_tokens.png")
-    paths["picture"] = picture_kept(rows, samples[:N_PICTURES], out / "kept_tokens.png")
-    return paths
+def missing_plot_modules() -> list[str]:
+    """Packages the demo's plot and picture need that are not installed (`pip install 'tokprune[demo]'`)."""
+    from importlib.util import find_spec
 
-
-def plot_accuracy(rows: list[DemoRow], path: Path) -> Path:
-    """Accuracy against layer-averaged visual tokens, one line per method, the unpruned model as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    base = rows[0]
-    ax.axhline(100 * base.accuracy, color="black", linestyle="--", label="unpruned")
-    methods = list(dict.fromkeys(r.method for r in rows[1:]))
-    cmap = plt.get_cmap("tab20")
-    for i, method in enumerate(methods):
-        mine = sorted((r for r in rows if r.method == method), key=lambda r: r.visual_layer_avg)
-        ax.plot(
-            [r.visual_layer_avg for r in mine], [100 * r.accuracy for r in mine], marker="o", color=cmap(i % 20),
-            label=method,
-        )  # fmt: skip
-    ax.set_xlabel("visual tokens per question (average over LLM layers)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("toy VQA: accuracy against kept visual tokens")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def picture_kept(
-    rows: list[DemoRow], samples: list[Sample], path: Path, ratio_label: str = "keep 0.25"
-) -> Path:
-    """Rows = methods at one budget, columns = questions: the image with dropped patches dimmed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = [rows[0]] + [r for r in rows[1:] if r.budget == ratio_label] or rows
-    fig, axes = plt.subplots(
-        len(shown), len(samples), figsize=(1.9 * len(samples), 1.9 * len(shown)), squeeze=False
-    )
-    for i, row in enumerate(shown):
-        for j, sample in enumerate(samples):
-            ax = axes[i][j]
-            ax.imshow(dimmed(sample.image, row.kept[j] if j < len(row.kept) else []))
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(f"{sample.question}\n→ {sample.answer}", fontsize=6)
-            if j == 0:
-                ax.set_ylabel(f"{row.method}\n{row.budget}", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def dimmed(image: np.ndarray, kept: list[int], patch: int = 8) -> np.ndarray:
-    """(H, W, 3) uint8 with every patch not in `kept` (raster indices on the patch grid) darkened."""
-    side = image.shape[0] // patch
-    mask = np.zeros(side * side, dtype=bool)
-    mask[[k for k in kept if k < side * side]] = True
-    mask = mask.reshape(side, side).repeat(patch, 0).repeat(patch, 1)
-    out = image.astype(np.float32)
-    out[~mask] *= 0.2
-    return out.astype(np.uint8)
+    return [package for module, package in PLOT_MODULES.items() if find_spec(module) is None]

@@ -53,8 +53,9 @@ def encode(processor, samples, device) -> dict:
 
 
 def encode_dialogues(processor, scenes, device) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Training inputs with several questions per scene (right-padded), the (row, position) of every
-    "ASSISTANT:" token, and the id of the answer that follows it: (inputs, where (Q, 2), answers (Q,))."""
+    """Training inputs with several questions per scene (left-padded, as the tokenizer pads), the (row,
+    position) of every "ASSISTANT:" token, and the id of the answer that follows it:
+    (inputs, where (Q, 2), answers (Q,))."""
     tok = processor.tokenizer
     texts = []
     for first, rest in scenes:
@@ -179,15 +180,16 @@ def train_vision(model, steps: int, batch_size: int, lr: float, aux_weight: floa
 
 def train_language(
     model, processor, steps: int, batch_size: int, lr: float, per_type: int, device,
-    log_every: int = 100, checkpoint: Path | None = None,
+    log_every: int = 100, checkpoint: Path | None = None, validation_questions: int = 300,
 ):  # fmt: skip
-    """Phase 2: projector and LLM on multi-question dialogues, the vision tower frozen."""
+    """Phase 2: projector and LLM on multi-question dialogues, the vision tower frozen; accuracy on
+    `validation_questions` questions at every log line."""
     tower = model.model.vision_tower
     tower.requires_grad_(False)
     tower.eval()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, schedule = _optimizer(params, lr, steps)
-    validation = generate(300, VALIDATION_SEED)
+    validation = generate(validation_questions, VALIDATION_SEED)
     start = time.time()
     model.model.multi_modal_projector.train()
     model.model.language_model.train()
@@ -217,9 +219,10 @@ def train_language(
 def train(
     vision_steps: int, steps: int, batch_size: int, vision_lr: float, lr: float, aux_weight: float,
     per_type: int, device: str, checkpoint: Path | None = None,
-    vision_from: Path | None = None,
+    vision_from: Path | None = None, validation_questions: int = 300, held_out_questions: int = 500,
 ):  # fmt: skip
-    """Both phases from a seeded initialisation -> (model, processor, held-out accuracy on 500 questions).
+    """Both phases from a seeded initialisation -> (model, processor, held-out accuracy on
+    `held_out_questions` questions).
 
     vision_from: a saved toy model whose vision tower is phase 1's result for the same settings; it is
     loaded instead of running phase 1 again (phase 2 uses no torch randomness, so the outcome is the same).
@@ -236,14 +239,20 @@ def train(
         saved = LlavaForConditionalGeneration.from_pretrained(vision_from)
         model.model.vision_tower.load_state_dict(saved.model.vision_tower.state_dict())
         model.model.vision_tower.eval()
-    train_language(model, processor, steps, batch_size, lr, per_type, device, checkpoint=checkpoint)
-    return model, processor, accuracy(model, processor, generate(500, HELD_OUT_SEED))
+    train_language(
+        model, processor, steps, batch_size, lr, per_type, device, checkpoint=checkpoint,
+        validation_questions=validation_questions,
+    )  # fmt: skip
+    return model, processor, accuracy(model, processor, generate(held_out_questions, HELD_OUT_SEED))
 
 
 def save(model, processor, out: Path) -> None:
+    """Write the model (moved to the CPU for saving) and its processor files to `out`; the model goes
+    back to the device it was on (training continues there after a checkpoint)."""
+    device = next(model.parameters()).device
     model.to("cpu").save_pretrained(out)
     processor.save_pretrained(out)
-    model.to(next(iter(model.parameters())).device)
+    model.to(device)
 
 
 def main() -> None:
