@@ -8,7 +8,7 @@ from tiny_models import batch_inputs
 from transformers.utils import is_flash_attn_2_available
 
 from tokprune import cli
-from tokprune.bench.harness import Setting, run_benchmark
+from tokprune.bench.harness import Setting, applied, attention_backends, run_benchmark
 from tokprune.bench.measure import PeakMemory, kv_cache_bytes, return_freed_memory_to_os
 from tokprune.bench.report import target_checks, write_results
 
@@ -56,7 +56,9 @@ def test_harness_end_to_end(tiny, tmp_path):
     assert divprune["flops_prefill"] < base["flops_prefill"]
     assert divprune["kv_cache_bytes_median"] < base["kv_cache_bytes_median"]
     assert divprune["scoring_s_median"] > 0 and base["scoring_s_median"] == 0
-    assert model.config.text_config._attn_implementation == "sdpa"  # the eager setting restored the backend
+    # the eager setting ran the whole model in eager attention, then restored both backends
+    assert model.config.text_config._attn_implementation == "sdpa"
+    assert model.config.vision_config._attn_implementation == "sdpa"
 
     paths = write_results(rows, {"model": "tiny"}, tmp_path)
     data = json.loads(paths["json"].read_text())
@@ -95,7 +97,14 @@ def test_kv_cache_bytes_and_peak_memory():
         (["bench", "--model", "llava-1.5-7b", "--methods", "fastv", "--budgets", "64", "--option", "depth=2"],
          "no option depth"),
         (["bench", "--model", "llava-1.5-7b", "--repeats", "0"], "--repeats"),
-    ],
+        (["bench", "--model", "llava-1.5-7b", "--methods", "fastv", "--budgets", "64", "--device", "gpu"],
+         "--device 'gpu'"),
+        (["bench", "--model", "/no/such/folder", "--methods", "fastv", "--budgets", "64"], "unknown model"),
+    ]
+    + ([] if torch.cuda.is_available() else [
+        (["bench", "--model", "llava-1.5-7b", "--methods", "fastv", "--budgets", "64", "--device", "cuda"],
+         "no usable CUDA device"),
+    ]),
 )  # fmt: skip
 def test_cli_errors_are_messages(argv, message, capsys):
     assert cli.main(argv) == 2
@@ -183,3 +192,39 @@ def test_cli_bench_on_a_preset(tmp_path, monkeypatch, capsys):
     assert "| baseline |" in out and "fastv@0.333 [eager+output_attentions]" in out
     rows = json.loads((tmp_path / "results.json").read_text())["results"]
     assert len(rows) == 1 + 2 * 2 + 2  # baseline, 2 methods x 2 budgets, eager fastv x 2 budgets
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llava", "llava_next", "gemma3"])
+def test_cli_bench_on_a_saved_model(family, tmp_path, capsys):
+    """`--model <folder>`: real weights loaded with the Auto classes, the prompt from the processor's chat
+    template (images nested per prompt), FLOPs and visual-token accounting for the family."""
+    from tiny_models import BUILDERS, IMAGE_PLACEHOLDER
+
+    model, proc = BUILDERS[family]("sdpa")
+    image = IMAGE_PLACEHOLDER.get(family, "<image>")
+    proc.chat_template = (
+        "{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+        + image
+        + " {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}ASSISTANT:"
+    )
+    model.save_pretrained(tmp_path / "model")
+    proc.save_pretrained(tmp_path / "model")
+    argv = ["bench", "--model", str(tmp_path / "model"), "--methods", "divprune", "--budgets", "0.5",
+            "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--max-new-tokens", "2", "--no-progress",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    baseline, pruned = rows
+    assert baseline["visual_tokens_in"] > 0 and baseline["flops_prefill"] > pruned["flops_prefill"] > 0
+    assert pruned["visual_tokens_into_llm"] < baseline["visual_tokens_into_llm"]
+
+
+def test_eager_baseline_switches_the_whole_model(tiny):
+    """The reference codes' way: vision tower and LLM in eager attention while the setting runs."""
+    model, _ = tiny("qwen2_5_vl")
+    with applied(model, Setting("fastv", keep_ratio=0.25, scoring="eager")) as pruner:
+        assert pruner is not None
+        assert attention_backends(model) == {"vision_config": "eager", "text_config": "eager"}
+        assert model.model.visual.config._attn_implementation == "eager"
+    assert attention_backends(model) == {"vision_config": "sdpa", "text_config": "sdpa"}

@@ -32,7 +32,8 @@ class Setting:
     """One configuration to measure. method None = the unpruned baseline.
 
     scoring: "inplace" (tokprune's own signals, the model keeps its attention backend) or "eager" (the
-    reference codes' practice: the LLM switched to eager attention and run with output_attentions=True).
+    reference codes' practice: the whole model, vision tower and LLM, switched to eager attention and run
+    with output_attentions=True).
     """
 
     method: str | None = None
@@ -94,16 +95,22 @@ class ForwardClock:
         self.handle.remove()
 
 
+def attention_backends(model) -> dict[str, str]:
+    """{sub-config name: attention implementation} of the model's vision and text sub-models."""
+    config = model.config
+    names = [n for n in ("vision_config", "text_config") if getattr(config, n, None) is not None]
+    return {name: getattr(config, name)._attn_implementation for name in names}
+
+
 @contextlib.contextmanager
 def applied(model, setting: Setting):
     """The setting installed on the model (nothing for the baseline); yields the Pruner or None."""
     if setting.method is None:
         yield None
         return
-    previous = None
-    if setting.scoring == "eager":
-        previous = model.config.text_config._attn_implementation
-        model.set_attn_implementation({"text_config": "eager"})
+    previous = attention_backends(model) if setting.scoring == "eager" else None
+    if previous is not None:
+        model.set_attn_implementation(dict.fromkeys(previous, "eager"))
     pruner = tokprune.apply(
         model, setting.method, budget=setting.budget, keep_ratio=setting.keep_ratio, **dict(setting.options)
     )
@@ -112,7 +119,7 @@ def applied(model, setting: Setting):
     finally:
         pruner.remove()
         if previous is not None:
-            model.set_attn_implementation({"text_config": previous})
+            model.set_attn_implementation(previous)
 
 
 def _measure_once(model, inputs: dict, setting: Setting, max_new_tokens: int, device) -> tuple[dict, dict]:
@@ -152,8 +159,9 @@ def _measure_once(model, inputs: dict, setting: Setting, max_new_tokens: int, de
 def _facts(model, inputs: dict, setting: Setting, stats, lengths: list[int]) -> dict:
     """Budget accounting and FLOPs of a setting (deterministic, computed once)."""
     from tokprune import flops
+    from tokprune.patches import adapter_for
 
-    visual = inputs["input_ids"] == model.config.image_token_id
+    visual = adapter_for(model).visual_mask(inputs["input_ids"])  # image (and video) placeholders
     visual_in = visual.sum(1).tolist()
     kept = stats.visual_kept if stats is not None else visual_in
     if stats is not None:

@@ -97,9 +97,8 @@ def prefill_flops(
 ) -> tuple[float, float] | None:
     """(total, scoring) analytic FLOPs of the batch's prefill, or None for an unsupported family."""
     from tokprune import flops
-    from tokprune.flops.parts import SUPPORTED
 
-    if getattr(model.config, "model_type", "") not in SUPPORTED:
+    if not flops.supports(model):
         return None
     signals = flops.scoring_signals(pruner) if pruner is not None else ()
     breakdown = flops.prefill_flops(model, inputs, stats, logits_to_keep=1, signals=signals)
