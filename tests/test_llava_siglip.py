@@ -19,7 +19,7 @@ from test_invariants import (
     assert_matches_reference,
     run_pruned,
 )
-from tiny_models import _text_config, batch_inputs, make_tokenizer
+from tiny_models import batch_inputs, tiny_llava
 from tokprune.patches import VisionSignalStore, adapter_for
 
 import tokprune
@@ -30,51 +30,9 @@ SIDE = 7  # patches per image side: 112 px / 16 px
 METHODS = [m for m in tokprune.available_methods() if not REGISTRY[m].needs_tiles]
 
 
-def tiny_llava_siglip(attn: str = "sdpa"):
-    from transformers import (
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaImageProcessorPil,
-        LlavaProcessor,
-        SiglipVisionConfig,
-    )
-
-    torch.manual_seed(0)
-    tok = make_tokenizer(["<image>"])
-    vcfg = SiglipVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=112,
-        patch_size=16,
-        vision_use_head=False,
-    )
-    cfg = LlavaConfig(
-        vision_config=vcfg,
-        text_config=LlamaConfig(**_text_config(tok)),
-        image_token_index=tok.convert_tokens_to_ids("<image>"),
-        image_seq_length=SIDE * SIDE,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-    )
-    cfg._attn_implementation = attn
-    model = LlavaForConditionalGeneration(cfg).eval()
-    ip = LlavaImageProcessorPil(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112})
-    proc = LlavaProcessor(
-        image_processor=ip,
-        tokenizer=tok,
-        patch_size=16,
-        vision_feature_select_strategy="full",
-        num_additional_image_tokens=0,
-    )
-    return model, proc
-
-
 @pytest.fixture(scope="module")
 def siglip_llava():
-    return tiny_llava_siglip("sdpa")
+    return tiny_llava("sdpa", tower="siglip")
 
 
 def _batch(proc) -> dict:
@@ -94,7 +52,7 @@ def test_every_patch_is_an_image_token(siglip_llava):
 
 
 def test_cls_attention_is_the_attention_each_patch_receives():
-    model, proc = tiny_llava_siglip("eager")
+    model, proc = tiny_llava("eager", tower="siglip")
     pixel_values = _batch(proc)["pixel_values"]
     store = VisionSignalStore()
     hooks = adapter_for(model).install_vision_hooks({"cls_attention", "received_attention"}, store)

@@ -57,36 +57,41 @@ def _text_config(tok, **extra) -> dict:
     )
 
 
-def tiny_llava(attn: str = "sdpa"):
+def tiny_llava(attn: str = "sdpa", tower: str = "clip"):
+    """LlavaForConditionalGeneration over 112 px images in 16 px patches (49 tokens per image): a CLIP tower
+    with [CLS] under the "default" strategy and feature layer -2 (LLaVA-1.5), or tower="siglip": a SigLIP
+    tower without [CLS] under "full" and feature layer -1."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
+        SiglipVisionConfig,
     )
 
     torch.manual_seed(0)
     tok = make_tokenizer(["<image>"])
-    vcfg = CLIPVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=112,
+    dims = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=112,
         patch_size=16,
-        projection_dim=64,
+    )  # fmt: skip
+    clip = tower == "clip"
+    vcfg = (
+        CLIPVisionConfig(**dims, projection_dim=64)
+        if clip
+        else SiglipVisionConfig(**dims, vision_use_head=False)
     )
     cfg = LlavaConfig(
         vision_config=vcfg,
         text_config=LlamaConfig(**_text_config(tok)),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         image_seq_length=49,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+        vision_feature_layer=-2 if clip else -1,
+        vision_feature_select_strategy="default" if clip else "full",
     )
     cfg._attn_implementation = attn
     model = LlavaForConditionalGeneration(cfg).eval()
-    proc = llava_processor(tok, 112, 16)
+    proc = llava_processor(tok, 112, 16, cls=clip)
     return model, proc
 
 

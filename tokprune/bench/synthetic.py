@@ -56,8 +56,9 @@ def qwen_image_processor(tokenizer, min_pixels: int, max_pixels: int):
     return Qwen2VLImageOnlyProcessor(image_processor=ip, tokenizer=tokenizer)
 
 
-def llava_processor(tokenizer, image_size: int, patch_size: int, **image_kwargs):
-    """LlavaProcessor over square `image_size` crops (default strategy: [CLS] dropped)."""
+def llava_processor(tokenizer, image_size: int, patch_size: int, *, cls: bool = True, **image_kwargs):
+    """LlavaProcessor over square `image_size` crops: a tower with a [CLS] token under the "default"
+    strategy (the [CLS] dropped), or (cls=False, SigLIP) one without under "full" (every patch kept)."""
     from transformers import LlavaImageProcessorPil, LlavaProcessor
 
     ip = LlavaImageProcessorPil(
@@ -69,8 +70,8 @@ def llava_processor(tokenizer, image_size: int, patch_size: int, **image_kwargs)
         image_processor=ip,
         tokenizer=tokenizer,
         patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
+        vision_feature_select_strategy="default" if cls else "full",
+        num_additional_image_tokens=int(cls),
     )
 
 
