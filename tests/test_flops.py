@@ -21,7 +21,7 @@ from tokprune.flops import (
     prefill_flops,
     scoring_signals,
 )
-from tokprune.flops.parts import layer_mlps
+from tokprune.flops.parts import language_model, layer_mlps
 
 FAMILIES = tuple(BUILDERS)  # every supported model class
 # eager attention is counted as bmm, sdpa as one kernel: both on a CLIP, a Qwen and a Gemma 3 tower/LLM
@@ -189,7 +189,7 @@ def test_pruned_prefill_matches_flop_counter(tiny, family, method, layout, attn)
     assert est.model <= measured <= est.total * (1 + TOLERANCE)
     # every layer is counted at the length it really saw
     cfg = model.config.text_config
-    for i, (layer, mlp) in enumerate(zip(est.llm_layers, layer_mlps(model))):
+    for i, (layer, mlp) in enumerate(zip(est.llm_layers, layer_mlps(language_model(model)))):
         assert layer == sum(llm_layer_flops(cfg, row[i], row[i], mlp=mlp) for row in stats.layer_tokens)
 
 

@@ -42,15 +42,11 @@ def _load_model(name: str, layers: int | None, attn: str, dtype: str, device: st
         from tokprune.toy.model import toy_with_inputs
 
         return toy_with_inputs(attn, torch_dtype, device)
-    if not Path(name).exists() and name.count("/") != 1:
-        raise CliError(
-            f"unknown model {name!r}: not a preset ({', '.join(PRESETS)}), 'toy', a local folder or an HF id"
-        )
     from tokprune.bench.synthetic import rand_image
     from tokprune.eval.loading import prepare
     from tokprune.eval.prompting import Turn, render
 
-    model, processor = load_checkpoint(name, dtype, attn)
+    model, processor = load_checkpoint(name, dtype, attn, also=f"a preset ({', '.join(PRESETS)})")
     model = prepare(model, processor, torch.device(device))  # eval mode, left padding for generate()
 
     def make_inputs(batch_size: int = 1) -> dict:
@@ -70,15 +66,16 @@ def _load_model(name: str, layers: int | None, attn: str, dtype: str, device: st
     return model, make_inputs
 
 
-def load_checkpoint(name: str, dtype: str, attn: str):
+def load_checkpoint(name: str, dtype: str, attn: str, also: str = ""):
     """(model, processor) of 'toy' (the packaged weights, in `dtype`), a local folder or an HF id, as
     `tokprune demo` runs them. A name that is neither, a checkpoint that is not on this machine or an
-    --attn backend the model refuses is a one-line CliError."""
+    --attn backend the model refuses is a one-line CliError; `also` names what else the command takes."""
     from tokprune.eval.loading import load_pretrained
 
     if name != "toy" and not Path(name).exists() and name.count("/") != 1:
+        others = f"{also}, " if also else ""
         raise CliError(
-            f"unknown model {name!r}: not 'toy', an existing local folder or an HF id (organisation/name)"
+            f"unknown model {name!r}: not {others}'toy', an existing local folder or an HF id (organisation/name)"
         )
     try:
         with attention_backend(attn):

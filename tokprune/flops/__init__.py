@@ -272,9 +272,10 @@ def prefill_flops(
         input length unpruned), i.e. what a batched forward really multiplies, padding included.
     """
     _check_supported(model)
-    text_config = language_model(model).config
+    lm = language_model(model)
+    text_config = lm.config
     vision = vision_cost(model, inputs)
-    mlps = layer_mlps(model)
+    mlps = layer_mlps(lm)
     per_row = _layer_tokens(inputs, stats, len(mlps), padded)
     llm_layers = [
         sum(llm_layer_flops(text_config, row[i], row[i], mlp=mlp) for row in per_row)
@@ -286,7 +287,7 @@ def prefill_flops(
 
     wanted = set(signals)
     scoring = _vision_scoring(vision, wanted)
-    scoring += _llm_scoring(text_config, stats, per_row, wanted, key_window(model))
+    scoring += _llm_scoring(text_config, stats, per_row, wanted, key_window(lm))
     if "pairwise_cosine" in wanted:
         scoring += sum(2 * n * n * d for n in _content_tokens(model, inputs))
     return FlopsBreakdown(
@@ -306,8 +307,9 @@ def decode_step_flops(model, cache_lengths: list[list[int]]) -> float:
     sliding-window layer (Gemma 3's cache keeps that many slots); plus the lm_head on one position per row.
     """
     _check_supported(model)
-    text_config = language_model(model).config
-    mlps, windows = layer_mlps(model), key_window(model)
+    lm = language_model(model)
+    text_config = lm.config
+    mlps, windows = layer_mlps(lm), key_window(lm)
     per_token_head = 2 * text_config.hidden_size * vocab_size(model)
     total = 0.0
     for row in cache_lengths:

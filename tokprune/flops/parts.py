@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from tokprune.core.masks import layer_type
+
 # model_type of text configs whose decoder MLP is a plain fc1/fc2 pair (everything else is taken as gated)
 _UNGATED_TEXT_MODELS = frozenset(
     {"gpt2", "opt", "phi", "gpt_neox", "gptj", "falcon", "bloom", "starcoder2", "gpt_bigcode"}
@@ -79,19 +81,20 @@ def language_model(model) -> nn.Module:
     return adapter_for(model).language_model
 
 
-def layer_mlps(model) -> list[float]:
-    """FLOPs per token of every decoder layer's MLP."""
-    lm = language_model(model)
+def layer_mlps(lm: nn.Module) -> list[float]:
+    """FLOPs per token of every decoder layer's MLP; lm: the decoder stack (`language_model`)."""
     return [mlp_flops_per_token(layer, lm.config) for layer in lm.layers]
 
 
-def key_window(model) -> list[int | None]:
-    """Per decoder layer, the keys a decode step attends at most (sliding-window layers: the window, whose
-    cache keeps only that many slots); None for full-attention layers."""
-    cfg = language_model(model).config
-    types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+def key_window(lm: nn.Module) -> list[int | None]:
+    """Per decoder layer of `lm`, the keys a decode step attends at most (sliding-window layers: the window,
+    whose cache keeps only that many slots); None for full-attention layers."""
+    cfg = lm.config
     window = getattr(cfg, "sliding_window", None)
-    return [window if kind == "sliding_attention" and window else None for kind in types]
+    return [
+        window if layer_type(cfg, j) == "sliding_attention" and window else None
+        for j in range(len(lm.layers))
+    ]
 
 
 def vocab_size(model) -> int:
