@@ -17,6 +17,7 @@ from tokprune.core.masks import build_layer_mask
 from tokprune.core.state import TokenMap
 from tokprune.core.wrap import InstanceWrap  # noqa: F401 (re-exported)
 from tokprune.errors import MethodOptionError
+from tokprune.signals.attention import LOGIT_SIGNALS, WITHOUT_CLS
 
 
 class Adapter:
@@ -27,7 +28,18 @@ class Adapter:
     # signals a ViT hook of this family can produce; "name@i" asks for it at vision layer i (negative
     # from the end), "name@object" at the family's object-centric middle layer (HiPrune), plain "name"
     # at the layer whose output feeds the projector
-    vision_signals: ClassVar[tuple[str, ...]] = ("cls_attention", "received_attention", "vit_keys")
+    # and the signals of the layer's pre-softmax logits (`tokprune.signals.LOGIT_SIGNALS`): "cls_logits",
+    # "cls_attention_concat" (of the [CLS] query: on towers without one, of what each patch receives,
+    # `without_cls`),
+    # "logit_column_mean", "logit_row_mean"
+    vision_signals: ClassVar[tuple[str, ...]] = (
+        "cls_attention", "received_attention", "vit_keys", *LOGIT_SIGNALS,
+    )  # fmt: skip
+    # signals read off the vision tower's *features* (not its attention), for methods that work where the
+    # authors' code does, before the projector (`Method.features == "vision"`): "features" = the rows the
+    # projector receives, one per visual token; "vit_cls" = the tower's [CLS] token at the feature layer,
+    # repeated on every token of its image / tile. A family lists those it can give.
+    feature_signals: ClassVar[tuple[str, ...]] = ()
     # images come as AnyRes units: a "base" view of the whole image and "tile"s whose tokens follow the
     # raster order of the whole tile mosaic (LLaVA-NeXT's packing; `methods.anyres` rebuilds the mosaic
     # from that). Methods with `needs_tiles` (HiRED, GlobalCom²) are refused on adapters without it.
@@ -118,7 +130,51 @@ class Adapter:
         return [int(features.shape[0]) for features in outputs.pooler_output]
 
     def is_vision_signal(self, name: str) -> bool:
-        return name.split("@")[0] in self.vision_signals
+        return name.split("@")[0] in self.vision_signals or name in self.feature_signals
+
+    # ---- the projector: features before it, for methods that merge there ---------------------------------
+    @property
+    def projector(self) -> nn.Module:
+        """The module mapping the vision tower's features to the LLM input token by token (its input rows are
+        the "features" signal)."""
+        return self.inner.multi_modal_projector
+
+    def feature_rows(self, projector_input: torch.Tensor) -> torch.Tensor:
+        """(N, C) one row per visual token, in the order the store keeps ViT signals, from the projector's
+        input (images / tiles, tokens, C)."""
+        return projector_input.flatten(0, -2)
+
+    def project(self, rows: torch.Tensor) -> torch.Tensor:
+        """(m, C) projector-input rows -> (m, D) LLM input rows (what the model's projector makes of them).
+        The "features" hook ignores this call (`_reprojecting`): the store keeps the vision pass's rows,
+        which a later forward without a vision pass (generate(use_cache=False)) reuses."""
+        self._reprojecting = True
+        try:
+            return self.projector(rows)
+        finally:
+            self._reprojecting = False
+
+    def install_feature_hooks(self, names: set[str], store: VisionSignalStore) -> list:
+        """Hooks filling `store` with the requested `feature_signals` (names: a subset of them): a pre-hook on
+        the projector for "features"; a family that gives "vit_cls" extends this."""
+        if "features" not in names:
+            return []
+
+        def hook(module, args):
+            if not getattr(self, "_reprojecting", False):
+                store.values["features"] = self.feature_rows(args[0])
+
+        return [self.projector.register_forward_pre_hook(hook)]
+
+    @staticmethod
+    def without_cls(by_layer: dict[int, dict[str, str]]) -> dict[int, dict[str, str]]:
+        """`signals_by_layer`'s result for a tower without [CLS] (SigLIP, Qwen): the signals of the [CLS]
+        query become those of the attention each patch receives (`signals.attention.WITHOUT_CLS`), as
+        "cls_attention" does on such towers."""
+        return {
+            layer: {name: WITHOUT_CLS.get(base, base) for name, base in wanted.items()}
+            for layer, wanted in by_layer.items()
+        }
 
     def signals_by_layer(self, names: set[str], num_layers: int, default: int) -> dict[int, dict[str, str]]:
         """{vision layer index: {full signal name: base name}} for the requested vision signals."""

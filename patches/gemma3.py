@@ -6,7 +6,11 @@ the LLM tokens of the image (4096 patches -> 256 tokens on the released models),
 image. "cls_attention" is therefore the attention each patch *receives* (column mean of the softmax
 map, streamed), and every ViT signal ("received_attention", "vit_keys" = head-mean keys too) is pooled
 by the projector's own pooling module, so one value belongs to exactly the patches averaged into one
-LLM token.
+LLM token. The pre-softmax logit means ("logit_column_mean", "logit_row_mean") run over all patches and
+are pooled the same way; the signals of the [CLS] query become those of what each patch receives (`Adapter.without_cls`).
+Features before the projector ("features"): the projector pools, then normalises (RMS) and projects; a
+feature row is the pooled patch feature of an LLM token, *before* the norm (the projector's own pooling
+of its input), and `project` is the norm and the matmul. No "vit_cls" (SigLIP has no [CLS]).
 
 Language side (DESIGN §4). `Gemma3Model.forward` turns the 2-D `attention_mask` and `token_type_ids`
 into a dict of 4-D masks, one per layer type, before it calls the language model:
@@ -49,7 +53,7 @@ from tokprune.core.compat import CACHE_KWARG
 from tokprune.core.state import TokenMap
 from tokprune.core.timing import timed
 from tokprune.errors import UnsupportedInputError
-from tokprune.signals import received_attention
+from tokprune.signals import LOGIT_SIGNALS, logit_signal, received_attention
 
 from .base import Adapter, ImageLayout, ProjectionTap, VisionSignalStore
 from .llava import clip_encoder_layers
@@ -60,6 +64,7 @@ class Gemma3Adapter(Adapter):
 
     model_classes = ("Gemma3ForConditionalGeneration",)
     family = "gemma3"
+    feature_signals = ("features",)  # the pooled patches before the projector's norm (SigLIP has no [CLS])
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -139,6 +144,7 @@ class Gemma3Adapter(Adapter):
     # ---- vision signals ---------------------------------------------------------------------------
     def install_vision_hooks(self, names: set[str], store: VisionSignalStore) -> list:
         by_layer = self.signals_by_layer(names, len(self.vision_layers), self.score_layer)
+        by_layer = self.without_cls(by_layer)  # SigLIP has no [CLS]
         return self.hook_attention_layers(
             by_layer, self.vision_layers, lambda wanted, tap: self._hook(wanted, store, tap)
         )
@@ -149,6 +155,18 @@ class Gemma3Adapter(Adapter):
         side = self.patches_per_side
         grid = values.transpose(1, 2).reshape(n_img, channels, side, side)
         return self.pool(grid).flatten(2).transpose(1, 2).flatten(0, 1)
+
+    # ---- features before the projector's norm ------------------------------------------------------
+    def feature_rows(self, projector_input: torch.Tensor) -> torch.Tensor:
+        """(n_img * T, C): the projector's own average pooling of its input (n_img, P*P, C), i.e. the pooled
+        feature of every LLM token before `mm_soft_emb_norm`."""
+        return self.pooled(projector_input)
+
+    def project(self, rows: torch.Tensor) -> torch.Tensor:
+        """(m, C) pooled rows -> (m, D): the projector after its pooling (RMS norm, then the matmul)."""
+        projector = self.projector
+        normed = projector.mm_soft_emb_norm(rows)
+        return torch.matmul(normed, projector.mm_input_projection_weight).type_as(rows)
 
     def _hook(self, wanted: dict[str, str], store: VisionSignalStore, tap: ProjectionTap):
         """Forward hook on one SigLIP attention module computing `wanted` ({full name: base name}), one
@@ -165,6 +183,12 @@ class Gemma3Adapter(Adapter):
                 for name, base in wanted.items():
                     if base == "vit_keys":  # head mean
                         value = self.pooled(keys.float().mean(1))
+                    elif base == "vit_keys_concat":  # full width
+                        value = self.pooled(logit_signal(base, keys, keys, module.scale))
+                    elif base in LOGIT_SIGNALS:  # logit means over all patches
+                        query = tap.output("q_proj", hidden).view(heads).transpose(1, 2)
+                        per_patch = logit_signal(base, query, keys, module.scale)  # (n_img, P*P)
+                        value = self.pooled(per_patch[..., None])[:, 0]
                     else:  # cls_attention / received_attention
                         if received is None:
                             query = tap.output("q_proj", hidden).view(heads).transpose(1, 2)

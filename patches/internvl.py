@@ -15,8 +15,14 @@ Layout rules:
   * the budget is per image, over all its tiles (spatial methods split it over the tiles by size);
     video frames (one `<img>...</img>` of one tile each) are images.
 Signals: at the feature layer (`vision_feature_layer`, -1 = the last layer) of every tile: the [CLS]
-attention row, the attention each patch receives, the keys; each pooled (mean) over the patches that the
-pixel shuffle merges into one LLM token, found by replaying the model's own `pixel_shuffle` on indices.
+attention row, the attention each patch receives, the keys, the pre-softmax logit signals (the [CLS]
+query's logits, PruMerge's concatenated-head [CLS] attention, the logit means over the patches; after the
+layer's q/k norms); each pooled (mean) over the patches that the pixel shuffle merges into one LLM token,
+found by replaying the model's own `pixel_shuffle` on indices.
+Features before the projector: "features" = the projector's input (pixel-shuffled tiles, one row of
+r * C = 4C per LLM token, in tile order = the LLM's), `project` = the projector (layer norm, MLP);
+"vit_cls" = every tile's [CLS] at the feature layer, r copies side by side (the pixel shuffle of a block
+that is all [CLS]), on every token of its tile.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from torch import nn
 from tokprune.core.layout import Unit
 from tokprune.core.timing import timed
 from tokprune.errors import UnsupportedInputError, UnsupportedModelError
-from tokprune.signals import cls_attention, received_attention
+from tokprune.signals import LOGIT_SIGNALS, cls_attention, logit_signal, received_attention
 
 from .base import Adapter, ImageLayout, ProjectionTap, VisionSignalStore
 from .llava import feature_layer_index
@@ -67,6 +73,7 @@ def pool_groups(value: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
 class InternVLAdapter(Adapter):
     model_classes = ("InternVLForConditionalGeneration",)
     family = "internvl"
+    feature_signals = ("features", "vit_cls")
     frames_as_images = True  # InternVLProcessor turns a video into one-tile images ("Frame1: <img>...</img>")
 
     def __init__(self, model: nn.Module) -> None:
@@ -83,6 +90,7 @@ class InternVLAdapter(Adapter):
         patch = cfg.vision_config.patch_size
         self.patch_size = int(patch[0] if isinstance(patch, (list, tuple)) else patch)
         self._groups: dict[int, torch.Tensor] = {}  # patches per tile side -> (G, r) merged patch indices
+        self.last_feature_layer = cfg.vision_feature_layer == -1  # the model takes last_hidden_state then
 
     # ---- pixel shuffle replay -------------------------------------------------------------------
     def merge_groups(self, side: int) -> torch.Tensor:
@@ -173,11 +181,40 @@ class InternVLAdapter(Adapter):
                         value = torch.stack(
                             [received_attention(q, k, module.scale) for q, k in zip(queries, keys)]
                         )
+                    elif base in LOGIT_SIGNALS:  # the logit means run over the patches ([CLS] left out)
+                        queries = module.q_norm(tap.output("q_proj", hidden)).view(shape).transpose(1, 2)
+                        patches = torch.arange(length, device=hidden.device) >= 1
+                        value = logit_signal(base, queries, keys, module.scale, patches)  # (n, 1 + P)
                     else:  # vit_keys: head mean
                         value = keys.float().mean(1)  # (n, 1 + P, d)
                     store.values[name] = pool_groups(value[:, 1:], groups)
 
         return hook
+
+    # ---- features before the projector -------------------------------------------------------------
+    def install_feature_hooks(self, names: set[str], store: VisionSignalStore) -> list:
+        """ "features": the projector's input, the pixel-shuffled tiles (n_tiles, G, r * C) flattened to one
+        row per LLM token; "vit_cls": every tile's [CLS] token at the feature layer (the tower's normed
+        `last_hidden_state` for vision_feature_layer -1, else the output of the layer giving
+        hidden_states[vision_feature_layer]) in the projector's input space: r copies side by side, what
+        the pixel shuffle makes of an r-patch block that is all [CLS]; on every token of its tile."""
+        handles = super().install_feature_hooks(names, store)
+        if "vit_cls" not in names:
+            return handles
+        r = round(1 / self.ratio**2)
+
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output  # (n_tiles, 1 + P, C)
+            tokens = self.merge_groups(round((hidden.shape[1] - 1) ** 0.5)).shape[0]
+            cls = hidden[:, :1].repeat(1, 1, r)  # (n_tiles, 1, r * C)
+            store.values["vit_cls"] = cls.expand(-1, tokens, -1).flatten(0, 1)
+
+        source = (
+            self.inner.vision_tower.layernorm
+            if self.last_feature_layer
+            else self.vision_layers[self.score_layer]
+        )
+        return [*handles, source.register_forward_hook(hook)]
 
 
 def encoded_images(inner_kwargs: dict):

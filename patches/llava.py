@@ -16,7 +16,7 @@ from torch import nn
 
 from tokprune.core.timing import timed
 from tokprune.errors import UnsupportedInputError, UnsupportedModelError
-from tokprune.signals import cls_attention, received_attention
+from tokprune.signals import LOGIT_SIGNALS, cls_attention, logit_signal, received_attention
 
 from .base import Adapter, ImageLayout, ProjectionTap, VisionSignalStore
 
@@ -64,6 +64,7 @@ class LlavaAdapter(Adapter):
 
     model_classes = ("LlavaForConditionalGeneration",)
     family = "llava"
+    feature_signals = ("features", "vit_cls")
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -107,6 +108,8 @@ class LlavaAdapter(Adapter):
 
     def install_vision_hooks(self, names: set[str], store: VisionSignalStore) -> list:
         by_layer = self.signals_by_layer(names, len(self.vision_layers), self.score_layer)
+        if not self.has_cls:
+            by_layer = self.without_cls(by_layer)
         return self.hook_attention_layers(
             by_layer, self.vision_layers, lambda wanted, tap: self._hook(wanted, store, tap)
         )
@@ -114,8 +117,9 @@ class LlavaAdapter(Adapter):
     def _hook(self, wanted: dict[str, str], store: VisionSignalStore, tap: ProjectionTap):
         """Forward hook on one CLIP attention module computing `wanted` ({full name: base name}) from the
         projections its forward made (`tap`). A tower without [CLS] gives, for "cls_attention", the attention
-        each patch receives."""
+        each patch receives. The logit means run over the patches ([CLS] left out)."""
         first = self.first_feature
+        has_cls = self.has_cls
         if not self.has_cls:
             wanted = {
                 name: "received_attention" if base == "cls_attention" else base
@@ -137,8 +141,26 @@ class LlavaAdapter(Adapter):
                         value = torch.stack(
                             [received_attention(q, k, module.scale) for q, k in zip(queries, keys)]
                         )
+                    elif base in LOGIT_SIGNALS:
+                        queries = tap.output("q_proj", hidden).view(heads).transpose(1, 2)
+                        patches = torch.arange(length, device=hidden.device) >= int(has_cls)
+                        value = logit_signal(base, queries, keys, module.scale, patches)  # (n_img, 1 + P)
                     else:  # vit_keys: head mean
                         value = keys.float().mean(1)
                     store.values[name] = value[:, first:].flatten(0, 1)
 
         return hook
+
+    def install_feature_hooks(self, names: set[str], store: VisionSignalStore) -> list:
+        """ "features" from the projector's input; "vit_cls" from the output of the feature layer (the layer
+        whose output is hidden_states[vision_feature_layer]): its [CLS] row, on every token of the image."""
+        handles = super().install_feature_hooks(names, store)
+        if "vit_cls" not in names or not self.has_cls or self.keeps_cls:
+            return handles  # no [CLS] (SigLIP), or it is one of the image's tokens already ("full")
+
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output  # (n_img, 1 + P, C)
+            tokens = hidden.shape[1] - self.first_feature
+            store.values["vit_cls"] = hidden[:, :1].expand(-1, tokens, -1).flatten(0, 1)
+
+        return [*handles, self.vision_layers[self.score_layer].register_forward_hook(hook)]

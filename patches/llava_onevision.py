@@ -36,6 +36,18 @@ the `<video>` positions. `visual_mask` covers both, and `image_layout` lists ima
 order of their first token in the sequence (row by row); the ViT signals (computed per kind inside
 wrapped `get_image_features` / `get_video_features`, which generate() also calls before the prefill) are
 put in that order by a language-model pre-hook before the engine reads them.
+
+Features before the projector ("features"; "vit_cls" on a tower with [CLS], none on SigLIP): the projector
+runs on every tower token *before* the packing, so its input rows are taken per tower token (as on
+LLaVA-1.5) and packed like the signals; where the packing only moves tokens (unpadding, base views) every
+LLM token is the projection of its row. Two kinds of token are not: a video frame's bilinearly pooled
+tokens (`apply_pooling` after the projector) and the tokens of an AnyRes mosaic the packing bilinearly
+downsamples (more than 1.1 x `vision_aspect_ratio` tiles' worth of tokens): each is a weighted mean of
+projected tokens, and the MLP projector does not commute with that mean. Their feature rows are the pooled /
+downsampled projector input, and a merged row of such a token is projected from it: for those tokens a
+merge "before the projector" pools before projecting, where the model pools after (documented; the model's
+own tokens that are not merged keep their LLM input exactly). There is no authors' code for these methods on
+OneVision; `merge_space="llm"` merges the LLM input instead.
 """
 
 from __future__ import annotations
@@ -61,6 +73,7 @@ from .base import ImageLayout, InstanceWrap, VisionSignalStore
 from .llava import LlavaAdapter
 
 KINDS = ("image", "video")
+FEATURES = ("features", "vit_cls")  # signals in the projector's input space
 
 
 class LlavaOnevisionAdapter(LlavaAdapter):
@@ -85,6 +98,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         self._latest_images: ImageLayout | None = None  # of the latest get_image_features call
         self._staged: dict[str, dict[str, torch.Tensor]] = {}  # kind -> signals in that kind's scatter order
         self._input_ids: torch.Tensor | None = None  # of the latest inner forward
+        self._features = False  # a "vision" method is installed: the projector's input is wanted
 
     @property
     def video_token_id(self) -> int:
@@ -263,23 +277,32 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         wraps = [_wrap_features(self, store, kind) for kind in KINDS]
         inner = self.inner.register_forward_pre_hook(self._remember_ids, with_kwargs=True)
         publish = self.language_model.register_forward_pre_hook(
-            self._publisher(store, bool(names)), with_kwargs=True, prepend=True
+            self._publisher(store, lambda: bool(names) or self._features), with_kwargs=True, prepend=True
         )
         return [*wraps, inner, publish, *handles]
+
+    def install_feature_hooks(self, names: set[str], store: VisionSignalStore) -> list:
+        """ "features" (and "vit_cls" on a tower with [CLS]) per tower token as on LLaVA-1.5, then packed or
+        pooled with the ViT signals into the LLM order (`stage`)."""
+        handles = super().install_feature_hooks(names, store)
+        if "features" in names:
+            self._features = True
+            handles.append(_Reset(self, "_features", False))
+        return handles
 
     def _remember_ids(self, module, args, kwargs) -> None:
         self._input_ids = kwargs.get("input_ids", args[0] if args else None)
 
-    def _publisher(self, store: VisionSignalStore, needed: bool):
+    def _publisher(self, store: VisionSignalStore, needed):
         """Language-model pre-hook (runs before the engine's): the signals of this prefill's images and
-        videos, interleaved in sequence order, become the store's values."""
+        videos, interleaved in sequence order, become the store's values (when `needed()`)."""
 
         def hook(module, args, kwargs) -> None:
             cache = cache_in(kwargs)
             input_ids = self._input_ids
             if input_ids is None or (cache is not None and cache.get_seq_length(0) > 0):
                 return
-            if needed:
+            if needed():
                 with timed(store.seconds, input_ids.device):
                     values = self.sequence_signals(input_ids)
                 store.values.clear()
@@ -355,13 +378,16 @@ class LlavaOnevisionAdapter(LlavaAdapter):
 
 def _as_channels(values: dict[str, torch.Tensor], tokens: int):
     """Stack signals {(N,) or (N, d)} as (N / tokens, tokens, C) float32 channels; the returned function
-    splits (M, C) back into {(M,) or (M, d)}."""
+    splits (M, C) back into {(M,) or (M, d)}: float32, except the features before the projector ("features",
+    "vit_cls"), which get their own dtype back (the packing only moves them, so they come back exact)."""
     widths = {name: (value[0].numel(), value.shape[1:]) for name, value in values.items()}
+    dtypes = {name: value.dtype for name, value in values.items() if name in FEATURES}
     channels = torch.cat([value.float().reshape(value.shape[0], -1) for value in values.values()], 1)
 
     def split(flat: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = torch.split(flat, [width for width, _ in widths.values()], dim=1)
-        return {name: part.reshape(-1, *shape) for (name, (_, shape)), part in zip(widths.items(), parts)}
+        out = {name: part.reshape(-1, *shape) for (name, (_, shape)), part in zip(widths.items(), parts)}
+        return {name: value.to(dtypes.get(name, value.dtype)) for name, value in out.items()}
 
     return channels.view(-1, tokens, channels.shape[-1]), split
 
@@ -386,3 +412,13 @@ def _wrap_features(adapter: LlavaOnevisionAdapter, store: VisionSignalStore, kin
         return out
 
     return InstanceWrap(adapter.inner, name, get_features)
+
+
+class _Reset:
+    """A hook handle whose remove() sets `owner.<name>` back to `value`."""
+
+    def __init__(self, owner: object, name: str, value: object) -> None:
+        self.owner, self.name, self.value = owner, name, value
+
+    def remove(self) -> None:
+        setattr(self.owner, self.name, self.value)

@@ -4,6 +4,16 @@ images and videos.
 The ViT has no [CLS] token, so the "cls_attention" signal is the attention each patch *receives* (column
 mean of the softmax map, streamed) at the scoring block, averaged over the patches merged into one LLM
 token. Qwen2.5-VL runs its blocks in window order (`window_index`); signals are put back in raster order.
+The pre-softmax logit means ("logit_column_mean", "logit_row_mean") run within every attention block of
+the layer (an image, a video's temporal slice, or a window) and are pooled the same way; the signals of the
+[CLS] query become those of what each patch receives (`Adapter.without_cls`).
+
+Features before the projector ("features", for methods with `features == "vision"`): the merger
+(`visual.merger`) applies `ln_q` to every patch, views the merge**2 = 4 consecutive patches of an LLM token
+as one row and runs its MLP. A feature row is those 4 patches' hidden states concatenated *before* `ln_q`
+(width 4C), in raster order like the ViT signals (Qwen2.5-VL's merger input is in window order: the rows
+are put back with the model's own reverse index, argsort(window_index)); `project` runs the merger on them
+(ln_q per patch chunk, then the MLP), which reproduces the model's LLM input of every image and video token.
 
 Videos (`pixel_values_videos`, `video_grid_thw`, placeholder `video_token_id`) are visual items like
 images: transformers scatters image features into the image placeholders and video features into the
@@ -29,7 +39,7 @@ from transformers.vision_utils import get_vision_window_index
 from tokprune.core.layout import Item, Unit, sequence_order
 from tokprune.core.timing import timed
 from tokprune.errors import UnsupportedInputError
-from tokprune.signals import received_attention
+from tokprune.signals import LOGIT_SIGNALS, logit_signal, received_attention
 
 from .base import Adapter, ImageLayout, InstanceWrap, ProjectionTap, VisionSignalStore
 
@@ -43,6 +53,7 @@ class Qwen2VLAdapter(Adapter):
 
     model_classes = ("Qwen2VLForConditionalGeneration",)
     family = "qwen2_vl"
+    feature_signals = ("features",)  # the merger's input, 2x2 patches per row (no [CLS])
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -199,6 +210,7 @@ class Qwen2VLAdapter(Adapter):
 
     def install_vision_hooks(self, names: set[str], store: VisionSignalStore) -> list:
         by_layer = self.signals_by_layer(names, len(self.visual.blocks), self.score_layer)  # validates first
+        by_layer = self.without_cls(by_layer)  # the Qwen ViT has no [CLS]
         self._store = store
         handles = [_wrap_features(self, kind) for kind in KINDS]
         return handles + self.hook_attention_layers(
@@ -208,6 +220,37 @@ class Qwen2VLAdapter(Adapter):
             attention="attn",
             projections=("qkv",),
         )
+
+    # ---- features before the merger -----------------------------------------------------------------
+    @property
+    def projector(self) -> nn.Module:
+        """The patch merger (`visual.merger`): ln_q per patch, the merge**2 patches of an LLM token
+        concatenated, an MLP."""
+        return self.visual.merger
+
+    def feature_rows(self, projector_input: torch.Tensor) -> torch.Tensor:
+        """(S / merge**2, merge**2 * C) from the merger's input (S, C) of the running pass: per LLM token its
+        merge**2 patches' hidden states concatenated, before `ln_q` (the merger's own grouping: the
+        consecutive patches it views as one row), in raster order (Qwen2.5-VL's window order undone)."""
+        rows = projector_input.reshape(-1, self.merge**2 * projector_input.shape[-1])
+        order = self.merged_order(self._grids[self._encoding])
+        return rows if order is None else rows[order.to(rows.device)]
+
+    def project(self, rows: torch.Tensor) -> torch.Tensor:
+        """(m, merge**2 * C) -> (m, D): the merger on the rows' patches (ln_q per patch chunk, then the MLP)."""
+        return self.projector(rows.reshape(-1, rows.shape[-1] // self.merge**2))
+
+    def install_feature_hooks(self, names: set[str], store: VisionSignalStore) -> list:
+        """ "features": a pre-hook on the merger, kept with the ViT signals of the running pass (images or
+        videos) and put in sequence order with them (`_publish`)."""
+        if "features" not in names:
+            return []
+
+        def hook(module, args):
+            if self._encoding is not None:
+                self._parts[self._encoding]["features"] = self.feature_rows(args[0])
+
+        return [self.projector.register_forward_pre_hook(hook)]
 
     def _hook(self, wanted: dict[str, str], store: VisionSignalStore, tap: ProjectionTap):
         """Forward hook on one ViT block's attention computing `wanted` ({full name: base name}) while the
@@ -233,24 +276,33 @@ class Qwen2VLAdapter(Adapter):
             tap.output("qkv", hidden).reshape(seq, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         )
         order = self.merged_order(self._grids[kind])
-        received = None
+        rotated, received = None, None
+        cu_seqlens = kwargs["cu_seqlens"]
+        sizes = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()  # the block's attention blocks (images, windows)
         for name, base in wanted.items():
-            if base == "vit_keys":  # content keys (before RoPE), head mean, pooled per merged unit
-                value = k.float().mean(1).view(seq // group, group, -1).mean(1)
+            if base in ("vit_keys", "vit_keys_concat"):  # content keys (before RoPE), pooled per merged unit
+                value = k.float().mean(1) if base == "vit_keys" else k.float().flatten(1)  # (S, d) / (S, C)
+                value = value.view(seq // group, group, -1).mean(1)
+                self._parts[kind][name] = value if order is None else value[order]
+                continue
+            if rotated is None:
+                rotated = self._rotated(q, k, kwargs)  # (H, S, d) each
+            if base in LOGIT_SIGNALS:  # logit means within every attention block
+                value = logit_signal(base, *rotated, module.scaling, block_sizes=sizes)
+                value = value.view(seq // group, group).mean(1)
             else:  # cls_attention / received_attention
                 if received is None:
-                    received = self._received(module, q, k, kwargs).view(seq // group, group).mean(1)
+                    received = received_attention(*rotated, module.scaling, sizes)
+                    received = received.view(seq // group, group).mean(1)
                 value = received
             self._parts[kind][name] = value if order is None else value[order]
 
     @staticmethod
-    def _received(module, q: torch.Tensor, k: torch.Tensor, kwargs) -> torch.Tensor:
-        """(S,) attention received per patch within the block's cu_seqlens blocks (images or windows)."""
+    def _rotated(q: torch.Tensor, k: torch.Tensor, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(H, S, d) queries and keys after the block's vision RoPE, as its attention uses them."""
         cos, sin = kwargs["position_embeddings"]
         q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)  # (S, H, d)
-        cu_seqlens = kwargs["cu_seqlens"]
-        sizes = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-        return received_attention(q.transpose(0, 1), k.transpose(0, 1), module.scaling, sizes)
+        return q.transpose(0, 1), k.transpose(0, 1)
 
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):

@@ -15,6 +15,13 @@ inside the layer loop), from `deepstack_visual_embeds` (n tensors (N_visual, D))
     the compaction, an instance wrap of `_deepstack_process` applies it). The adds before b are unchanged.
 Both are exact: a dropped token receives no add, a kept one the add it receives unpruned. A kept token that
 a merging method rewrote keeps its own deepstack features (they are not merged).
+
+Features before the projector ("features"): the main merger's input, 4 patches per row as on Qwen2-VL
+(`norm` per patch, then the MLP: `project`). The deepstack mergers are not re-run on merged rows: a token
+whose row a method merged (VisionZip's contextual tokens, PruMerge's supplemented patches) gets the merged
+row projected by the main merger as its LLM input, and after decoder layers 0 .. n-1 the deepstack
+features of the token whose slot it occupies, computed from that token's own patches. So merging changes
+the input of the LLM, not the deepstack adds; methods that drop only are exact.
 The MoE variant differs only in the decoder MLP (per-token routing), so one adapter serves both classes.
 """
 

@@ -27,7 +27,11 @@ Signals (at the last encoder layer, whose output feeds the connector, or "name@i
 frame's real patches, streamed), as is "received_attention"; "vit_keys" are the head-mean keys. Each is
 pooled (mean) over the patches that the connector merges into one LLM token, found by replaying the
 model's own `pixel_shuffle` on patch indices; patches that `pixel_attention_mask` marks as padding
-receive 0.
+receive 0. The logit means ("logit_column_mean", "logit_row_mean") run over a frame's real patches; the
+signals of the [CLS] query become those of what each patch receives (`Adapter.without_cls`).
+Features before the projector ("features"): the input of the connector's `modality_projection`, i.e. the
+pixel-shuffled frames (s * s * C per LLM token, real frames in order = the LLM's); `project` is that linear
+map. No "vit_cls" (SigLIP has no [CLS]).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from torch import nn
 
 from tokprune.core.timing import timed
 from tokprune.errors import UnsupportedInputError
-from tokprune.signals import received_attention
+from tokprune.signals import LOGIT_SIGNALS, logit_signal, received_attention
 
 from .base import Adapter, ImageLayout, ProjectionTap, VisionSignalStore
 from .internvl import encoded_images, pool_groups, tile_units, visual_runs
@@ -47,6 +51,7 @@ from .llava import clip_encoder_layers
 class SmolVLMAdapter(Adapter):
     model_classes = ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration")
     family = "smolvlm"
+    feature_signals = ("features",)  # the connector's pixel-shuffled rows (SigLIP has no [CLS])
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -64,6 +69,12 @@ class SmolVLMAdapter(Adapter):
     @property
     def language_model(self) -> nn.Module:
         return self.inner.text_model
+
+    @property
+    def projector(self) -> nn.Module:
+        """The connector's `modality_projection`: its input is the pixel-shuffled frames (n_frames, G, s*s*C),
+        one row per LLM token in frame order (the "features" signal)."""
+        return self.inner.connector.modality_projection
 
     # ---- pixel shuffle replay -------------------------------------------------------------------
     def merge_groups(self, n_patches: int) -> torch.Tensor:
@@ -138,6 +149,7 @@ class SmolVLMAdapter(Adapter):
     # ---- vision signals --------------------------------------------------------------------------
     def install_vision_hooks(self, names: set[str], store: VisionSignalStore) -> list:
         by_layer = self.signals_by_layer(names, len(self.vision_layers), self.score_layer)
+        by_layer = self.without_cls(by_layer)  # SigLIP has no [CLS]
         if not by_layer:
             return []
         handles = [self.inner.vision_model.register_forward_pre_hook(self._remember_mask, with_kwargs=True)]
@@ -167,6 +179,11 @@ class SmolVLMAdapter(Adapter):
                 for name, base in wanted.items():
                     if base == "vit_keys":
                         value = keys.float().mean(1)  # (n, P, d)
+                    elif base == "vit_keys_concat":
+                        value = logit_signal(base, keys, keys, module.scale)  # (n, P, C)
+                    elif base in LOGIT_SIGNALS:  # logit means over the frame's real patches
+                        queries = tap.output("q_proj", hidden).view(shape).transpose(1, 2)
+                        value = self._logit_means(base, queries, keys, module.scale)
                     else:  # cls_attention (no [CLS]: attention received) / received_attention
                         if received is None:
                             queries = tap.output("q_proj", hidden).view(shape).transpose(1, 2)
@@ -175,6 +192,17 @@ class SmolVLMAdapter(Adapter):
                     store.values[name] = pool_groups(value, groups)
 
         return hook
+
+    def _logit_means(
+        self, base: str, queries: torch.Tensor, keys: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """(n, P) a logit mean of every frame's patches over its real patches; padding patches get 0."""
+        mask = self._patch_mask
+        n, _, length, _ = queries.shape
+        if mask is None or mask.shape != (n, length):
+            return logit_signal(base, queries, keys, scale)
+        real = mask.to(queries.device)
+        return logit_signal(base, queries, keys, scale, real).masked_fill(~real, 0.0)
 
     def _received(self, queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
         """(n, P) attention received per patch of every frame, among the frame's real patches only

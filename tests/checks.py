@@ -4,7 +4,9 @@ import pytest
 import torch
 from tokprune.patches import adapter_for
 
-from tokprune.methods import REGISTRY
+from tokprune.core.budget import Budget
+from tokprune.methods import REGISTRY, LLMMethod, make_method
+from tokprune.methods.base import CompositeMethod
 
 
 def assert_valid_keep(keep: torch.Tensor, n: int, k: int) -> None:
@@ -33,3 +35,17 @@ def skip_without_tiles(model, method: str) -> None:
     test_invariants)."""
     if REGISTRY[method].needs_tiles and not adapter_for(model).tiles:
         pytest.skip("needs AnyRes tiles (refusal tested in test_invariants)")
+
+
+def final_count(method: str, options: dict, budget, n: int) -> int:
+    """Visual tokens an image of n content tokens keeps at the method's last stage under `budget`."""
+    made = make_method(method, options)
+    last = made.parts()[-1] if isinstance(made, CompositeMethod) else made
+    if isinstance(last, LLMMethod):
+        return min(n, last.stage_counts(n, _as_budget(budget))[-1])
+    return _as_budget(budget).kept(n)
+
+
+def _as_budget(budget) -> Budget:
+    """A Budget from a token count (int) or a Budget."""
+    return budget if isinstance(budget, Budget) else Budget(tokens=budget)

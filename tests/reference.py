@@ -201,13 +201,35 @@ def assert_same_input(own: torch.Tensor, pruned: torch.Tensor, present: torch.Te
         )
 
 
-def present_after(model, inputs: dict, stats) -> torch.Tensor:
+def present_after(model, inputs: dict, stats, perm: torch.Tensor | None = None) -> torch.Tensor:
     """(B, L) bool: the prompt tokens the last decoder layer (and so the logits) of the pruned prefill
-    covers: the real tokens less every stage's dropped visual tokens."""
+    covers: the real tokens less every stage's dropped visual tokens (in the order `perm` lays them out)."""
     valid = inputs["attention_mask"].bool()
     if not stats.stages:
         return valid
-    return keep_mask(visual_mask(model, inputs["input_ids"]), valid, stats.stages[-1].kept)
+    present = keep_mask(visual_mask(model, inputs["input_ids"]), valid, stats.stages[-1].kept)
+    return present if perm is None else torch.gather(present, 1, perm)
+
+
+def llm_order(model, inputs: dict, stats) -> torch.Tensor:
+    """(B, L) the prompt's positions in the order the reproduction mode (`order="selection"`) feeds the LLM,
+    from the stats alone: the slots of every image's kept tokens hold them in the order the LLM received
+    them (`stats.input_order`); dropped tokens and text stay where they are (the identity when the kept
+    tokens are in their own order)."""
+    visual = visual_mask(model, inputs["input_ids"])
+    rows = []
+    for row, order in enumerate(stats.input_order):
+        perm = torch.arange(visual.shape[1])
+        positions = visual[row].nonzero().squeeze(1)
+        # runs of consecutive placeholders: one image each (LLaVA, LLaVA-NeXT)
+        breaks = (positions[1:] != positions[:-1] + 1).nonzero().squeeze(1) + 1
+        start = 0
+        for end in [*breaks.tolist(), positions.numel()]:
+            kept = order[(order >= start) & (order < end)]
+            perm[positions[kept.sort().values]] = positions[kept]
+            start = end
+        rows.append(perm)
+    return torch.stack(rows)
 
 
 def assert_close_scaled(got: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
@@ -250,6 +272,25 @@ def _check_merged(stats, lm_input, stage_hidden) -> None:
             raise ValueError(f"stage {stage.where} rewrote tokens: pass the pruned run's stream it fed")
 
 
+def slots_of(layout: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Where original `positions` (B, n) sit in `layout` (B, L): layout[b, slot] = original position."""
+    inverse = layout.argsort(1)
+    return torch.gather(inverse, 1, positions)
+
+
+def relaid(layout: torch.Tensor, visual: torch.Tensor, order: list[torch.Tensor]) -> torch.Tensor:
+    """`layout` (B, L) with each row's kept visual tokens put in `order` (per row, visual-token indices in
+    the order the pruned run's later layers hold them) into the slots they occupy; everything else stays."""
+    new = layout.clone()
+    for row, kept in enumerate(order):
+        if kept.numel() == 0:
+            continue
+        wanted = visual[row].nonzero().squeeze(1)[kept]  # their original positions, in the run's order
+        slots = slots_of(layout[row : row + 1], wanted[None])[0].sort().values
+        new[row, slots] = wanted
+    return new
+
+
 @torch.no_grad()
 def reference_logits(
     model,
@@ -258,6 +299,10 @@ def reference_logits(
     lm_input: torch.Tensor | None,
     new_tokens: torch.Tensor,
     stage_hidden: dict[int, torch.Tensor] | None = None,
+    perm: torch.Tensor | None = None,
+    positions: str = "original",
+    renumbered: frozenset[int] = frozenset(),
+    layout_out: list | None = None,
 ):
     """Logits of the masked reference for the prompt and each generated prefix.
 
@@ -265,52 +310,106 @@ def reference_logits(
         checked bit for bit with `assert_same_input`, and the source of what a pre-LLM stage rewrote.
     stage_hidden: {boundary b: (B, L_b, D) the stream the pruned prefill fed layer b} (`StageInputRecorder`),
         the source of what the in-LLM stage at b rewrote.
+    perm: (B, L) the order the reproduction mode lays the prompt out in (`llm_order`), or None (as given):
+        the reference runs the unpatched language model on the prompt in that order, masked the same way;
+        an in-LLM stage whose `order` differs from the layout the layers hold re-lays its kept tokens so
+        before its boundary layer (the residual stream permuted, `relaid`).
+    positions: "original" (generate()'s numbering of the unpruned prompt) or "contiguous" (0, 1, ... over
+        the tokens present after the pre-LLM stage, in `perm` order, as the authors' LLaVA code numbers it);
+        with "contiguous", layers from every boundary in `renumbered` on are numbered 0, 1, ... over the
+        tokens still present there (the in-LLM stages whose code renumbers).
+    layout_out: a list that receives the prefill's final layout (B, L): the original prompt position of
+        every slot of the returned prefill logits.
     Raises ValueError when a stage rewrote tokens whose source was not given.
-    Returns a list: [prefill logits (B, L, V) over the prompt] + [(B, V) for each decode step].
+    Returns a list: [prefill logits (B, L, V) over the prompt, in the final layout] + [(B, V) per decode step].
     """
     _check_merged(stats, lm_input, stage_hidden)
     visual = visual_mask(model, inputs["input_ids"])
     valid = inputs["attention_mask"].bool()
-    prompt = visual.shape[1]
-    stage_keeps = [(s.where, keep_mask(visual, valid, s.kept)) for s in stats.stages]
+    batch, prompt = visual.shape
+    perm = perm if perm is not None else torch.arange(prompt).expand(batch, -1)
+    keeps = {s.where: keep_mask(visual, valid, s.kept) for s in stats.stages}  # original coordinates
     rewritten = {s.where: rewritten_positions(visual, s) for s in stats.stages}
+    orders = {s.where: getattr(s, "order", None) or s.kept for s in stats.stages}
     lm = language_model(model)
     layer_types = getattr(lm.config, "layer_types", None)
     handles = []
     state = {}
 
+    def gather(x: torch.Tensor) -> torch.Tensor:  # (B, L, ...) original coordinates -> the current layout
+        layout = state["layout"]
+        index = layout if x.dim() == 2 else layout[..., None].expand(-1, -1, x.shape[2])
+        return torch.gather(x, 1, index)
+
+    def positions_now() -> torch.Tensor:  # 1-D / M-RoPE rows of the current layout
+        given = state["positions"]
+        if given.dim() == 2:
+            return torch.gather(given, 1, state["layout"])
+        return torch.gather(given, 2, state["layout"][None].expand(given.shape[0], -1, -1))
+
     def lm_pre(module, args, kwargs):
         embeds = kwargs["inputs_embeds"]
-        ones = torch.ones(visual.shape[0], embeds.shape[1] - prompt, dtype=torch.bool)
+        ones = torch.ones(batch, embeds.shape[1] - prompt, dtype=torch.bool)
         given = kwargs["attention_mask"]  # a dict per layer type where the model builds one (Gemma 3)
         mask = (state["input_mask"] if isinstance(given, dict) else given).bool()
-        present = valid
-        for where, keep in stage_keeps:
-            if where == "pre":
-                present = present & keep
-                mask = mask & torch.cat([keep, ones], 1)
-        merged = rewritten.get("pre", [torch.zeros(0, dtype=torch.long)] * visual.shape[0])
+        tail = torch.arange(prompt, embeds.shape[1]).expand(batch, -1)
+        state["layout"] = torch.cat([perm, tail], 1)
+        present = valid & keeps["pre"] if "pre" in keeps else valid
+        state["mask"] = mask & torch.cat([present | ~valid, ones], 1)  # original coordinates
+        embeds, mask = gather(embeds), gather(state["mask"])
+        present = torch.gather(present, 1, perm)
+        merged = [
+            slots_of(perm[r : r + 1], p[None])[0].sort().values
+            for r, p in enumerate(rewritten.get("pre", []))
+        ]
+        merged = merged or [torch.zeros(0, dtype=torch.long)] * batch
         if lm_input is not None:
             assert_same_input(embeds[:, :prompt], lm_input, present, merged)
             embeds = _inject(embeds, lm_input, present, merged)
         kwargs["inputs_embeds"], kwargs["attention_mask"] = embeds, mask.long()
-        state["full"] = {where: torch.cat([keep, ones], 1) for where, keep in stage_keeps if where != "pre"}
-        state["mask"] = mask
+        if positions == "contiguous":  # over the tokens the pre-LLM stage left, in LLM order
+            numbered = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 1)
+            state["positions"] = torch.zeros_like(numbered).scatter(1, state["layout"], numbered)
+        else:  # every token keeps its own position
+            state["positions"] = kwargs["position_ids"]
+        kwargs["position_ids"] = positions_now()
+        state["relaid"] = False
         return args, kwargs
 
     def make_layer_pre(j):
         def pre(module, args, kwargs):
-            mask = state["mask"]
-            for where, keep in state["full"].items():
-                if j >= int(where.split("@")[1]):
-                    mask = mask & keep
             hidden = args[0] if args else kwargs["hidden_states"]
-            merged = rewritten.get(f"llm@{j}")
+            where = f"llm@{j}"
+            if (
+                where in orders
+            ):  # the stage's kept tokens, laid out as the pruned run's later layers hold them
+                new = relaid(state["layout"], visual, orders[where])
+                if not torch.equal(new, state["layout"]):
+                    move = slots_of(state["layout"], new)
+                    hidden = torch.gather(hidden, 1, move[..., None].expand(-1, -1, hidden.shape[2]))
+                    state["layout"], state["relaid"] = new, True
+            mask = state["mask"].clone()
+            for stage, keep in keeps.items():
+                if stage != "pre" and j >= int(stage.split("@")[1]):
+                    mask[:, :prompt] &= keep | ~valid
+            mask = gather(mask)
+            merged = rewritten.get(where)
             if merged is not None and any(m.numel() for m in merged):  # in-LLM merges, as the pruned run
-                hidden = _inject(hidden, stage_hidden[j], mask[:, :prompt], merged)
-                args, kwargs = (
-                    ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
-                )
+                slots = [
+                    slots_of(state["layout"][r : r + 1, :prompt], m[None])[0].sort().values
+                    for r, m in enumerate(merged)
+                ]
+                hidden = _inject(hidden, stage_hidden[j], mask[:, :prompt], slots)
+            args, kwargs = (
+                ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+            )
+            if positions == "contiguous" and any(b <= j for b in renumbered):
+                numbered = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 1)
+                kwargs["position_ids"] = numbered
+                kwargs["position_embeddings"] = lm.rotary_emb(hidden, numbered)
+            elif state["relaid"]:  # moved tokens keep their positions
+                kwargs["position_ids"] = positions_now()
+                kwargs["position_embeddings"] = lm.rotary_emb(hidden, kwargs["position_ids"])
             sliding = layer_types is not None and layer_types[j] == "sliding_attention"
             kwargs["attention_mask"] = create_causal_mask(
                 config=lm.config,
@@ -335,6 +434,8 @@ def reference_logits(
             state["input_mask"], state["blocks"] = ext["attention_mask"], attention_blocks(model, ext)
             logits = model(**ext, use_cache=False).logits
             outputs.append(logits if step == 0 else logits[:, -1])
+            if step == 0 and layout_out is not None:
+                layout_out.append(state["layout"][:, :prompt].clone())
         return outputs
     finally:
         for h in handles:

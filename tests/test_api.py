@@ -289,7 +289,7 @@ def test_bfloat16_model_runs(tiny):
     model = model.to(torch.bfloat16)
     inputs = batch_inputs("qwen2_5_vl", proc, (1, 2))
     inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
-    for method in ("visionzip", "divprune", "dart"):
+    for method in ("visionzip", "divprune", ("dart", {"quota": "exact"})):  # exact: DART's own quota differs
         with tokprune.apply(model, method, keep_ratio=0.25) as pruner, torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
         assert out.shape[0] == 2 and pruner.stats.visual_kept == [4, 10]
@@ -314,16 +314,28 @@ def _hook_count(model) -> int:
 def test_readme_tables_list_every_method_and_model():
     from pathlib import Path
 
-    from tokprune.methods import catalogue
+    from tokprune.methods import REGISTRY, catalogue
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for entry in catalogue():
         row = f"| `{entry['name']}` | {entry['family']} | {entry['acts']} |"
         assert row in readme, f"README's method table lacks {row} (the registry's name, family and place)"
         line = next(line for line in readme.splitlines() if line.startswith(row))
-        default = line.split(" | ")[4]  # name | family | acts | score / rule | default | paper
+        cells = line.split(
+            " | "
+        )  # name | family | acts | score / rule | default | agrees with the code | paper
+        assert len(cells) == 7, f"README's row for {entry['name']} has {len(cells)} columns, not 7"
+        default = cells[4]
         assert default.startswith(f"`{entry['default']}`"), (
             f"README's default for {entry['name']} is {default!r}, the catalogue's is {entry['default']!r}"
+        )
+        cls = REGISTRY[entry["name"]]
+        agrees = cells[5]
+        assert ("no released code" in agrees) == (
+            not cls.code_families and entry["name"] in ("random", "pool")
+        ), f"README's agreement cell for {entry['name']}: {agrees!r}"
+        assert "@" in agrees or "no released code" in agrees, (
+            f"{entry['name']}: name the commit compared against"
         )
     for name in tokprune.available_models():
         assert f"| `{name}` |" in readme, f"README's model table lacks {name}"
@@ -399,6 +411,48 @@ def test_budgets_count_clips_as_asked_at_every_stage(tiny):
     for video_budget in ("frame", "clip"):
         with tokprune.apply(model, ["visionzip", "fastv"], budget=4, video_budget=video_budget) as pruner:
             assert [b.video for b in pruner.budgets] == [video_budget] * 2
-        with tokprune.apply(model, "mustdrop", budget=4, video_budget=video_budget) as pruner:
+        mustdrop = ("mustdrop", {"vision_factor": 2})  # a vision stage at twice the final count
+        with tokprune.apply(model, [mustdrop], budget=4, video_budget=video_budget) as pruner:
             assert [b.video for b in pruner.budgets] == [video_budget] * 2
             assert pruner.budgets[0].final.video == video_budget  # the earlier stage follows the final one
+
+
+# ------------------------------------------------------------------------------ reproduction mode
+def test_reproduction_mode_bad_values_and_families_are_refused(tiny):
+    """order / positions outside their choices, a family the method's code does not run on, a method with no
+    released code: a ReproductionError naming what to do, and nothing installed."""
+    llava, _ = tiny("llava")
+    gemma, _ = tiny("gemma3")
+    hooks = _hook_count(llava)
+    cases = [
+        (llava, "visionzip", {"order": "code"}, r"order must be one of 'original', 'selection'"),
+        (
+            llava,
+            "visionzip",
+            {"positions": "renumbered"},
+            r"positions must be one of 'original', 'contiguous'",
+        ),
+        (
+            gemma,
+            "visionzip",
+            {"order": "selection"},
+            r"runs on the model families llava, llava_next, not on gemma3",
+        ),
+        (llava, "random", {"positions": "contiguous"}, r"none \(no released code\)"),
+        (llava, "tome", {"positions": "contiguous"}, r"tome: .*no released code"),
+        (llava, ["visionzip", ("pdrop", {"layers": (1, 2, 3)})], {"order": "selection"}, None),
+    ]
+    for model, method, mode, match in cases:
+        if match is None:  # every method of a composition has code for the family: accepted
+            tokprune.apply(model, method, **mode).remove()
+            continue
+        with pytest.raises(errors.ReproductionError, match=match):
+            tokprune.apply(model, method, **mode)
+        assert not hasattr(model, "_tokprune_pruner")
+    assert _hook_count(llava) == hooks
+
+
+def test_reproduction_mode_is_recorded_on_the_pruner(tiny):
+    model, _ = tiny("llava")
+    with tokprune.apply(model, "visionzip", order="selection", positions="contiguous") as pruner:
+        assert (pruner.order, pruner.positions) == ("selection", "contiguous")

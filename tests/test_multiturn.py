@@ -20,6 +20,7 @@ from tiny_models import BUILDERS, batch_images, batch_inputs, process, prompt_te
 import tokprune
 from tokprune.core.compat import CACHE_KWARG, output_cache
 from tokprune.core.stats import StageStats
+from tokprune.methods import make_method
 
 TOL = 1e-5
 NEW = 3
@@ -31,7 +32,10 @@ FAMILIES = [
 ]  # fmt: skip
 TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")  # per-token types the processor returns (Qwen: M-RoPE)
 # pre-LLM, in-LLM (last-query, instruction-query, visual-visual and key signals), and a composition
-METHODS = ["divprune", "fastervlm", "random", "fastv", "pdrop", "sparsevlm", "dart", COMPOSITION]
+# SparseVLM without its recycled clusters: the whole-conversation reference below injects no in-LLM merged
+# states (the turns' streams are not recorded), and its selection is what this test is about
+SPARSEVLM_SELECTION = make_method("sparsevlm", {"recycle": "off"})
+METHODS = ["divprune", "fastervlm", "random", "fastv", "pdrop", SPARSEVLM_SELECTION, "dart", COMPOSITION]
 
 
 @dataclass
@@ -160,7 +164,9 @@ def _assert_last_turn_equals_the_whole_conversation(model, whole, talk: Conversa
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", METHODS, ids=lambda m: m if isinstance(m, str) else "composition")
+@pytest.mark.parametrize(
+    "method", METHODS, ids=lambda m: m if isinstance(m, str) else getattr(m, "name", "composition")
+)
 def test_follow_up_turn_equals_the_masked_whole_conversation(tiny, family, method, attn):
     model, proc = tiny(family, attn)
     talk = _conversation(model, proc, family, method)

@@ -5,6 +5,10 @@ registry and BUILDERS).
   row's last real token. Pruned rows are re-packed with left padding, so that token is the last position
   of the output; in-LLM scores query each row's last *real* token, not the last position.
 * A row run alone keeps the same tokens and gives the same last-token logits as in the batch.
+* Whatever numbering the caller gives a left-padded row (a plain `model(**batch)` numbers it from its padding
+  offset on most families, generate() from its first real token), it keeps the same tokens and gives the same
+  logits as alone (issue 24: anything that reads post-RoPE keys or absolute positions, e.g. DART's key-norm
+  pivots, is taken as the authors' code sees a row, numbered from its first real token).
 """
 
 import pytest
@@ -28,12 +32,13 @@ def _padded(family: str, proc, side: str, rows=(0, 1)) -> dict:
     )
 
 
-def _pruned_run(model, method: str, inputs: dict):
-    """(last-position logits (B, V), stats) of a keep_ratio 0.25 prefill at generate()'s positions."""
-    positions = original_positions(model, inputs)  # absolute RoPE angles match across paddings
+def _pruned_run(model, method: str, inputs: dict, positions: bool = True):
+    """(last-position logits (B, V), stats) of a keep_ratio 0.25 prefill at generate()'s positions (or, with
+    positions=False, at the ones the model's forward gives when called without position_ids)."""
     options = TINY_OPTIONS.get(method, {})
+    given = {"position_ids": original_positions(model, inputs)} if positions else {}
     with tokprune.apply(model, method, keep_ratio=0.25, **options) as pruner, torch.no_grad():
-        logits = model(**inputs, position_ids=positions).logits
+        logits = model(**inputs, **given).logits
     assert logits.shape[1] < inputs["input_ids"].shape[1]  # pruned, hence re-packed
     return logits[:, -1], pruner.stats
 
@@ -69,3 +74,20 @@ def test_a_row_alone_prunes_like_in_the_batch(tiny, family, method, attn):
         assert torch.equal(stats.kept[0], batch_stats.kept[row])
         assert stats.layer_tokens[0] == batch_stats.layer_tokens[row]
         _close(logits[0], batch_logits[row])
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+@pytest.mark.parametrize("method", tokprune.available_methods())
+def test_a_padded_row_prunes_alike_with_and_without_position_ids(tiny, family, method):
+    """Each row of a left-padded batch, called without position_ids (the forward's own numbering) and with
+    generate()'s, keeps the tokens and gives the logits of that row alone."""
+    model, proc = tiny(family, "sdpa")
+    skip_without_tiles(model, method)
+    batch = _padded(family, proc, "left")
+    assert not batch["attention_mask"][:, 0].all()  # one row really starts with padding
+    runs = [_pruned_run(model, method, batch, positions) for positions in (False, True)]
+    for row in (0, 1):
+        alone_logits, alone = _pruned_run(model, method, _padded(family, proc, "left", rows=(row,)))
+        for logits, stats in runs:
+            assert torch.equal(stats.kept[row], alone.kept[0]), (row, method)
+            _close(logits[row], alone_logits[0])

@@ -11,6 +11,7 @@ from tokprune.errors import (
     AlreadyPatchedError,
     BudgetError,
     MethodOptionError,
+    ReproductionError,
     UnknownMethodError,
     UnsupportedModelError,
 )
@@ -30,14 +31,22 @@ class Pruner:
     model that was never patched. `stats` describes the most recent prefill (None before the first).
     """
 
-    def __init__(self, model: nn.Module, methods: list[Method], budgets: list[Budget]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        methods: list[Method],
+        budgets: list[Budget],
+        order: str = "original",
+        positions: str = "original",
+    ) -> None:
         self.model = model
         self.methods = methods
         self.budgets = budgets
+        self.order, self.positions = order, positions
         staged = list(zip(methods, budgets))
         pre = next(((m, b) for m, b in staged if not isinstance(m, LLMMethod)), None)
         llm = [(m, b) for m, b in staged if isinstance(m, LLMMethod)]
-        self._engine: Engine | None = Engine(adapter_for(model), pre, llm)
+        self._engine: Engine | None = Engine(adapter_for(model), pre, llm, order, positions)
         self._final_stats: PruneStats | None = None
         setattr(model, _ATTRIBUTE, self)
 
@@ -137,6 +146,8 @@ def apply(
     budget: int | None = None,
     keep_ratio: float | None = None,
     video_budget: str = "frame",
+    order: str = "original",
+    positions: str = "original",
     **options,
 ) -> Pruner:
     """Patch `model` in place to prune visual tokens with `method`; returns the `Pruner` handle.
@@ -161,6 +172,15 @@ def apply(
         fraction in both modes, ceil(keep_ratio * n) over the whole clip. Families that receive a video as
         separate images (InternVL, SmolVLM: the model's inputs do not group the frames) count every frame
         as an image, i.e. per frame, and refuse "clip".
+    order, positions: the reproduction mode, the authors' pipeline end to end. order="selection" hands the
+        LLM each image's kept tokens in the order the method's released code emits them (e.g. VisionZip's
+        dominant tokens, then its contextual ones) instead of their order in the image ("original", the
+        default); positions="contiguous" numbers the kept sequence 0, 1, 2, ... as the original LLaVA code
+        does when it rebuilds the sequence, instead of keeping every token's original position
+        ("original", the default: the better choice for grounding, DESIGN §4). Both are defined only where
+        the authors' code exists: every method given must list the model's family in its `code_families`,
+        and the model must use 1-D positions (not Qwen's M-RoPE); otherwise `ReproductionError`. A
+        follow-up turn that brings images on a reused cache is refused under positions="contiguous".
     options: the method's own options (e.g. layer=3 for fastv); with a single method only.
     """
     existing = getattr(model, _ATTRIBUTE, None)
@@ -174,9 +194,11 @@ def apply(
     resolved = _resolve_methods(method, options)
     methods = [m for m, _ in resolved]
     _reject_missing_tiles(adapter, methods)
+    _check_reproduction(adapter, methods, order, positions)
     budgets = _stage_budgets(resolved, budget, keep_ratio)
     staged = [(part, b) for m, budget in zip(methods, budgets) for part, b in _staged(m, budget)]
-    return Pruner(model, [m for m, _ in staged], [b.with_video(video_budget) for _, b in staged])
+    budgets = [b.with_video(video_budget) for _, b in staged]
+    return Pruner(model, [m for m, _ in staged], budgets, order, positions)
 
 
 def _parts(method: Method) -> list[Method]:
@@ -220,4 +242,34 @@ def _reject_missing_tiles(adapter: Adapter, methods: list[Method]) -> None:
             raise UnsupportedModelError(
                 f"{m.name} needs AnyRes images (a base view and high-resolution tiles), but "
                 f"{type(adapter.model).__name__} has no tiles; models with tiles: {', '.join(tiled)}"
+            )
+
+
+ORDERS = ("original", "selection")
+POSITIONS = ("original", "contiguous")
+
+
+def _check_reproduction(adapter: Adapter, methods: list[Method], order: object, positions: object) -> None:
+    """The reproduction mode's values, and that every method's released code runs on the model's family."""
+    for name, value, choices in (("order", order, ORDERS), ("positions", positions, POSITIONS)):
+        if not isinstance(value, str) or value not in choices:
+            raise ReproductionError(
+                f"{name} must be one of {', '.join(map(repr, choices))} (the first is the default), got {value!r}"
+            )
+    if (order, positions) == ("original", "original"):
+        return
+    mode = f"order={order!r}, positions={positions!r}"
+    if adapter.position_rows() != 1:
+        raise ReproductionError(
+            f"the reproduction mode ({mode}) rebuilds the sequence the way the authors' LLaVA code does, with "
+            f"1-D positions; {type(adapter.model).__name__} uses M-RoPE position rows, which keep their original "
+            "values; use order='original', positions='original'"
+        )
+    for m in methods:
+        if adapter.family not in m.code_families:
+            where = ", ".join(m.code_families) if m.code_families else "none (no released code)"
+            raise ReproductionError(
+                f"{m.name}: the reproduction mode ({mode}) reproduces the authors' released code, which runs on "
+                f"the model families {where}, not on {adapter.family} ({type(adapter.model).__name__}); use the "
+                "defaults order='original', positions='original' there"
             )

@@ -31,3 +31,8 @@ class PatchedModelError(TokpruneError, TypeError):
 
 class UnsupportedInputError(TokpruneError, ValueError):
     """An input the engine cannot prune correctly (e.g. a static cache)."""
+
+
+class ReproductionError(TokpruneError, ValueError):
+    """The reproduction mode (`apply(order=..., positions=...)`) got a value it does not know, or was asked
+    for a method or model family whose authors' pipeline it cannot reproduce."""

@@ -102,6 +102,29 @@ class Budget:
         return f"budget={self.tokens}" + (" per clip" if self.video == "clip" else "")
 
 
+@dataclass(frozen=True, kw_only=True)
+class AdaptiveBudget(Budget):
+    """The method decides every image's count from the image itself (PruMerge's IQR outliers of the [CLS]
+    attention): the engine asks `Method.adaptive_count(image)` instead of computing a count from n, so
+    `kept(n)` is only its upper bound n. `rule` names the method's rule for the catalogue. Pre-LLM methods
+    only, as their default budget; an explicit budget / keep_ratio replaces it with a fixed count."""
+
+    rule: str = ""
+
+    def __post_init__(self) -> None:
+        if self.tokens is not None or self.ratio is not None:
+            raise TypeError("AdaptiveBudget takes only rule= (a keyword)")
+
+    def kept(self, n: int) -> int:
+        return n
+
+    def per_item(self, frames: int) -> Budget:
+        return self
+
+    def __str__(self) -> str:
+        return f"adaptive ({self.rule})" if self.rule else "adaptive"
+
+
 def split_budget(k: int, sizes: list[int]) -> list[int]:
     """Share k kept tokens among units of `sizes` in proportion to their sizes (largest remainder).
 

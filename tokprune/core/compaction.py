@@ -1,6 +1,7 @@
 """Sequence compaction: keep a subset of positions per batch row, re-packed with left padding.
 
-Kept tokens keep their order and their *original* position ids; rows that keep different numbers of
+Kept tokens keep their order (unless a sort key reorders them: `apply(order="selection")`) and their
+position ids (original ones unless `apply(positions="contiguous")` renumbers them); rows that keep different numbers of
 tokens are right-aligned (left padding), which is what decoding with a KV cache expects.
 """
 
@@ -23,16 +24,23 @@ class Compaction:
     valid: torch.Tensor
 
     @classmethod
-    def from_keep(cls, keep: torch.Tensor) -> Compaction:
-        """keep: (B, L) bool -> compaction with L' = max kept per row, kept tokens right-aligned."""
+    def from_keep(cls, keep: torch.Tensor, key: torch.Tensor | None = None) -> Compaction:
+        """keep: (B, L) bool -> compaction with L' = max kept per row, kept tokens right-aligned.
+
+        key: (B, L) or None: the kept tokens of a row are laid out by ascending key (ties: source order);
+        None keeps the source order (key = position)."""
         batch, length = keep.shape
         n_kept = keep.sum(1)
         new_len = int(n_kept.max())
+        src = torch.arange(length, device=keep.device)[None].expand(batch, length)
+        if key is not None:  # sort each row's kept tokens by key, dropped ones last
+            last = key.max() + 1 if key.numel() else 0
+            src = torch.sort(torch.where(keep, key, last), dim=1, stable=True).indices
+            keep = torch.gather(keep, 1, src)
         slot = keep.long().cumsum(1) - 1 + (new_len - n_kept)[:, None]  # (B, L) output slot of each source
         index = torch.zeros(batch, new_len, dtype=torch.long, device=keep.device)
         valid = torch.zeros(batch, new_len, dtype=torch.bool, device=keep.device)
         rows = torch.arange(batch, device=keep.device)[:, None].expand(batch, length)
-        src = torch.arange(length, device=keep.device)[None].expand(batch, length)
         index[rows[keep], slot[keep]] = src[keep]
         valid[rows[keep], slot[keep]] = True
         return cls(index=index, valid=valid)

@@ -10,7 +10,10 @@ Hook points (DESIGN §4):
   * decoder-layer hooks (`stages.py`), on every layer: the position ids a layer sees (none under flash
     attention); from the first in-LLM boundary on, stage selection and compaction of the residual
     stream, then the stage's mask / RoPE tables / position ids for every later layer.
-Kept tokens always keep their original positions; rows are re-packed with left padding.
+Kept tokens keep their original positions and order (unless the reproduction mode, `apply(order="selection",
+positions="contiguous")`, lays them out and numbers them as the authors' code does); rows are re-packed with
+left padding. A pre-LLM method on the vision tower's features (`Method.features == "vision"`) sees the
+projector's input rows; the adapter projects the rows it merged.
 """
 
 from __future__ import annotations
@@ -34,14 +37,21 @@ from tokprune.core.layout import (
 )
 from tokprune.core.masks import check_mask_support, joined
 from tokprune.core.positions import shifted
-from tokprune.core.selection import align_signals, content_counts, select_pre, text_after_images
+from tokprune.core.selection import (
+    align_signals,
+    content_counts,
+    flagged_visual,
+    select_pre,
+    selection_key,
+    text_after_images,
+)
 from tokprune.core.stages import StageHooks, llm_stages
 from tokprune.core.state import PrefillState, TokenMap, max_position
 from tokprune.core.stats import PruneStats, StageStats, rewritten_visual
 from tokprune.core.timing import timed
 from tokprune.core.turns import FollowUpHooks
 from tokprune.core.wrap import refuse_copies
-from tokprune.errors import UnsupportedInputError
+from tokprune.errors import UnsupportedInputError, UnsupportedModelError
 from tokprune.methods.base import LLMMethod, Method
 from tokprune.signals.llm import INPUT_SIGNALS
 
@@ -57,12 +67,18 @@ class Engine(StageHooks, FollowUpHooks):
         adapter: Adapter,
         pre: tuple[Method, Budget] | None,
         llm: list[tuple[LLMMethod, Budget]],
+        order: str = "original",
+        positions: str = "original",
     ) -> None:
         """pre: the pre-LLM method and its budget, or None; llm: the in-LLM methods in layer order, each
-        with its budget (counted on the content tokens of an image when the method's first stage starts)."""
+        with its budget (counted on the content tokens of an image when the method's first stage starts);
+        order / positions: the reproduction mode's layout of the LLM input ("selection": each image's kept
+        tokens in the order its selection emits them; "contiguous": position ids renumbered 0, 1, ... over
+        the kept tokens, as the authors' LLaVA code builds the sequence), checked by `tokprune.apply`."""
         self.adapter = adapter
         self.pre, self.pre_budget = pre if pre is not None else (None, None)
         self.llm = llm
+        self.order, self.positions = order, positions
         self.store = VisionSignalStore()
         self.state: PrefillState | None = None
         self.fwd: Forward | None = None
@@ -92,9 +108,18 @@ class Engine(StageHooks, FollowUpHooks):
     def _install(self) -> None:
         a = self.adapter
         self.handles.append(a.inner.register_forward_pre_hook(self._on_inner, with_kwargs=True))
-        vit_names = {n for n in self.pre.signals if a.is_vision_signal(n)} if self.pre is not None else set()
+        if self.pre is not None and self.pre.features == "vision" and "features" not in a.feature_signals:
+            raise UnsupportedModelError(
+                f"{self.pre.name} works on the vision tower's features before the projector, which tokprune "
+                f"cannot take from {type(a.model).__name__} (families that give them: "
+                f"{', '.join(_families_with_features())}); see the method's options for one that works on "
+                "the LLM input"
+            )
+        vit_names = {n for n in self._pre_signals() if a.is_vision_signal(n)}
         vit_names |= self._llm_vision_names()
-        self.handles += a.install_vision_hooks(vit_names, self.store)
+        feature_names = vit_names & set(a.feature_signals)
+        self.handles += a.install_vision_hooks(vit_names - feature_names, self.store)
+        self.handles += a.install_feature_hooks(feature_names, self.store)
         self.handles += a.install_lm_hooks()
         self.handles.append(guard_generate(a.model, self._set_prompt_length))
         self.handles.append(LabelHooks(a.model, lambda: self.last_origin))
@@ -110,6 +135,13 @@ class Engine(StageHooks, FollowUpHooks):
             self.handles.append(
                 layers[j].register_forward_pre_hook(self._make_layer_hook(j), with_kwargs=True)
             )
+
+    def _pre_signals(self) -> tuple[str, ...]:
+        """The signals the pre-LLM method reads, with the projector's input ("features") for a method that
+        works on the vision tower's features."""
+        if self.pre is None:
+            return ()
+        return (*self.pre.signals, "features") if self.pre.features == "vision" else tuple(self.pre.signals)
 
     def _set_prompt_length(self, length: int | None) -> None:
         self.prompt_length = length
@@ -212,6 +244,10 @@ class Engine(StageHooks, FollowUpHooks):
         changed = False
         if self.pre is not None:
             changed, mask, position_ids = self._pre_stage(fwd, kwargs, visual, mask, position_ids)
+            if changed and self.positions == "contiguous":
+                renumbered = max_position(position_ids) + 1
+                self._position_shift = renumbered - state.next_position  # minus the dropped tokens, per row
+                state.next_position = renumbered
         # the LLM input, or the cache it continues, is not the one its mask was given for
         if changed or fwd.prefix is not None:
             lm_mask = joined(fwd.prefix, mask)
@@ -221,6 +257,7 @@ class Engine(StageHooks, FollowUpHooks):
             state.lm_mask = lm_mask
             changed = True
         fwd.position_ids, fwd.mask_2d = position_ids, mask
+        fwd.stats.input_order, fwd.stats.input_slots = fwd.tokens.visual_slots()
         instruction = text_after_images(fwd.tokens)
         fwd.stats.instruction_tokens = [int(p.numel()) for p in instruction]
         self._input_signals(fwd, kwargs["inputs_embeds"], instruction)
@@ -258,27 +295,42 @@ class Engine(StageHooks, FollowUpHooks):
         embeds = kwargs["inputs_embeds"]
         valid = fwd.tokens.valid
         with timed(fwd.seconds, embeds.device):
-            signals = {n: v for n, v in self.store.values.items() if n in self.pre.signals}
+            values = self.store.values
+            signals = {n: v for n, v in values.items() if n in self.pre.signals}
             instruction = None
             if "instruction" in self.pre.signals:
                 text = text_after_images(fwd.tokens)
                 instruction = [embeds[row, text[row]] for row in fwd.image_rows]
-            keep, embeds = select_pre(
-                self.pre, self.pre_budget, fwd.layout, embeds, visual, signals, instruction
+            features = values.get("features") if self.pre.features == "vision" else None
+            if self.pre.features == "vision" and features is None:
+                raise UnsupportedInputError(
+                    f"{self.pre.name} works on the vision tower's features, but this forward brought none "
+                    "(precomputed image features?); run the model on pixel values"
+                )
+            project = self.adapter.project if features is not None else None
+            chosen = select_pre(
+                self.pre, self.pre_budget, fwd.layout, embeds, visual, signals, instruction, features, project
             )
+            keep, embeds = chosen.keep, chosen.embeds
             merged = rewritten_visual(kwargs["inputs_embeds"], embeds, fwd.tokens.visual_rank)
+            extra = _rows_of(chosen.extra, visual, fwd.tokens.visual_rank)
             fwd.seconds[0] += self.store.seconds[0]
             self.store.seconds[0] = 0.0  # the signals stay: generate(use_cache=False) reuses them
         changed = keep is not None
         if changed:
             self.adapter.compact_lm_kwargs(kwargs, keep & valid, visual)
-            compaction = Compaction.from_keep(keep & valid)
+            key = selection_key(fwd.tokens, visual, chosen.emission) if self.order == "selection" else None
+            compaction = Compaction.from_keep(keep & valid, key)
             fwd.tokens = fwd.tokens.take(compaction)
             kwargs["inputs_embeds"] = compaction.take(embeds)
             mask = compaction.take_mask(mask)
             position_ids = compaction.take_positions(position_ids)
+            if self.positions == "contiguous":
+                position_ids = contiguous_positions(mask, self.adapter.position_rows())
             kwargs["position_ids"] = position_ids
-        fwd.stats.stages.append(StageStats.of(self.pre.name, "pre", fwd.tokens.kept_visual(), merged))
+        order = fwd.tokens.visual_slots()[0]
+        stage = StageStats.of(self.pre.name, "pre", fwd.tokens.kept_visual(), merged, extra, order)
+        fwd.stats.stages.append(stage)
         return changed, mask, position_ids
 
     def _input_signals(self, fwd: Forward, embeds: torch.Tensor, instruction: list[torch.Tensor]) -> None:
@@ -350,6 +402,30 @@ class Engine(StageHooks, FollowUpHooks):
         self.last_stats = fwd.finished_stats(len(self.adapter.decoder_layers))
         self.last_origin = fwd.tokens.origin if fwd.tokens.compacted else None
         self.fwd = None
+
+
+def _families_with_features() -> list[str]:
+    from tokprune.patches import ADAPTERS
+
+    return [adapter.family for adapter in ADAPTERS if "features" in adapter.feature_signals]
+
+
+def contiguous_positions(mask: torch.Tensor, rows: int) -> torch.Tensor:
+    """Position ids 0, 1, ... over each row's real tokens of a 2-D mask (B, L), what the authors' LLaVA code
+    gives the sequence it builds (padding: 1, as generate() does); (rows, B, L) for M-RoPE layouts."""
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    return positions if rows == 1 else positions[None].expand(rows, -1, -1)
+
+
+def _rows_of(
+    flags: torch.Tensor | None, visual: torch.Tensor, visual_rank: torch.Tensor
+) -> list[torch.Tensor] | None:
+    """Per row, the sorted visual-token indices whose flag (N_visual,) in masked_scatter order is set."""
+    if flags is None:
+        return None
+    per_row = torch.zeros(visual.shape, dtype=torch.bool, device=visual.device)
+    per_row[visual] = flags
+    return flagged_visual(per_row, visual_rank)
 
 
 def _reject_static_cache(past_key_values) -> None:

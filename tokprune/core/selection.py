@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from tokprune.core.budget import Budget, split_budget
+from tokprune.core.budget import AdaptiveBudget, Budget, split_budget
 from tokprune.core.layout import ImageLayout, Unit
 from tokprune.core.state import TokenMap
-from tokprune.methods.base import ImageTokens, LLMMethod, Method, Selection
+from tokprune.methods.base import (
+    ImageTokens,
+    LLMMethod,
+    Method,
+    Selection,
+    emission_ranks,
+    joined_units,
+    slice_signals,
+)
 
 
 def checked_select(method: Method, image: ImageTokens, k: int) -> Selection | None:
     """`method.select` for one image, or None when nothing needs pruning (k >= n). k == 0 (a unit whose
     share of a small budget is nothing) keeps no token without asking the method.
 
-    Raises RuntimeError if the method breaks its contract (k sorted, distinct, in-range indices).
+    Raises RuntimeError if the method breaks its contract (k sorted, distinct, in-range indices; merged
+    rows of the embeddings' width; `order` a permutation of range(k); `extra` a (k,) bool mask).
     """
     if k >= image.n:
         return None
@@ -36,12 +47,14 @@ def checked_select(method: Method, image: ImageTokens, k: int) -> Selection | No
         raise RuntimeError(
             f"method {method.name!r} returned merged embeddings of shape {tuple(selection.merged.shape)}"
         )
+    order, extra = selection.order, selection.extra
+    if order is not None and not torch.equal(order.sort().values.cpu(), torch.arange(k)):
+        raise RuntimeError(f"method {method.name!r} returned an order that is not a permutation of {k}")
+    if extra is not None and (extra.dtype != torch.bool or extra.shape != (k,)):
+        raise RuntimeError(f"method {method.name!r} returned an extra mask that is not ({k},) bool")
+    if extra is not None and bool(extra.any()) and selection.merged is None:
+        raise RuntimeError(f"method {method.name!r} marked extra tokens without giving their vectors")
     return selection
-
-
-def slice_signals(signals: dict[str, torch.Tensor], index) -> dict[str, torch.Tensor]:
-    """The same tokens (`index` along dim 0) of every signal."""
-    return {name: value[index] for name, value in signals.items()}
 
 
 def align_signals(signals: dict[str, torch.Tensor], visual: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -75,20 +88,15 @@ def select_units(method: Method, image: ImageTokens, k: int) -> Selection | None
     units = image.units
     if not (method.spatial and units and len(units) > 1) or k >= image.n:
         return checked_select(method, image, k)
-    keeps, merged = [], []
+    chosen_units = []
     for unit, k_unit in zip(units, split_budget(k, [u.index.numel() for u in units])):
         part = ImageTokens(
             embeds=image.embeds[unit.index], grid=unit.grid,
             signals=slice_signals(image.signals, unit.index), text=image.text,
         )  # fmt: skip
         chosen = checked_select(method, part, k_unit)
-        if chosen is None:
-            chosen = Selection(keep=torch.arange(part.n, device=unit.index.device))
-        keeps.append(unit.index[chosen.keep])
-        merged.append(chosen.merged if chosen.merged is not None else part.embeds[chosen.keep])
-    keep, order = torch.cat(keeps).sort()
-    any_merged = any(m is not None for m in merged)
-    return Selection(keep=keep, merged=torch.cat(merged)[order] if any_merged else None)
+        chosen_units.append(chosen if chosen is not None else Selection(keep=torch.arange(part.n)))
+    return joined_units(image, units, chosen_units)
 
 
 def image_view(
@@ -116,11 +124,35 @@ def image_view(
     return view, content
 
 
+def image_count(method: Method, budget: Budget, layout: ImageLayout, image: int, view: ImageTokens) -> int:
+    """Tokens a pre-LLM method keeps of one image: the budget's count, or the method's own under an
+    `AdaptiveBudget` (at least 1, at most the image's tokens)."""
+    if isinstance(budget, AdaptiveBudget):
+        return min(view.n, max(1, int(method.adaptive_count(view))))
+    return item_budget(budget, layout, image).kept(view.n)
+
+
 def item_budget(budget: Budget, layout: ImageLayout, image: int) -> Budget:
     """`budget` for image `image` of `layout`: a video clip's frame units scale a per-frame token budget
     (`Budget.per_item`; DESIGN §3: budget per frame for video unless `video_budget="clip"`)."""
     units = layout.units_of(image) or []
     return budget.per_item(sum(1 for unit in units if unit.kind == "frame"))
+
+
+@dataclass
+class PreSelection:
+    """What a pre-LLM method did to one forward's LLM input.
+
+    keep: (B, L) bool tokens kept, or None when nothing was dropped; embeds: (B, L, D) the LLM input with
+    the merged / extra tokens written in; emission: (N_visual,) long, the rank of every kept visual token
+    in the order its image's selection emits them (-1 where dropped), or None when no image gave an order;
+    extra: (N_visual,) bool, kept visual tokens that carry an extra token (`Selection.extra`).
+    """
+
+    keep: torch.Tensor | None
+    embeds: torch.Tensor
+    emission: torch.Tensor | None = None
+    extra: torch.Tensor | None = None
 
 
 def select_pre(
@@ -131,40 +163,64 @@ def select_pre(
     visual: torch.Tensor,
     signals: dict,
     instruction: list[torch.Tensor] | None = None,
-) -> tuple[torch.Tensor | None, torch.Tensor]:
+    features: torch.Tensor | None = None,
+    project=None,
+) -> PreSelection:
     """Run a pre-LLM method image by image over the LLM input.
 
     embeds: (B, L, D); visual: (B, L) image-token positions; signals: name -> (N_visual, ...) in
     masked_scatter order; instruction: per image, (m, D) embeddings of its row's text after the images
-    (given to methods that list "instruction" in their signals, as ImageTokens.text["embeds"]).
-    Returns (keep (B, L) bool, or None if nothing is dropped; embeds with merged tokens written in).
+    (given to methods that list "instruction" in their signals, as ImageTokens.text["embeds"]);
+    features: (N_visual, C) the projector's input rows, which a method with `features == "vision"` sees
+    instead of the LLM input, and `project` maps its merged rows (m, C) -> (m, D) (a kept row the method
+    did not change keeps its LLM input exactly).
     """
     flat = embeds[visual]  # (N, D) in masked_scatter order
     signals = align_signals(signals, visual)
+    source = flat if features is None else align_signals({"features": features}, visual)["features"]
     keep_flat = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
-    merged_flat = None
+    emission = torch.full((flat.shape[0],), -1, dtype=torch.long, device=flat.device)
+    extra = torch.zeros(flat.shape[0], dtype=torch.bool, device=flat.device)
+    merged_flat, ordered = None, False
     start = 0
     for index, n in enumerate(layout.counts):
         span = slice(start, start + n)
         text = {"embeds": instruction[index]} if instruction is not None else {}
         local = torch.arange(n, device=flat.device)
-        view, content = image_view(layout, index, local, flat[span], slice_signals(signals, span), text)
-        selection = select_units(method, view, item_budget(budget, layout, index).kept(view.n))
+        view, content = image_view(layout, index, local, source[span], slice_signals(signals, span), text)
+        selection = select_units(method, view, image_count(method, budget, layout, index, view))
         if selection is not None:
             kept = start + local[content][selection.keep]
             keep_flat[span] = False
             keep_flat[kept] = True
+            emission[kept] = emission_ranks(selection).to(flat.device)
+            ordered |= selection.order is not None
+            if selection.extra is not None:
+                extra[kept] = selection.extra.to(flat.device)
             if selection.merged is not None:
                 merged_flat = flat.clone() if merged_flat is None else merged_flat
-                merged_flat[kept] = selection.merged.to(flat.dtype)
+                merged_flat[kept] = _llm_rows(selection.merged, source[kept], flat[kept], project)
         start += n
     if bool(keep_flat.all()):
-        return None, embeds
+        return PreSelection(None, embeds)
     if merged_flat is not None:
         embeds = embeds.masked_scatter(visual[..., None], merged_flat)
     keep = ~visual
     keep[visual] = keep_flat
-    return keep, embeds
+    return PreSelection(keep, embeds, emission if ordered else None, extra if bool(extra.any()) else None)
+
+
+def _llm_rows(merged: torch.Tensor, own: torch.Tensor, llm: torch.Tensor, project) -> torch.Tensor:
+    """The LLM input of a selection's kept rows: merged (k, C) in the method's space, own (k, C) the rows'
+    own vectors there, llm (k, D) their LLM input. Without a projector the merged rows are the LLM input;
+    with one, rows the method changed are projected and the others keep their LLM input."""
+    if project is None:
+        return merged.to(llm.dtype)
+    changed = (merged.to(own.dtype) != own).any(-1)
+    rows = llm.clone()
+    if bool(changed.any()):
+        rows[changed] = project(merged[changed].to(own.dtype)).to(llm.dtype)
+    return rows
 
 
 def image_offsets(image_rows: list[int], counts: list[int]) -> list[int]:
@@ -194,6 +250,20 @@ def content_counts(tokens: TokenMap, layout: ImageLayout, image_rows: list[int])
     return counts
 
 
+@dataclass
+class LLMSelection:
+    """What an in-LLM stage chose over the current sequence (B, L_cur).
+
+    keep: bool, or None when no image loses a token; hidden: the stream with merged states written in;
+    emission: long, the rank of every kept visual slot in its image's emission order (-1 elsewhere), or None
+    when no image gave an order; extra: bool, kept slots carrying an extra token (`Selection.extra`)."""
+
+    keep: torch.Tensor | None
+    hidden: torch.Tensor
+    emission: torch.Tensor | None = None
+    extra: torch.Tensor | None = None
+
+
 def select_llm(
     method: LLMMethod,
     budget: Budget,
@@ -204,16 +274,17 @@ def select_llm(
     entry_counts: list[int],
     hidden: torch.Tensor,
     signals: dict,
-) -> tuple[torch.Tensor | None, torch.Tensor]:
+) -> LLMSelection:
     """Per image, keep the stage's count among the visual tokens still present inside the LLM.
 
     hidden: (B, L_cur, D) residual stream; signals: name -> (B, L_cur, ...); entry_counts: content tokens
-    of each image entering the LLM. Returns (keep (B, L_cur) bool, or None when no image loses a token;
-    hidden, with the merged states of kept tokens written into a copy when the method merges).
+    of each image entering the LLM. Merged states of kept tokens are written into a copy of hidden.
     """
     keep = tokens.valid.clone()
+    emission = torch.full(keep.shape, -1, dtype=torch.long, device=keep.device)
+    extra = torch.zeros_like(keep)
     text = text_after_images(tokens)
-    changed, merged = False, None
+    changed, ordered, merged = False, False, None
     offsets = image_offsets(image_rows, layout.counts)
     for image, (row, n_entry) in enumerate(zip(image_rows, entry_counts)):
         where, local = present_tokens(tokens, layout, image_rows, image, offsets[image])
@@ -232,8 +303,42 @@ def select_llm(
             merged[row, kept] = selection.merged.to(hidden.dtype)
         keep[row, where] = False
         keep[row, kept] = True
+        emission[row, kept] = emission_ranks(selection).to(keep.device)
+        ordered |= selection.order is not None
+        if selection.extra is not None:
+            extra[row, kept] = selection.extra.to(keep.device)
         changed = True
-    return (keep if changed else None), (merged if merged is not None else hidden)
+    return LLMSelection(
+        keep if changed else None,
+        merged if merged is not None else hidden,
+        emission if ordered else None,
+        extra if bool(extra.any()) else None,
+    )
+
+
+def selection_key(
+    tokens: TokenMap, visual: torch.Tensor, emission: torch.Tensor | None
+) -> torch.Tensor | None:
+    """(B, L) sort key laying each image's kept tokens out in its selection's emission order, in the image's
+    own place in the sequence (text before and after it stays where it is); None: no order.
+
+    visual: (B, L) bool visual slots of the sequence `tokens` maps; emission: (N_visual,) long, per visual
+    slot in row-major order, its rank in its image's emission order (any value where dropped)."""
+    if emission is None:
+        return None
+    key = torch.arange(visual.shape[1], device=visual.device).expand(visual.shape).clone()
+    image_id = tokens.image_id[visual]  # (N_visual,)
+    first = torch.full((int(image_id.max()) + 1,), visual.shape[1], dtype=torch.long, device=visual.device)
+    first = first.scatter_reduce(0, image_id, key[visual], reduce="amin")
+    key[visual] = first[image_id] + emission.clamp_min(0)
+    return key
+
+
+def flagged_visual(flags: torch.Tensor | None, visual_rank: torch.Tensor) -> list[torch.Tensor] | None:
+    """Per row, the sorted visual-token indices of the slots `flags` (B, L) marks (None: none)."""
+    if flags is None:
+        return None
+    return [rank[row].sort().values for rank, row in zip(visual_rank, flags)]
 
 
 def text_after_images(tokens: TokenMap) -> list[torch.Tensor]:

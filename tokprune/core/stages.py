@@ -17,8 +17,14 @@ from tokprune.core.compat import cache_in
 from tokprune.core.forward import Forward
 from tokprune.core.masks import joined, layer_type
 from tokprune.core.positions import layer_position_ids
-from tokprune.core.selection import content_counts, select_llm, text_after_images
-from tokprune.core.state import PrefillState
+from tokprune.core.selection import (
+    content_counts,
+    flagged_visual,
+    select_llm,
+    selection_key,
+    text_after_images,
+)
+from tokprune.core.state import PrefillState, max_position
 from tokprune.core.stats import StageStats, rewritten_visual
 from tokprune.core.timing import timed
 from tokprune.errors import MethodOptionError
@@ -40,6 +46,8 @@ class StageHooks:
     state: PrefillState | None
     _decode_tail: torch.Tensor | None
     _decode_masks: dict[tuple[int, str], object]
+    positions: str
+    order: str
 
     def _first_layers(self, start: int) -> dict[str, int]:
         """{layer type: index of its first decoder layer >= start} (the cache that sizes its masks)."""
@@ -139,20 +147,30 @@ class StageHooks:
             signals = dict(fwd.llm_signals.pop(boundary, {}))
             if "hidden" in method.signals:
                 signals["hidden"] = self.adapter.language_model.norm(hidden)
+            if "position" in method.signals:
+                signals["position"] = prompt_index(fwd.tokens)
             signals.update(self._vision_signals_now(fwd, method))
             signals.update(_input_signals_now(fwd, method))
             counts = fwd.image_counts if method.counts_on_image else fwd.entry_counts
             received = hidden
-            keep, hidden = select_llm(
+            chosen = select_llm(
                 method, budget, stage, fwd.tokens, fwd.layout, fwd.image_rows, counts, hidden, signals
             )
+            keep, hidden = chosen.keep, chosen.hidden
             merged = rewritten_visual(received, hidden, fwd.tokens.visual_rank)
+            extra = flagged_visual(chosen.extra, fwd.tokens.visual_rank)
         if keep is not None:
-            hidden = self._compact_stage(boundary, keep, hidden)
+            visual = fwd.tokens.visual_rank >= 0
+            emission = chosen.emission[visual] if chosen.emission is not None else None
+            key = selection_key(fwd.tokens, visual, emission) if self.order == "selection" else None
+            hidden = self._compact_stage(boundary, keep, hidden, key)
+            if self.positions == "contiguous" and method.code_positions == "contiguous":
+                self._renumber(boundary, hidden)
         if keep is not None or fwd.prefix is not None:  # a follow-up's later layers hold another cache
             self._stage_masks(boundary, hidden, cache_in(kwargs))
         kept = fwd.tokens.kept_visual()
-        fwd.stats.stages.append(StageStats.of(method.name, f"llm@{boundary}", kept, merged))
+        order = fwd.tokens.visual_slots()[0]
+        fwd.stats.stages.append(StageStats.of(method.name, f"llm@{boundary}", kept, merged, extra, order))
         return hidden
 
     def _llm_vision_names(self) -> set[str]:
@@ -170,10 +188,13 @@ class StageHooks:
             out[name] = value[index.to(value.device)] * present.to(value.device)
         return out
 
-    def _compact_stage(self, boundary: int, keep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """Layers >= boundary see only `keep` (B, L_cur): gather the stream, RoPE tables, positions, 2-D mask."""
+    def _compact_stage(
+        self, boundary: int, keep: torch.Tensor, hidden: torch.Tensor, key: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Layers >= boundary see only `keep` (B, L_cur), laid out by `key` where given (the reproduction
+        mode's emission order): gather the stream, RoPE tables, positions, 2-D mask."""
         fwd = self.fwd
-        compaction = Compaction.from_keep(keep)
+        compaction = Compaction.from_keep(keep, key)
         self.adapter.compact_stage(keep, fwd.tokens.visual_rank >= 0)
         fwd.tokens = fwd.tokens.take(compaction)
         fwd.position_embeddings = {
@@ -186,6 +207,22 @@ class StageHooks:
         fwd.mask_2d = compaction.take_mask(fwd.mask_2d)
         fwd.segments.append((boundary, fwd.tokens.real_tokens(), fwd.tokens.valid.shape[1]))
         return compaction.take(hidden)
+
+    def _renumber(self, boundary: int, hidden: torch.Tensor) -> None:
+        """Layers >= boundary see the shortened sequence numbered 0, 1, ... (the authors' code, under
+        `apply(positions="contiguous")`): new position ids and RoPE tables; the decode steps' shift kept."""
+        from tokprune.core.engine import contiguous_positions
+
+        fwd = self.fwd
+        before = max_position(fwd.position_ids) + 1
+        fwd.position_ids = contiguous_positions(fwd.mask_2d, self.adapter.position_rows())
+        earlier = self.state.shift_at(
+            boundary - 1
+        )  # earlier renumbering stages, relative to the LM's numbering
+        moved = max_position(fwd.position_ids) + 1 - before
+        self.state.stage_shifts[boundary] = moved if earlier is None else earlier + moved
+        rope = self.adapter.language_model.rotary_emb
+        fwd.position_embeddings = {kind: rope(hidden, fwd.position_ids) for kind in fwd.position_embeddings}
 
     def _stage_masks(self, boundary: int, hidden: torch.Tensor, pkv) -> None:
         """The masks of layers >= boundary: over the cache those layers hold (a follow-up turn's earlier
@@ -213,6 +250,15 @@ class StageHooks:
             # the first layer of this type since the boundary sizes the mask (j, as layers run in order)
             self._decode_masks[key] = self.adapter.layer_mask(hidden, mask_2d, pkv, j, kind)
         kwargs["attention_mask"] = self._decode_masks[key]
+        shift = self.state.shift_at(j)
+        if shift is not None:  # a renumbering stage: this layer's positions are the LM's minus its drops
+            rope_key = (boundary, "rope")
+            if rope_key not in self._decode_masks:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                positions = kwargs["position_ids"] + shift[:, None].to(kwargs["position_ids"])
+                rope = self.adapter.language_model.rotary_emb(hidden, positions)
+                self._decode_masks[rope_key] = (positions, rope)
+            kwargs["position_ids"], kwargs["position_embeddings"] = self._decode_masks[rope_key]
         return args, kwargs
 
 
@@ -244,3 +290,11 @@ def llm_stages(llm: list[tuple[LLMMethod, Budget]], num_layers: int) -> dict[int
             stages[boundary] = (index, stage)
         last = bounds[-1] if bounds else last
     return stages
+
+
+def prompt_index(tokens) -> torch.Tensor:
+    """(B, L_cur) long: every current token's index in its row's prompt counted from the row's first real
+    token, as the authors' code (one unpadded row) numbers its sequence (the "position" LLM signal; -1 at
+    padding)."""
+    first = torch.where(tokens.valid, tokens.origin, tokens.origin.shape[1] + tokens.origin.max() + 1).amin(1)
+    return (tokens.origin - first[:, None]).masked_fill(~tokens.valid, -1)

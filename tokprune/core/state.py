@@ -75,6 +75,11 @@ class TokenMap:
     def real_tokens(self) -> list[int]:
         return self.valid.sum(1).tolist()
 
+    def visual_slots(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per row: (the visual-token indices present, in slot order; the slots that hold them)."""
+        slots = [(rank >= 0).nonzero().squeeze(1) for rank in self.visual_rank]
+        return [rank[s] for rank, s in zip(self.visual_rank, slots)], slots
+
     def kept_visual(self) -> list[torch.Tensor]:
         """Per row: sorted visual-token indices still present."""
         return [r[r >= 0].sort().values for r in self.visual_rank]
@@ -96,6 +101,9 @@ class PrefillState:
     stage_masks: dict[int, torch.Tensor] = field(default_factory=dict)
     next_position: torch.Tensor | None = None
     positions_at: int | None = None
+    # boundary -> (B,) what a decode step adds to the LM's position ids in layers >= that boundary, where an
+    # in-LLM stage renumbered the sequence (`apply(positions="contiguous")`)
+    stage_shifts: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def pruned(self) -> bool:
@@ -110,6 +118,11 @@ class PrefillState:
         """(B, L) 2-D mask of the prompt in the cache of `layer`; None where it was not pruned."""
         stage = self.stage_at(layer)
         return self.stage_masks[stage] if stage is not None else self.lm_mask
+
+    def shift_at(self, layer: int) -> torch.Tensor | None:
+        """(B,) the renumbering shift of `layer`'s positions in decode steps (None: none)."""
+        stages = [b for b in self.stage_shifts if b <= layer]
+        return self.stage_shifts[max(stages)] if stages else None
 
     def cache_len_layer0(self) -> int:
         return self.lm_mask.shape[1] if self.lm_mask is not None else self.orig_len

@@ -15,6 +15,10 @@ class StageStats:
     kept[b]: sorted LongTensor of the visual-token indices (row b's visual-token order) left after the stage.
     merged[b]: sorted LongTensor, a subset of kept[b]: the tokens whose vector the stage replaced (the merged
         embeddings / hidden states of merging methods); empty for pure pruning.
+    extra[b]: sorted LongTensor, a subset of merged[b]: the slots that carry an extra token (a [CLS] or
+        summary token, `Selection.extra`) rather than their own patch, whose patch is therefore dropped.
+    order[b]: kept[b] in the order the layers after the stage hold them (`kept[b]` itself unless
+        `apply(order="selection")` laid them out in the method's emission order).
     """
 
     method: str
@@ -22,15 +26,36 @@ class StageStats:
     visual_kept: list[int]
     kept: list[torch.Tensor] = field(default_factory=list)
     merged: list[torch.Tensor] = field(default_factory=list)
+    extra: list[torch.Tensor] = field(default_factory=list)
+    order: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
     def of(
-        cls, method: str, where: str, kept: list[torch.Tensor], merged: list[torch.Tensor] | None = None
+        cls,
+        method: str,
+        where: str,
+        kept: list[torch.Tensor],
+        merged: list[torch.Tensor] | None = None,
+        extra: list[torch.Tensor] | None = None,
+        order: list[torch.Tensor] | None = None,
     ) -> StageStats:
-        """merged: per row, the rewritten visual-token indices (None: the stage rewrote nothing)."""
-        if merged is None:
-            merged = [k[:0] for k in kept]
-        return cls(method, where, [int(k.numel()) for k in kept], kept, merged)
+        """merged / extra: per row, the rewritten visual-token indices / those carrying an extra token (None:
+        none); order: per row, the kept ones in the order later layers hold them (None: kept)."""
+        empty = [k[:0] for k in kept]
+        return cls(
+            method,
+            where,
+            [int(k.numel()) for k in kept],
+            kept,
+            merged or empty,
+            extra or empty,
+            order or kept,
+        )
+
+    @property
+    def patches(self) -> list[torch.Tensor]:
+        """Per row: the kept visual tokens that carry their own patch (kept minus extra)."""
+        return [k[~torch.isin(k, e)] for k, e in zip(self.kept, self.extra)]
 
 
 def rewritten_visual(
@@ -58,6 +83,9 @@ class PruneStats:
              queries of the text-query signals.
     kept[b]: sorted LongTensor of the indices, in row b's visual-token order, of the visual tokens that
              survived the final stage.
+    input_order[b]: the visual-token indices of row b's LLM input, in the order the LLM receives them (the
+             pre-LLM stage's survivors; `kept` sorted unless `apply(order="selection")` reordered them).
+    input_slots[b]: (same length) the slot of each of them in row b's LLM input sequence (padding included).
     layer_tokens[b][i]: real (non-padding) tokens decoder layer i processed in row b.
     layer_lengths[i]: padded sequence length of decoder layer i (the batch's max over rows).
     scoring_seconds: wall time spent computing signals and selecting (ViT hooks + LLM hooks).
@@ -68,6 +96,8 @@ class PruneStats:
     instruction_tokens: list[int] = field(default_factory=list)
     visual_kept: list[int] = field(default_factory=list)
     kept: list[torch.Tensor] = field(default_factory=list)
+    input_order: list[torch.Tensor] = field(default_factory=list)
+    input_slots: list[torch.Tensor] = field(default_factory=list)
     layer_tokens: list[list[int]] = field(default_factory=list)
     layer_lengths: list[int] = field(default_factory=list)
     scoring_seconds: float = 0.0

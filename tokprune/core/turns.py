@@ -25,6 +25,7 @@ class FollowUpHooks:
     fwd: Forward | None
     state: PrefillState | None
     _position_shift: torch.Tensor | None
+    positions: str
 
     def _begin_follow_up(self, args, kwargs) -> None:
         """A forward on a non-empty cache that brings images: a follow-up turn whose new images are pruned
@@ -32,6 +33,12 @@ class FollowUpHooks:
         layout = self.adapter.image_layout(kwargs)
         if layout is None:
             return
+        if self.positions == "contiguous":
+            raise UnsupportedInputError(
+                "positions='contiguous' reproduces the authors' single-prompt pipeline; a follow-up turn that "
+                "brings images on a reused cache has no contiguous numbering there. Re-run the whole "
+                "conversation as one prompt (no cache), or use positions='original' (the default)"
+            )
         self._new_forward(args, kwargs, layout, follow_up=True)
         self._renumber_follow_up(kwargs)
 

@@ -60,7 +60,11 @@ reported separately and never mixed into the model's own FLOPs. Per signal name:
 * selection-step work that is not a named signal (see `scoring_signals`): ``"pairwise_cosine"`` —
   DivPrune's n×n cosine matrix per image over the projected embeddings, ``2·n²·d``;
   ``"pivot_similarity"`` — DART's pivot × visual-token similarity, ``2·P·n_vis·d`` with P = 8 pivots.
-  VisionZip's target/other key similarity (``2·n·c·h`` with c ≈ 10 contextual tokens) is not counted.
+  VisionZip's target/other key similarity (``2·n·c·h`` with c ≈ 10 contextual tokens) is not counted;
+  ``"reprojection"`` — a method on the vision tower's features (`Method.features == "vision"`) has every row
+  it rewrote (merged and extra tokens, ``stats.stages[0].merged``) projected again, ``2·W_proj`` per row (the
+  main projector; Qwen3-VL's deepstack mergers are not re-run).
+* ``"position"``, ``"features"``, ``"vit_cls"`` — 0 (bookkeeping, and tensors the model computes anyway).
 
 LLM-side signals are counted at the stages recorded in the `PruneStats` (``stages[i].where ==
 "llm@<b>"``), with n = the row's real tokens in layer b − 1; without stats they count 0.
@@ -79,7 +83,7 @@ from tokprune.flops.parts import (
     vocab_size,
 )
 from tokprune.flops.vision import FAMILIES, VisionCost, vision_cost
-from tokprune.signals.llm import ATTENTION_ROWS
+from tokprune.signals.llm import ATTENTION_ROWS, NEEDS_KEYS
 
 __all__ = [
     "FlopsBreakdown",
@@ -127,6 +131,10 @@ class FlopsBreakdown:
 
 
 # --------------------------------------------------------------------------------------------- scoring
+# signals that cost nothing to give: the engine's bookkeeping and tensors the model computes anyway
+FREE_SIGNALS = frozenset({"position", "features", "vit_cls"})
+
+
 def scoring_signals(methods) -> tuple[str, ...]:
     """The scoring names (signals + selection work) to pass to `prefill_flops` for a Pruner or methods.
 
@@ -142,11 +150,14 @@ def scoring_signals(methods) -> tuple[str, ...]:
     for method in items:
         own = list(method.signals)
         if getattr(method, "where", "pre") == "llm":
-            needs_keys = bool(set(own) & (ATTENTION_ROWS | {"keys"}))
-            own = [n for n in own if n != "keys"]
+            needs_keys = bool(set(own) & NEEDS_KEYS)  # attention rows and the key signals
+            own = [n for n in own if n not in NEEDS_KEYS - ATTENTION_ROWS]
             if needs_keys:
                 boundary = getattr(method, "score_at", "previous") == "boundary"
                 own.append("keys" if boundary else "cache_keys")
+        own = [n for n in own if n not in FREE_SIGNALS]
+        if getattr(method, "where", "pre") == "pre" and getattr(method, "features", "llm") == "vision":
+            own.append("reprojection")
         if method.name == "divprune":
             own.append("pairwise_cosine")
         if method.name == "dart":
@@ -155,25 +166,33 @@ def scoring_signals(methods) -> tuple[str, ...]:
     return tuple(names)
 
 
+CLS_ROWS = {"cls_attention", "cls_logits", "cls_attention_concat"}  # one query row: the [CLS]'s
+RECEIVED = {"received_attention", "received_attention_concat"}  # a softmax map streamed over all queries
+LOGIT_MEANS = {"logit_column_mean", "logit_row_mean"}  # one mean vector against every token
+FREE_VIT = {"vit_keys", "vit_keys_concat"}  # the layer's own projections
+
+
 def _vision_scoring(cost: VisionCost, signals: set[str]) -> float:
     """ViT-side signal FLOPs. Signals are "base" or "base@layer"; the projections are the layer's own (not
-    recomputed), so only the attention products count, per requested layer and pass: the [CLS] query's row
-    2·n·A where the tower has a [CLS], else (and for "received_attention") one Q Kᵀ per full-attention
-    block 2·A·Σ n_b² (Qwen2.5-VL's windowed blocks cost less: an upper bound there)."""
+    recomputed), so only the attention products count, per requested layer and pass: a [CLS] query's row
+    2·n·A where the tower has a [CLS] (a tower without one gives the received quantity instead), the
+    received attention one Q Kᵀ per attention block of that layer 2·A·Σ n_b² (Qwen2.5-VL's windows where the
+    layer is windowed), a logit mean 2·n·A."""
     layers: dict[str, set[str]] = {}
     for name in signals:
         base, _, layer = name.partition("@")
-        if base in {"cls_attention", "received_attention", "vit_keys"}:
+        if base in CLS_ROWS | RECEIVED | LOGIT_MEANS | FREE_VIT:
             layers.setdefault(layer, set()).add(base)
     a = cost.attention_width
     total = 0.0
-    for bases in layers.values():
-        received = "received_attention" in bases or ("cls_attention" in bases and not cost.has_cls)
+    for layer, bases in layers.items():
+        received = bool(bases & RECEIVED) or (bool(bases & CLS_ROWS) and not cost.has_cls)
         for p in cost.passes:
-            if "cls_attention" in bases and cost.has_cls:
-                total += 2.0 * p.tokens * a
+            if bases & CLS_ROWS and cost.has_cls:
+                total += 2.0 * p.tokens * a * len(bases & CLS_ROWS)
             if received:
-                total += 2.0 * a * sum(b * b for b in p.blocks)
+                total += 2.0 * a * sum(b * b for b in cost.blocks_at(p, layer))
+            total += 2.0 * p.tokens * a * len(bases & LOGIT_MEANS)
     return total
 
 
@@ -290,6 +309,11 @@ def prefill_flops(
     scoring += _llm_scoring(text_config, stats, per_row, wanted, key_window(lm))
     if "pairwise_cosine" in wanted:
         scoring += sum(2 * n * n * d for n in _content_tokens(model, inputs))
+    if "reprojection" in wanted and stats is not None:  # merged rows of a method on the features, projected
+        rewritten = sum(
+            int(m.numel()) for stage in stats.stages if stage.where == "pre" for m in stage.merged
+        )
+        scoring += vision.row_projection * rewritten
     return FlopsBreakdown(
         vision=float(vision.vision),
         projector=float(vision.projector),

@@ -51,6 +51,26 @@ class VisionCost:
     passes: list[VitPass] = field(default_factory=list)
     attention_width: int = 0  # A of the tower's attention layers (heads · head_dim)
     has_cls: bool = False  # the tower's passes start with a [CLS] token
+    # FLOPs of projecting one row again (`Adapter.project`: a merged row of a method on the features)
+    row_projection: float = 0.0
+    # Qwen2.5-VL: the encoder's depth, its windowed layers (attending within VitPass.windows) and the layer
+    # whose output feeds the merger (where a signal without "@layer" is taken), for the signals' cost
+    depth: int = 0
+    windowed: frozenset[int] = frozenset()
+    feature_layer: int | None = None
+
+    def blocks_at(self, p: VitPass, layer: str) -> list[int]:
+        """The attention blocks of pass `p` at a signal's layer ("" = the feature layer, "-1", "3", ...)."""
+        if not self.windowed or p.windows is None:
+            return p.blocks
+        index = (
+            self.feature_layer
+            if not layer
+            else int(layer) % self.depth
+            if layer.lstrip("-").isdigit()
+            else None
+        )
+        return p.windows if index in self.windowed else p.blocks
 
 
 # ----------------------------------------------------------------------------------- module widths
@@ -166,8 +186,8 @@ def _llava_like(model, passes_of: Callable[[dict, int, bool], list[VitPass]], in
         return VisionCost()
     vision, attention = _clip_tower(vision_model).cost(passes)
     rows = _projector_rows(model, passes, cls)
-    projector = 2.0 * rows * linear_width(inner.multi_modal_projector)
-    return VisionCost(vision, projector, passes, attention, cls)
+    per_row = 2.0 * linear_width(inner.multi_modal_projector)
+    return VisionCost(vision, rows * per_row, passes, attention, cls, per_row)
 
 
 def _image_passes(inputs: dict, patch: int, cls: bool) -> list[VitPass]:
@@ -215,7 +235,8 @@ def _uniform_cost(
     rows per pass through matrices of Σ in·out = `projector_width`."""
     passes = _uniform_passes(count, patches, cls)
     vision, attention = _clip_tower(vision_model).cost(passes)
-    return VisionCost(vision, 2.0 * count * rows * projector_width, passes, attention, cls)
+    per_row = 2.0 * projector_width
+    return VisionCost(vision, count * rows * per_row, passes, attention, cls, per_row)
 
 
 def _internvl(model, inputs: dict) -> VisionCost:
@@ -302,7 +323,13 @@ def _qwen(model, inputs: dict) -> VisionCost:
     rows = sum(p.tokens for p in passes) // unit
     mergers = [visual.merger, *getattr(visual, "deepstack_merger_list", [])]
     projector = 2.0 * rows * sum(linear_width(m) for m in mergers)
-    return VisionCost(vision, projector, passes, attention, False)
+    from tokprune.patches import adapter_for
+
+    # a merged row goes through the main merger again (not the deepstack ones)
+    return VisionCost(
+        vision, projector, passes, attention, False, 2.0 * linear_width(visual.merger),
+        depth=len(visual.blocks), windowed=windowed_layers, feature_layer=adapter_for(model).score_layer,
+    )  # fmt: skip
 
 
 # model_type -> the vision-side cost of one prefill's inputs

@@ -125,3 +125,169 @@ def received_attention(
         out[start : start + size] = acc / (size * query.shape[0])
         start += size
     return out
+
+
+# ---------------------------------------------------------------------------------- pre-softmax logits
+# Signals read off the *logits* of a ViT layer (q k^T * scale before the softmax), as some authors' code
+# scores tokens. Means of logits are linear in q and k, so no N x N map is ever formed: the mean over the
+# queries i of q_i . k_j equals (mean_i q_i) . k_j.
+
+LOGIT_SIGNALS = (
+    "cls_logits",
+    "cls_attention_concat",
+    "logit_column_mean",
+    "logit_row_mean",
+    "received_attention_concat",
+    "vit_keys_concat",
+)
+CLS_SIGNALS = ("cls_logits", "cls_attention_concat")  # signals of the [CLS] query
+# what a signal of the [CLS] query means on a tower without [CLS] (SigLIP, Qwen), as "cls_attention" there is
+# the attention each patch receives: the same quantity of the attention (logits) each patch receives
+WITHOUT_CLS = {"cls_logits": "logit_column_mean", "cls_attention_concat": "received_attention_concat"}
+
+
+def cls_logits(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Head mean of the scaled pre-softmax logits of one query (a ViT's [CLS]) over all keys.
+
+    query: (B, H, 1, d); keys: (B, H, N, d) -> (B, N) float32: mean_h (q_h . k_{h, j}) * scale.
+    """
+    return (keys.float() @ query.float().transpose(-1, -2))[..., 0].mean(1) * scale
+
+
+def cls_attention_concat(query: torch.Tensor, keys: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """One softmax over the concatenated heads (PruMerge's [CLS] attention): softmax(q K^T * scale).
+
+    query: (B, 1, C) the [CLS] row of the full-width query projection; keys: (B, N, C) full width;
+    scale: C ** -0.5 when None. Returns (B, N) float32 (every row sums to 1).
+    """
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    return ((query.float() @ keys.float().transpose(-1, -2))[:, 0] * scale).softmax(-1)
+
+
+def _member_mean(x: torch.Tensor, members: torch.Tensor | None) -> torch.Tensor:
+    """(..., H, N, d) -> (..., H, 1, d): mean over the tokens (dim -2) that `members` (..., N) marks."""
+    x = x.float()
+    if members is None:
+        return x.mean(-2, keepdim=True)
+    weight = members.to(x.device, torch.float32)[..., None, :, None]  # (..., 1, N, 1)
+    return (x * weight).sum(-2, keepdim=True) / weight.sum(-2, keepdim=True).clamp_min(1.0)
+
+
+def _logit_mean(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    scale: float,
+    members: torch.Tensor | None,
+    block_sizes: list[int] | None,
+    over: str,
+) -> torch.Tensor:
+    if block_sizes is not None:
+        parts, start = [], 0
+        for size in block_sizes:
+            cut = slice(start, start + size)
+            part = None if members is None else members[..., cut]
+            parts.append(_logit_mean(query[..., cut, :], keys[..., cut, :], scale, part, None, over))
+            start += size
+        return torch.cat(parts, dim=-1)
+    if over == "queries":  # column mean: (mean_i q_i) . k_j
+        fixed, other = _member_mean(query, members), keys.float()
+    else:  # row mean: q_i . (mean_j k_j)
+        fixed, other = _member_mean(keys, members), query.float()
+    return (other @ fixed.transpose(-1, -2))[..., 0].mean(-2) * scale
+
+
+def logit_column_mean(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    scale: float,
+    members: torch.Tensor | None = None,
+    block_sizes: list[int] | None = None,
+) -> torch.Tensor:
+    """Mean logit every token *receives*: the column mean of the head-mean map q k^T * scale (pre-softmax).
+
+    query, keys: (..., H, N, d); members: (..., N) bool, the query tokens the mean runs over (e.g. the
+    patches, a [CLS] left out; None = all); block_sizes: independent blocks of tokens along N (block-
+    diagonal attention, as in the Qwen ViT), each averaged over its own queries. Returns (..., N) float32:
+    for token j, mean_h mean_{i in members of j's block} q_{h, i} . k_{h, j} * scale, computed as
+    (mean_i q_i) . k_j (memory O(N d)).
+    """
+    return _logit_mean(query, keys, scale, members, block_sizes, "queries")
+
+
+def logit_row_mean(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    scale: float,
+    members: torch.Tensor | None = None,
+    block_sizes: list[int] | None = None,
+) -> torch.Tensor:
+    """Mean logit every token *gives*: the row mean of the head-mean map q k^T * scale (pre-softmax).
+
+    As `logit_column_mean` with queries and keys swapped: members marks the key tokens the mean runs
+    over; for token i, mean_h mean_{j in members of i's block} q_{h, i} . k_{h, j} * scale.
+    """
+    return _logit_mean(query, keys, scale, members, block_sizes, "keys")
+
+
+def logit_signal(
+    base: str,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    scale: float,
+    members: torch.Tensor | None = None,
+    block_sizes: list[int] | None = None,
+) -> torch.Tensor:
+    """One of LOGIT_SIGNALS for every token of n ViT inputs, as a signal hook computes it.
+
+    queries, keys: (n, H, T, d) as the layer's attention uses them (after its q/k norms and RoPE), the
+    [CLS] token (for the CLS_SIGNALS) at position 0; members: (n, T) or (T,) bool, the tokens the logit
+    means run over (the patches: a [CLS] and padding left out; None = all); block_sizes: see
+    `logit_column_mean` (only for the means, which also take one flattened sequence (H, T, d), as the
+    Qwen ViT gives it, and return (T,)). Returns (n, T) float32:
+      "cls_logits": head-mean scaled logit of the [CLS] query on every key (GlobalCom²'s score);
+      "cls_attention_concat": softmax over all keys of the [CLS] query with the heads concatenated,
+          q_cls . K^T * C ** -0.5 with C = H * d (PruMerge's score);
+      "logit_column_mean" / "logit_row_mean": see those functions (FoPru's scores);
+      "received_attention_concat": the attention each token receives with the heads concatenated (one
+          softmax, scale C ** -0.5; `cls_attention_concat` on a tower without [CLS]);
+      "vit_keys_concat": (n, T, C) the full-width keys (PruMerge's similarity).
+    """
+    if base == "cls_logits":
+        return cls_logits(queries[:, :, :1], keys, scale)
+    if base == "cls_attention_concat":
+        n, heads, length, dim = keys.shape
+        query = queries[:, :, :1].transpose(1, 2).reshape(n, 1, heads * dim)  # the projection's own layout
+        return cls_attention_concat(query, keys.transpose(1, 2).reshape(n, length, heads * dim))
+    if base == "vit_keys_concat":  # the full-width keys (the heads concatenated, the projection's layout)
+        return keys.float().transpose(-3, -2).flatten(-2)
+    if base == "received_attention_concat":
+        return _received_concat(queries, keys, members, block_sizes)
+    if members is not None and members.dim() == 1:
+        members = members.expand(queries.shape[0], -1)
+    if base == "logit_column_mean":
+        return logit_column_mean(queries, keys, scale, members, block_sizes)
+    if base == "logit_row_mean":
+        return logit_row_mean(queries, keys, scale, members, block_sizes)
+    raise ValueError(f"unknown logit signal {base!r} (known: {', '.join(LOGIT_SIGNALS)})")
+
+
+def _received_concat(
+    queries: torch.Tensor, keys: torch.Tensor, members: torch.Tensor | None, block_sizes: list[int] | None
+) -> torch.Tensor:
+    """The attention each token receives, the heads concatenated into one (scale C ** -0.5): queries, keys
+    (n, H, T, d), or one flattened sequence (H, T, d) of `block_sizes` blocks; members (n, T) / (T,) the
+    tokens taking part (others get 0). Returns (n, T) / (T,) float32."""
+    if queries.dim() == 3:
+        return _received_concat(queries[None], keys[None], members, block_sizes)[0]
+    n, heads, length, dim = keys.shape
+    width = heads * dim
+    q = queries.transpose(1, 2).reshape(n, 1, length, width)  # one head of width C
+    k = keys.transpose(1, 2).reshape(n, 1, length, width)
+    out = torch.zeros(n, length, dtype=torch.float32, device=keys.device)
+    for i in range(n):
+        part = torch.ones(length, dtype=torch.bool, device=keys.device)
+        if members is not None:
+            part = (members if members.dim() == 1 else members[i]).to(keys.device).bool()
+        sizes = block_sizes if members is None else None
+        out[i, part] = received_attention(q[i][:, part], k[i][:, part], width**-0.5, sizes)
+    return out

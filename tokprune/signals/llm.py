@@ -49,6 +49,19 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + _rotate_half(x) * sin
 
 
+def keys_from_start(keys: torch.Tensor, position_embeddings, valid: torch.Tensor) -> torch.Tensor:
+    """Post-RoPE keys (B, H_kv, N, d) turned back by the rotation of each row's first real token, i.e. as if
+    the row were numbered from that token (what the authors' codes see: one unpadded row numbered 0, 1, ...):
+    R(p - p_first) k = R(p_first)^-1 R(p) k. The same whatever offset the caller numbered a padded row from
+    (a plain forward numbers a left-padded row from its padding, generate() from its first real token).
+
+    position_embeddings: (cos, sin) (B, N, d) of the tokens; valid: (B, N) bool real tokens."""
+    cos, sin = position_embeddings
+    first = valid.long().argmax(1)[:, None]  # (B, 1) the first real slot
+    cos0, sin0 = _take(cos, first), _take(sin, first)  # (B, 1, d)
+    return _rope(keys, cos0.expand(-1, keys.shape[2], -1), -sin0.expand(-1, keys.shape[2], -1))
+
+
 def _heads(attn: nn.Module, proj: nn.Module, norm_name: str, hidden: torch.Tensor) -> torch.Tensor:
     """(B, N, D) -> (B, heads, N, head_dim) through `proj` and the module's optional per-head norm."""
     batch, length, _ = hidden.shape
@@ -258,7 +271,7 @@ INPUT_SIGNALS = {"input_text_relevance": input_text_relevance}
 
 # signals made of attention rows (queries against the layer's post-RoPE keys)
 ATTENTION_ROWS = {"last_query_attention", "text_query_attention", "visual_attention"}
-NEEDS_KEYS = ATTENTION_ROWS | {"keys"}
+NEEDS_KEYS = ATTENTION_ROWS | {"keys", "keys_mean", "keys_from_start"}
 
 
 def layer_signals(
@@ -280,7 +293,9 @@ def layer_signals(
     KV cache when it holds exactly the context and this sequence, else from the module's own projections.
     Returns, as asked: "last_query_attention" (B, L), "text_query_attention" (B, L, T) (the instruction's
     rows, keys first), "visual_attention" (B, L) (received from the visual tokens of the same image),
-    "keys" (B, L, H_kv*d). Attention rows run their softmax over the context too; it gets no score.
+    "keys" (B, L, H_kv*d), "keys_mean" (B, L, d) (the KV heads averaged), "keys_from_start" (B, L, H_kv*d)
+    (`keys_from_start`: as if each row were numbered from its first real token). Attention rows run their
+    softmax over the context too; it gets no score.
     """
     prefix = context.length if context is not None else 0
     keys = cached_keys(past_key_values, attn.layer_idx, prefix + normed.shape[1])
@@ -303,4 +318,10 @@ def layer_signals(
         )
     if "keys" in wanted:
         out["keys"] = keys.transpose(1, 2).flatten(2)  # heads concatenated
+    if "keys_mean" in wanted:
+        out["keys_mean"] = keys.float().mean(1)  # head mean
+    if "keys_from_start" in wanted:
+        out["keys_from_start"] = (
+            keys_from_start(keys.float(), position_embeddings, valid).transpose(1, 2).flatten(2)
+        )
     return out
