@@ -148,7 +148,7 @@ def test_cli_methods_and_models_list(capsys):
     assert lines[sparsevlm].split()[:3] == ["sparsevlm", "text-guided,", "progressive"]
     assert "in LLM" in lines[sparsevlm] and "keep_ratio=0.190972" in lines[sparsevlm]
     assert "ICML 2025" in lines[sparsevlm]
-    assert "raters='embeddings'" in lines[sparsevlm + 1] and "recycle=False" in lines[sparsevlm + 1]
+    assert "raters='embeddings'" in lines[sparsevlm + 1] and "recycle='code'" in lines[sparsevlm + 1]
     assert cli.main(["models"]) == 0
     out = capsys.readouterr().out
     assert "llava-1.5-7b" in out and "qwen2.5-vl-7b" in out and "LlavaForConditionalGeneration" in out

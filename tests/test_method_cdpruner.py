@@ -12,9 +12,12 @@ import torch.nn.functional as F
 from checks import assert_valid_keep
 
 from tokprune.core.budget import Budget
+from tokprune.core.layout import Unit
 from tokprune.errors import MethodOptionError
 from tokprune.methods.base import ImageTokens, Method
 from tokprune.methods.cdpruner import CDPruner, greedy_dpp_map, instruction_relevance
+
+PAPER_SIGN = {"negate_relevance": False}  # relevance = similarity to the instruction (the paper's text)
 
 
 def _image(embeds: torch.Tensor, text: torch.Tensor | None = None) -> ImageTokens:
@@ -61,13 +64,21 @@ def test_class_attributes():
     assert CDPruner.signals == ("instruction",)
     assert CDPruner.default_budget == Budget(tokens=128)
     assert "2506.10967" in CDPruner.paper
-    assert CDPruner().theta is None and CDPruner().negate_relevance is False
+    m = CDPruner()
+    assert m.theta is None and m.negate_relevance is True and m.units == "per_unit"
+    assert CDPruner.code_families == ("llava", "llava_next")
 
 
 @pytest.mark.parametrize("theta", [-0.1, 1.0, 2, True])
 def test_invalid_theta(theta):
     with pytest.raises(MethodOptionError):
         CDPruner(theta=theta)
+
+
+@pytest.mark.parametrize("options", [{"units": "each"}, {"units": None}, {"negate_relevance": 1}])
+def test_invalid_variant_options(options):
+    with pytest.raises(MethodOptionError, match=next(iter(options))):
+        CDPruner(**options)
 
 
 # --------------------------------------------------------------------------------------- relevance
@@ -81,11 +92,14 @@ def test_relevance_is_min_max_normalised_mean_cosine():
         dtype=torch.float64,
     )
     expected = (s - s.min() + 1e-6) / (s.max() - s.min() + 1e-6)
-    r = instruction_relevance(v, t)
+    r = instruction_relevance(v, t, negate=False)
     assert r.dtype == torch.float32
     torch.testing.assert_close(r.double(), expected, atol=1e-6, rtol=1e-5)
     assert r.max().item() == pytest.approx(1.0) and r.min().item() > 0
-    neg = instruction_relevance(v, t, negate=True)
+    # the default is the authors' code: the mean cosine negated before the min-max step
+    neg = instruction_relevance(v, t)
+    expected_neg = (-s - (-s).min() + 1e-6) / ((-s).max() - (-s).min() + 1e-6)
+    torch.testing.assert_close(neg.double(), expected_neg, atol=1e-6, rtol=1e-5)
     assert neg.argmax().item() == s.argmin().item()
 
 
@@ -108,15 +122,18 @@ def test_picks_one_token_from_each_relevant_cluster():
     # the instruction points at clusters A and B and away from the lone token 9
     text = torch.stack([e[0] - e[3], e[1] - e[3]])
     for theta in (None, 0.5):
-        keep = CDPruner(theta=theta).select(_image(x, text), 2).keep
+        keep = CDPruner(theta=theta, **PAPER_SIGN).select(_image(x, text), 2).keep
         assert sorted(groups[keep].tolist()) == [0, 1], (theta, keep)
+    # the code's negated relevance favours what the instruction points away from: the lone token 9
+    assert 9 in CDPruner().select(_image(x, text), 2).keep.tolist()
 
 
 def test_relevance_steers_the_first_pick():
     x, groups = _clusters()
     text = torch.eye(8)[2:3]  # the instruction is about cluster C only
-    keep = CDPruner().select(_image(x, text), 1).keep
+    keep = CDPruner(**PAPER_SIGN).select(_image(x, text), 1).keep
     assert groups[keep].tolist() == [2]
+    assert groups[CDPruner().select(_image(x, text), 1).keep].tolist() != [2]
 
 
 def test_uniform_relevance_without_instruction_is_plain_dpp():
@@ -144,16 +161,18 @@ def test_greedy_equals_brute_force_logdet_greedy(seed):
 
 
 @pytest.mark.parametrize("theta", [None, 0.5, 0.8])
-def test_method_equals_brute_force_with_instruction(theta):
+@pytest.mark.parametrize("negate", [True, False])
+def test_method_equals_brute_force_with_instruction(theta, negate):
     g = torch.Generator().manual_seed(7)
     n, d = 9, 16
     x, t = torch.randn(n, d, generator=g), torch.randn(4, d, generator=g)
     # relevance recomputed here in float64 from the formula, independently of the library
     s = (F.normalize(x.double(), dim=-1) @ F.normalize(t.double(), dim=-1).T).mean(1)
+    s = -s if negate else s
     r = (s - s.min() + 1e-6) / (s.max() - s.min() + 1e-6)
     q = r if theta is None else torch.exp(theta / (2 * (1 - theta)) * r)
     k = 4 if theta is None else 6  # with theta=None the least relevant token has q ~ 1e-6
-    keep = CDPruner(theta=theta).select(_image(x, t), k).keep
+    keep = CDPruner(theta=theta, negate_relevance=negate).select(_image(x, t), k).keep
     assert keep.tolist() == sorted(_brute_force_greedy(x, q, k))
 
 
@@ -209,3 +228,45 @@ def test_precomputed_similarity_and_on_the_fly_rows_agree(monkeypatch):
     with_gram = cdpruner.greedy_dpp_map(x, q, 40)
     monkeypatch.setattr(cdpruner, "GRAM_LIMIT", 0)
     assert torch.equal(cdpruner.greedy_dpp_map(x, q, 40), with_gram)
+
+
+# ------------------------------------------------------------------------------------------- units
+
+
+def _tiled(seed: int = 4, sizes=(12, 12, 12)) -> ImageTokens:
+    g = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    units = [
+        Unit(index=torch.arange(s, s + m), grid=None, kind="base" if i == 0 else "tile")
+        for i, (s, m) in enumerate(zip(starts, sizes))
+    ]
+    image = _image(torch.randn(n, 16, generator=g), torch.randn(3, 16, generator=g))
+    image.units = units
+    return image
+
+
+def test_per_unit_runs_one_dpp_per_unit_with_image_wide_relevance():
+    image = _tiled()
+    q = CDPruner().quality(image)  # normalised over all 36 tokens
+    keep = CDPruner().select(image, 9).keep
+    assert_valid_keep(keep, 36, 9)
+    expected = []
+    for unit in image.units:
+        chosen = greedy_dpp_map(image.embeds[unit.index], q[unit.index], 3)
+        expected += unit.index[chosen].tolist()
+    assert keep.tolist() == sorted(expected)
+    for unit in image.units:  # equal units, equal counts
+        assert int(torch.isin(keep, unit.index).sum()) == 3
+
+
+def test_per_unit_splits_the_budget_by_unit_size_and_joint_is_one_dpp():
+    image = _tiled(sizes=(6, 12, 18))
+    keep = CDPruner().select(image, 12).keep
+    assert [int(torch.isin(keep, u.index).sum()) for u in image.units] == [2, 4, 6]
+    joint = CDPruner(units="joint").select(image, 12).keep
+    expected = greedy_dpp_map(image.embeds, CDPruner().quality(image), 12).sort().values
+    assert torch.equal(joint, expected)
+    # a plain image (no units) is the same under both
+    plain = _image(image.embeds, image.text["embeds"])
+    assert torch.equal(CDPruner().select(plain, 12).keep, CDPruner(units="joint").select(plain, 12).keep)

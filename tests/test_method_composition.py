@@ -13,7 +13,7 @@ from tokprune.core.layout import image_rows
 from tokprune.errors import BudgetError, MethodOptionError
 from tokprune.methods import make_method, make_stage
 from tokprune.methods.attention_llm import PyramidDrop
-from tokprune.methods.cls_attention import VisionZip
+from tokprune.methods.visionzip import VisionZip
 
 FAMILIES = ["llava", "llava_next", "qwen2_vl", "internvl"]
 
@@ -43,7 +43,10 @@ def test_every_stage_keeps_its_own_budget(tiny, family):
     method = [
         ("visionzip", {"budget": 10}),
         ("fastv", {"layer": 1, "keep_ratio": 0.5}),
-        ("dart", {"layer": 3}),
+        (
+            "dart",
+            {"layer": 3, "quota": "exact"},
+        ),  # exactly the budget (the code's quota keeps its pivots on top)
     ]
     pruner = _run(model, inputs, method, budget=3)
     assert pruner.budgets == [Budget(tokens=10), Budget(ratio=0.5), Budget(tokens=3)]
@@ -100,11 +103,11 @@ def test_a_single_pair_is_a_single_method(tiny):
 
 
 def test_a_composite_method_in_a_pair(tiny):
-    """mustdrop (vision stage + prefill stage) to 6, then dart to apply()'s 2, counted on the 6."""
+    """mustdrop (vision stage at twice the final count, prefill stage) to 6, then dart to apply()'s 2, counted
+    on the 6."""
     model, proc = tiny("llava", "sdpa")
-    pruner = _run(
-        model, batch_inputs("llava", proc, (1,)), [("mustdrop", {"layer": 1, "budget": 6}), "dart"], budget=2
-    )
+    method = [("mustdrop", {"layer": 1, "budget": 6, "vision_factor": 2}), ("dart", {"quota": "exact"})]
+    pruner = _run(model, batch_inputs("llava", proc, (1,)), method, budget=2)
     assert [(s.method, s.visual_kept) for s in pruner.stats.stages] == [
         ("mustdrop", [12]), ("mustdrop", [6]), ("dart", [2])
     ]  # fmt: skip

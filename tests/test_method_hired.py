@@ -1,5 +1,10 @@
 """Unit tests of HiRED (tokprune/methods/hired.py) and of the AnyRes geometry it shares with GlobalCom²
-(tokprune/methods/anyres.py), on hand-made base-view + tile-mosaic images."""
+(tokprune/methods/anyres.py), on hand-made base-view + tile-mosaic images.
+
+The defaults follow the authors' code (a tile's content score counts the marked base tokens in its raster
+band of the base view; the base share is counted on the padded tiles); tokprune's former defaults are
+options (`FORMER`). Agreement with the authors' code on the real model class: tests/agreement/test_hired.py.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ from tokprune.methods.hired import HiRED, base_share
 from tokprune.methods.holov import allocate_quotas
 
 SIGNALS = ("cls_attention@0", "cls_attention")
+# tokprune's former defaults: a tile's score from its area of the image, the base share of the kept tokens
+FORMER = dict(regions="rectangles", base_budget="content")
 # (base grid, tile row heights, tile column widths): square tiles, unpadded tiles, one row of one-row
 # tiles (a very wide image), a 2x1 column, a single tile, odd sides (base centres on tile borders)
 LAYOUTS = [
@@ -42,19 +49,31 @@ def _ranked(indices: list[int], score: list[float]) -> list[int]:
     return sorted(indices, key=lambda i: (-score[i], i))
 
 
-def _ref_select(image: ImageTokens, k: int, layout, alpha=0.5, ratio=None) -> list[int]:
+def _ref_bands(n_base: int, n_tiles: int) -> list[int]:
+    """Tile of every base token by raster band: the last t with t * n_base // T <= token."""
+    return [max(t for t in range(n_tiles) if t * n_base // n_tiles <= b) for b in range(n_base)]
+
+
+def _ref_select(image: ImageTokens, k: int, layout, alpha=0.5, ratio=None, former=False) -> list[int]:
     base, tile_rows, tile_cols = layout
     units, origins = anyres_units(base, list(tile_rows), list(tile_cols))
     early, final = (image.signals[s].double().tolist() for s in SIGNALS)
     base_idx = units[0].index.tolist()
     tiles = [u.index.tolist() for u in units[1:]]
     sizes = [len(t) for t in tiles]
-    k_base = min(math.floor(alpha * k), len(base_idx))
+    n_base, n = len(base_idx), len(base_idx) + sum(sizes)
+    if former:
+        wanted = math.floor(alpha * k + 1e-9)
+        region = ref_regions(base, origins, [u.grid for u in units[1:]], (sum(tile_rows), sum(tile_cols)))
+    else:
+        k_code = k * (1 + len(tiles)) * n_base // n  # k counted on the padded tiles
+        wanted = int(k_code * alpha)
+        region = _ref_bands(n_base, len(tiles))
+    k_base = min(wanted, n_base, k)
     k_tiles = min(k - k_base, sum(sizes))
     k_base = k - k_tiles
-    region = ref_regions(base, origins, [u.grid for u in units[1:]], (sum(tile_rows), sum(tile_cols)))
     ratio = 1 - alpha if ratio is None else ratio
-    marked = _ranked(list(range(len(base_idx))), [early[i] for i in base_idx])[: round(ratio * len(base_idx))]
+    marked = _ranked(list(range(n_base)), [early[i] for i in base_idx])[: int(ratio * n_base)]
     counts = [float(sum(region[m] == t for m in marked)) for t in range(len(tiles))]
     quotas = allocate_quotas(counts, sizes, k_tiles)
     keep = _ranked(base_idx, final)[:k_base]
@@ -83,6 +102,20 @@ def test_base_regions_are_quadrants_of_a_two_by_two_mosaic():
     image = ImageTokens(embeds=torch.zeros(16 + 48, 2), grid=None, units=units)
     region = anyres_mosaic(image, "test").base_regions().view(4, 4)
     assert region.tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_base_bands_are_raster_runs(layout):
+    base, tile_rows, tile_cols = layout
+    units, _ = anyres_units(base, list(tile_rows), list(tile_cols))
+    image = ImageTokens(embeds=torch.zeros(1 + int(units[-1].index.max()), 2), grid=None, units=units)
+    bands = anyres_mosaic(image, "test").base_bands()
+    assert bands.tolist() == _ref_bands(base[0] * base[1], len(units) - 1)
+    # 24 x 24 over 2 x 2 tiles (LLaVA-NeXT): tile t gets base rows 6t .. 6t + 5
+    big = anyres_units((24, 24), [24, 24], [24, 24])[0]
+    image = ImageTokens(embeds=torch.zeros(576 + 48 * 48, 2), grid=None, units=big)
+    rows = anyres_mosaic(image, "test").base_bands().view(24, 24)
+    assert rows[:, 0].tolist() == [r // 6 for r in range(24)] and bool((rows == rows[:, :1]).all())
 
 
 def test_mosaic_matches_llava_next_packing(tiny):
@@ -167,20 +200,33 @@ def _with_early(image: ImageTokens, base_values: dict[int, float]) -> ImageToken
 
 
 def test_budget_split_follows_early_attention_of_the_base_view():
-    # base 4x4 over a 2x2 mosaic of 4x4 tiles: base quadrant q lies in tile q. With content_ratio 0.5 the
-    # 8 marked base tokens are the 4 top-left ones, 2 top-right and 2 bottom-left: scores 4, 2, 2, 0
+    # base 4x4 over a 2x2 mosaic of 4x4 tiles. Default (the code): tile t's part of the base view is base row
+    # t; former (regions="rectangles"): base quadrant t. With content_ratio 0.5 the 8 marked base tokens are
+    # 0, 1, 4, 5 (top-left quadrant, rows 0-1), 2, 3 (row 0, top-right) and 8, 9 (row 2, bottom-left)
     image = _with_early(
         anyres_image(signals=SIGNALS, seed=1),
         {0: 1.0, 1: 1.0, 4: 1.0, 5: 1.0, 2: 0.5, 3: 0.5, 8: 0.5, 9: 0.5},
     )
-    keep = HiRED(alpha=0.5, content_ratio=0.5).select(image, 16).keep
-    assert kept_per_part(image, keep) == [8, 4, 2, 2, 0]  # base alpha * 16, tiles 8 shared 4:2:2:0
-    # default content_ratio = 1 - alpha: here also 8 marked tokens
-    assert torch.equal(HiRED(alpha=0.5).select(image, 16).keep, keep)
-    # all marked tokens in the top-left quadrant: that tile takes all of the tiles' share
+    # rows: 4, 2, 2, 0 marked; quadrants: 4, 2, 2, 0 as well
+    for options in ({}, FORMER):
+        keep = HiRED(alpha=0.5, content_ratio=0.5, **options).select(image, 16).keep
+        assert kept_per_part(image, keep) == [8, 4, 2, 2, 0]  # base alpha * 16, tiles 8 shared 4:2:2:0
+        # default content_ratio = 1 - alpha: here also 8 marked tokens
+        assert torch.equal(HiRED(alpha=0.5, **options).select(image, 16).keep, keep)
+    # all marked tokens in the top-left quadrant = rows 0 and 1: by bands tiles 0 and 1 share, by area tile 0
     image = _with_early(anyres_image(signals=SIGNALS, seed=2), {0: 1.0, 1: 1.0, 4: 1.0, 5: 1.0})
     keep = HiRED(alpha=0.5, content_ratio=0.25).select(image, 20).keep
+    assert kept_per_part(image, keep) == [10, 5, 5, 0, 0]
+    keep = HiRED(alpha=0.5, content_ratio=0.25, **FORMER).select(image, 20).keep
     assert kept_per_part(image, keep) == [10, 10, 0, 0, 0]
+
+
+def test_base_share_is_counted_on_the_padded_tiles():
+    """Unpadded tiles (3 of 4 rows each): the code takes alpha of its budget over the padded 5 x 16
+    tokens; k = 20 of the 64 content tokens is k_code = 20 * 80 // 64 = 25 there, base share int(12.5)."""
+    image = anyres_image(tile_rows=(3, 3), signals=SIGNALS, seed=7)
+    assert kept_per_part(image, HiRED().select(image, 20).keep)[0] == 12
+    assert kept_per_part(image, HiRED(base_budget="content").select(image, 20).keep)[0] == 10
 
 
 def test_alpha_is_the_base_views_share():
@@ -194,8 +240,11 @@ def test_alpha_is_the_base_views_share():
 def test_full_tiles_pass_their_overflow_on():
     # every marked token in tile 0; 44 tile tokens: tile 0 is full (16), the other 28 go by size
     image = _with_early(anyres_image(signals=SIGNALS, seed=4), {0: 1.0, 1: 1.0, 4: 1.0, 5: 1.0})
-    keep = HiRED(alpha=0.5, content_ratio=0.25).select(image, 60).keep
+    keep = HiRED(alpha=0.5, content_ratio=0.25, **FORMER).select(image, 60).keep
     assert kept_per_part(image, keep) == [16, 16, 10, 9, 9]
+    # by bands the marked tokens lie in rows 0 and 1 (tiles 0 and 1, 2 each): both full, 12 left by size
+    keep = HiRED(alpha=0.5, content_ratio=0.25).select(image, 60).keep
+    assert kept_per_part(image, keep) == [16, 16, 16, 6, 6]
 
 
 def test_base_share_sums_to_k():
@@ -203,10 +252,20 @@ def test_base_share_sums_to_k():
     assert base_share(21, 0.5, 16, [16, 16]) == (10, 11)
     assert base_share(40, 0.5, 16, [16, 16]) == (16, 24)  # base capped at its size
     assert base_share(40, 0.1, 16, [16, 16]) == (8, 32)  # tiles capped: the rest returns to the base
+    # counted on the padded tiles: 3 x 16 = 48 tower tokens, 40 content tokens; k_code = 20 * 48 // 40 = 24
+    assert base_share(20, 0.5, 16, [12, 12], padded=48) == (12, 8)
+    assert base_share(20, 0.5, 16, [12, 12]) == (10, 10)
+    assert base_share(20, 0.5, 16, [16, 16], padded=48) == (10, 10)  # nothing unpadded: the same
+    assert base_share(40, 0.57, 16, [12, 12], padded=48) == (16, 24)
+    assert base_share(100, 0.57, 100, [100], padded=200) == (56, 44)  # int(0.57 * 100) = 56, as the code
     for k in range(1, 48):
         for alpha in (0.0, 0.3, 0.5, 1.0):
-            k_base, k_tiles = base_share(k, alpha, 16, [16, 16])
-            assert k_base + k_tiles == k and 0 <= k_base <= 16 and 0 <= k_tiles <= 32
+            for padded in (None, 48):
+                k_base, k_tiles = base_share(k, alpha, 16, [16, 16], padded)
+                assert k_base + k_tiles == k and 0 <= k_base <= 16 and 0 <= k_tiles <= 32
+    for k in range(1, 41):
+        k_base, k_tiles = base_share(k, 0.5, 16, [12, 12], padded=48)
+        assert k_base + k_tiles == k and 0 <= k_base <= 16 and 0 <= k_tiles <= 24
 
 
 # ------------------------------------------------------------------------------------ selection
@@ -225,14 +284,16 @@ def test_tokens_inside_every_part_are_its_top_by_final_attention():
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("alpha,ratio", [(0.5, None), (0.2, None), (0.7, 0.3), (0.0, 1.0)])
-def test_exactly_k_and_matches_loop_reference(layout, alpha, ratio):
+@pytest.mark.parametrize("former", [False, True])
+def test_exactly_k_and_matches_loop_reference(layout, alpha, ratio, former):
     base, tile_rows, tile_cols = layout
     image = anyres_image(base, tile_rows, tile_cols, signals=SIGNALS, seed=len(tile_rows) + base[0])
-    method = HiRED(alpha=alpha, content_ratio=ratio)
+    method = HiRED(alpha=alpha, content_ratio=ratio, **(FORMER if former else {}))
     for k in range(1, image.n):
-        keep = method.select(image, k).keep
-        assert_valid_keep(keep, image.n, k)
-        assert keep.tolist() == _ref_select(image, k, layout, alpha, ratio), k
+        selection = method.select(image, k)
+        assert_valid_keep(selection.keep, image.n, k)
+        assert selection.order is None  # the code emits base view, then the mosaic, in token order
+        assert selection.keep.tolist() == _ref_select(image, k, layout, alpha, ratio, former), k
 
 
 def test_float16_signals_and_layer_options():
@@ -250,6 +311,7 @@ def test_metadata_and_options():
     assert REGISTRY["hired"] is HiRED
     assert HiRED.where == "pre" and HiRED.needs_tiles and not HiRED.spatial
     assert HiRED.default_budget == Budget(ratio=0.2)
+    assert HiRED.code_families == ("llava_next",)
     method = HiRED()
     assert (method.alpha, method.early_layer, method.final_layer, method.content_ratio) == (
         0.5,
@@ -257,6 +319,11 @@ def test_metadata_and_options():
         None,
         None,
     )
+    assert (method.regions, method.base_budget) == ("bands", "padded")
+    with pytest.raises(MethodOptionError, match=r"hired: regions must be one of \('bands', 'rectangles'\)"):
+        HiRED(regions="quadrants")
+    with pytest.raises(MethodOptionError, match=r"hired: base_budget must be one of \('padded', 'content'\)"):
+        HiRED(base_budget="x")
     assert method.signals == ("cls_attention@0", "cls_attention")
     bad = [
         {"alpha": 1.5},

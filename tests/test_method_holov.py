@@ -1,12 +1,15 @@
 """Unit tests of HoloV (tokprune/methods/holov.py) on small random tensors.
 
-The reference below recomputes everything with Python loops in float64 and solves the budget split by
-bisection on the water level, independently of the library's iterative saturation.
+The defaults follow the authors' code (raster bands, attention ranking, floored shares); tokprune's former
+defaults are options (`FORMER`). The references below recompute both with Python loops in float64; the
+water-filling split is solved by bisection on the water level, independently of the library's iterative
+saturation. Agreement with the authors' code on real model classes: tests/agreement/test_holov.py.
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -18,7 +21,19 @@ from tokprune.core.layout import Unit
 from tokprune.core.selection import select_units
 from tokprune.errors import MethodOptionError
 from tokprune.methods.base import ImageTokens
-from tokprune.methods.holov import HoloV, allocate_quotas, crop_layout, crop_partition, holistic_scores
+from tokprune.methods.holov import (
+    HoloV,
+    allocate_quotas,
+    code_quotas,
+    code_scores,
+    crop_count_for,
+    crop_layout,
+    crop_partition,
+    holistic_scores,
+)
+
+# tokprune's former defaults: 2-D blocks, ranking by the holistic score, variance over j != i, water filling
+FORMER = dict(layout="blocks", rank_by="score", scoring="centred", allocation="water_fill", units="per_unit")
 
 
 def _image(h: int, w: int, d: int = 8, seed: int = 0, grid: bool = True) -> ImageTokens:
@@ -260,14 +275,14 @@ def test_hand_made_crop_where_diversity_beats_attention():
     torch.testing.assert_close(crop_scores, torch.tensor([1.09 * 0.91 / 3]), rtol=1e-5, atol=0.0)
     image = ImageTokens(embeds=embeds, grid=(1, 3), signals={"cls_attention": attention})
     # keep one: by holistic score the distinctive token 0 (tie with 1 -> lower index) ...
-    assert HoloV(crop_rows=1, crop_cols=1).select(image, 1).keep.tolist() == [0]
-    # ... by attention alone (the authors' in-crop ranking) the redundant token 2
-    assert HoloV(crop_rows=1, crop_cols=1, rank_by="attention").select(image, 1).keep.tolist() == [2]
+    assert HoloV(crop_rows=1, crop_cols=1, **FORMER).select(image, 1).keep.tolist() == [0]
+    # ... by attention alone (the authors' in-crop ranking, the default) the redundant token 2
+    assert HoloV(crop_rows=1, crop_cols=1).select(image, 1).keep.tolist() == [2]
 
 
 def test_beta_zero_is_per_crop_attention_topk():
     image = _image(12, 12, seed=5)
-    keep = HoloV(beta=0.0).select(image, 20).keep
+    keep = HoloV(beta=0.0, **FORMER).select(image, 20).keep
     a = image.signals["cls_attention"]
     crops = crop_partition(12, 12)
     quotas = allocate_quotas([float(a[c].mean()) for c in crops], [c.numel() for c in crops], 20)
@@ -287,11 +302,11 @@ def test_crop_with_all_attention_gets_most_of_the_budget():
     crop = crop_partition(h, w)[5]
     attention[crop] = torch.rand(crop.numel()) + 0.1
     image.signals["cls_attention"] = attention
-    keep = HoloV().select(image, 30).keep
+    keep = HoloV(**FORMER).select(image, 30).keep
     inside = torch.isin(keep, crop).sum().item()
     assert inside == 30
     # a budget larger than the crop: the crop is kept whole, the rest is spread over the others
-    keep = HoloV().select(image, 64).keep
+    keep = HoloV(**FORMER).select(image, 64).keep
     assert torch.isin(crop, keep).all()
     others = [c for i, c in enumerate(crop_partition(h, w)) if i != 5]
     counts = [torch.isin(keep, c).sum().item() for c in others]
@@ -300,7 +315,7 @@ def test_crop_with_all_attention_gets_most_of_the_budget():
 
 def test_kept_tokens_are_each_crops_top_tokens_by_score():
     image = _image(24, 24, d=16, seed=4)
-    keep = set(HoloV().select(image, 64).keep.tolist())
+    keep = set(HoloV(**FORMER).select(image, 64).keep.tolist())
     crops = crop_partition(24, 24)
     scores, _ = holistic_scores(image.embeds, image.signals["cls_attention"], crops)
     for c in crops:
@@ -312,7 +327,8 @@ def test_kept_tokens_are_each_crops_top_tokens_by_score():
 
 def test_rank_by_attention_uses_attention_inside_crops():
     image = _image(24, 24, d=16, seed=6)
-    keep = set(HoloV(rank_by="attention").select(image, 64).keep.tolist())
+    former = {**FORMER, "rank_by": "attention"}
+    keep = set(HoloV(**former).select(image, 64).keep.tolist())
     a = image.signals["cls_attention"]
     for c in crop_partition(24, 24):
         kept = [i for i in c.tolist() if i in keep]
@@ -351,9 +367,9 @@ def test_no_grid_is_a_strip():
 
 @pytest.mark.parametrize("h,w,k", [(24, 24, 64), (24, 24, 10), (7, 7, 12), (9, 6, 5), (13, 11, 40)])
 @pytest.mark.parametrize("seed", range(3))
-def test_matches_loop_reference(h, w, k, seed):
+def test_former_defaults_match_loop_reference(h, w, k, seed):
     image = _image(h, w, seed=seed * 100 + h + w)
-    assert HoloV().select(image, k).keep.tolist() == _ref_select(image, k)
+    assert HoloV(**FORMER).select(image, k).keep.tolist() == _ref_select(image, k)
 
 
 def test_float16_inputs_and_degenerate_signals():
@@ -375,6 +391,7 @@ def test_metadata_and_options():
     assert HoloV.name == "holov" and HoloV.where == "pre"
     assert HoloV.signals == ("cls_attention",)
     assert HoloV.default_budget == Budget(tokens=64)
+    assert HoloV.code_families == ("llava", "llava_next")
     method = HoloV()
     assert (method.crop_rows, method.crop_cols, method.alpha, method.beta, method.power) == (
         4,
@@ -383,11 +400,163 @@ def test_metadata_and_options():
         0.09,
         1.0,
     )
+    assert (method.layout, method.rank_by, method.scoring, method.allocation, method.units, method.crop_count) == (
+        "bands", "attention", "code", "code", "joint", "fixed",
+    )  # fmt: skip
     for bad in [{"crop_rows": 0}, {"crop_cols": 2.5}, {"power": 0}, {"layout": "x"}, {"rank_by": "x"}]:
         with pytest.raises(MethodOptionError):
             HoloV(**bad)
+    for option, choices in [
+        ("scoring", "('code', 'centred')"),
+        ("allocation", "('code', 'water_fill')"),
+        ("units", "('joint', 'per_unit')"),
+        ("crop_count", "('fixed', 'per_budget')"),
+    ]:
+        with pytest.raises(MethodOptionError, match=f"holov: {option} must be one of {re.escape(choices)}"):
+            HoloV(**{option: "nope"})
     with pytest.raises(ValueError):
         HoloV().select(ImageTokens(torch.randn(10, 4), (3, 3), {"cls_attention": torch.rand(10)}), 3)
+
+
+# ------------------------------------------------------------------------------------ the authors' code
+
+
+def _ref_code_scores(embeds, attention, crops, eps=1e-6):
+    """The code's scores with loops in float64: variance over the whole row with the zeroed diagonal,
+    attention x 1000, raw attention for one-token crops."""
+    f = embeds.double().tolist()
+    a = attention.double().tolist()
+    norm = [math.sqrt(sum(v * v for v in row)) for row in f]
+    scores, crop_scores = [0.0] * len(a), []
+    for crop in crops:
+        m = len(crop)
+        if m == 1:
+            scores[crop[0]] = a[crop[0]]
+            crop_scores.append(a[crop[0]])
+            continue
+        var = {}
+        for i in crop:
+            sims = [
+                0.0
+                if j == i
+                else sum(p * q for p, q in zip(f[i], f[j])) / ((norm[i] + eps) * (norm[j] + eps))
+                for j in crop
+            ]
+            mu = sum(sims) / (m - 1)
+            var[i] = sum((x - mu) ** 2 for x in sims) / (m - 1)
+        lam = (sum(1000 * abs(a[i]) for i in crop) / m) / (sum(var[i] for i in crop) / m + eps)
+        for i in crop:
+            scores[i] = 1000 * a[i] + 0.09 * var[i] * lam
+        crop_scores.append(sum(scores[i] for i in crop) / m)
+    return scores, crop_scores
+
+
+def _ref_code_select(image: ImageTokens, k: int, count: int = 16) -> list[int]:
+    """The code's emitted tokens: bands, floored shares, leftover to the largest weights, whole crops in
+    order, else top by attention (decreasing); missing tokens: the best remaining by attention, last."""
+    n = image.n
+    size, extra = divmod(n, count)
+    crops, start = [], 0
+    for r in range(count):
+        length = size + (r < extra)
+        if length:
+            crops.append(list(range(start, start + length)))
+        start += length
+    a = image.signals["cls_attention"].double().tolist()
+    _, crop_scores = _ref_code_scores(image.embeds, image.signals["cls_attention"], crops)
+    total = sum(crop_scores) + 1e-6
+    weights = [c / total for c in crop_scores]
+    quotas = [math.floor(w * k) for w in weights]
+    for c in sorted(range(len(crops)), key=lambda c: (-weights[c], c))[: k - sum(quotas)]:
+        quotas[c] += 1
+    emitted = []
+    for crop, q in zip(crops, quotas):
+        emitted += crop if q >= len(crop) else sorted(crop, key=lambda i: (-a[i], i))[:q]
+    rest = sorted(set(range(n)) - set(emitted), key=lambda i: (-a[i], i))
+    return emitted + rest[: k - len(emitted)]
+
+
+def _emitted(selection) -> list[int]:
+    return selection.keep[selection.order].tolist()
+
+
+def test_code_scores_match_loop_reference():
+    image = _image(7, 9, seed=3)
+    crops = crop_partition(7, 9, 4, 4, "bands") + [torch.tensor([0])]  # a one-token crop too
+    scores, crop_scores = code_scores(image.embeds, image.signals["cls_attention"], crops)
+    ref_scores, ref_crop_scores = _ref_code_scores(
+        image.embeds, image.signals["cls_attention"], [c.tolist() for c in crops]
+    )
+    torch.testing.assert_close(
+        scores.double(), torch.tensor(ref_scores, dtype=torch.float64), rtol=1e-5, atol=1e-7
+    )
+    torch.testing.assert_close(
+        crop_scores.double(), torch.tensor(ref_crop_scores, dtype=torch.float64), rtol=1e-5, atol=1e-7
+    )
+    # the zeroed diagonal is counted: larger than the centred variance
+    _, centred = holistic_scores(image.embeds, image.signals["cls_attention"], crops[:-1])
+    assert not torch.allclose(crop_scores[:-1], centred * 1000, rtol=1e-7)
+
+
+def test_code_quotas_floor_then_largest_weights():
+    # w = 0.25, 0.25, 0.5 (less eps): floors 2, 2, 4; the 2 leftover go to crop 2, then crop 0 (tie, lower)
+    assert code_quotas(torch.tensor([1.0, 1.0, 2.0]), 10) == [3, 2, 5]
+    # shares are not capped: a dominant crop may get more than it holds
+    assert code_quotas(torch.tensor([100.0, 1.0, 1.0]), 20) == [20, 0, 0]
+    assert sum(code_quotas(torch.rand(16, generator=torch.Generator().manual_seed(0)), 64)) == 64
+
+
+@pytest.mark.parametrize(
+    "h,w,ks",
+    [(24, 24, [16, 64, 128, 192, 300]), (7, 7, [5, 16, 30]), (27, 13, [9, 64, 200]), (1, 40, [3, 20])],
+)
+@pytest.mark.parametrize("seed", range(3))
+def test_default_matches_the_code_loop_reference(h, w, ks, seed):
+    image = _image(h, w, seed=seed * 7 + h)
+    for k in ks:
+        selection = HoloV().select(image, k)
+        assert_valid_keep(selection.keep, h * w, k)
+        assert _emitted(selection) == _ref_code_select(image, k), k
+
+
+def test_shares_beyond_a_crop_keep_it_whole_and_fill_with_the_next_tokens():
+    """A band with nearly all the attention: the code keeps it whole and pads with zeros; here the missing
+    tokens are the best remaining ones by attention, emitted after the crops."""
+    image = _image(1, 64, seed=11)
+    a = torch.full((64,), 1e-4)
+    a[:4] = torch.tensor([0.4, 0.1, 0.3, 0.2])  # band 0 (tokens 0..3)
+    a[40] = 5e-3
+    image.signals["cls_attention"] = a
+    selection = HoloV().select(image, 16)
+    emitted = _emitted(selection)
+    assert emitted[:4] == [0, 1, 2, 3], "the whole band, in token order"
+    assert emitted[4] == 40 and len(emitted) == 16
+    assert emitted == _ref_code_select(image, 16)
+
+
+def test_joint_bands_cross_units():
+    """An image of several units (AnyRes base view + tiles): by default the bands run over all its tokens in
+    order, as the code cuts the concatenated sequence; units='per_unit' cuts every unit."""
+    image = _units_image([(6, 6), (6, 6), (3, 12)], seed=2)
+    plain = ImageTokens(embeds=image.embeds, grid=None, signals=image.signals)
+    assert torch.equal(HoloV().select(image, 20).keep, HoloV().select(plain, 20).keep)
+    from tokprune.methods.holov import image_crops
+
+    crops = image_crops(image, 4, 4, "bands", "holov", "per_unit")
+    assert len(crops) == 48 and all(bool((c < 36).all()) or bool((c >= 36).all()) for c in crops)
+    assert_valid_keep(HoloV(units="per_unit").select(image, 20).keep, image.n, 20)
+
+
+def test_per_budget_crop_count():
+    assert [crop_count_for(576, k) for k in (64, 128, 192)] == [16, 8, 5]
+    assert crop_count_for(100, 100) == 1
+    image = _image(24, 24, seed=5)
+    for k in (64, 128, 192):
+        selection = HoloV(crop_count="per_budget").select(image, k)
+        assert _emitted(selection) == _ref_code_select(image, k, crop_count_for(576, k))
+    for bad in [{"crop_rows": 2}, {"layout": "blocks"}, {"units": "per_unit"}]:
+        with pytest.raises(MethodOptionError, match="used only with crop_count='fixed'"):
+            HoloV(crop_count="per_budget", **bad)
 
 
 # ------------------------------------------------------------------------------------ several units
@@ -433,7 +602,7 @@ def test_units_share_the_budget_by_crop_score(grids, k):
     """AnyRes tiles / video frames: every unit is cut into its own crops and all crops share k by crop
     score (not the units by size): the unit holding the attention gets more than its size share."""
     image = _units_image(grids, seed=k)
-    method = HoloV()
+    method = HoloV(**FORMER)
     assert not method.spatial  # the engine hands over the whole image, units included
     keep = select_units(method, image, k).keep
     assert_valid_keep(keep, image.n, k)

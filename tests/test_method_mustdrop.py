@@ -23,9 +23,12 @@ from tokprune.methods.mustdrop import (
     MustDropPrefill,
     MustDropVision,
     dual_attention_order,
+    key_signal,
     local_merge_groups,
     windows,
 )
+
+KEY = key_signal(-1)  # the default key ranking: [CLS] attention of the ViT's last layer (the code's)
 
 # --------------------------------------------------------------------------------------------- windows
 
@@ -77,7 +80,7 @@ def test_a_partial_window_merges_its_most_typical_tokens():
 
 
 def _vision_image(embeds: torch.Tensor, cls: torch.Tensor, grid=(6, 6)) -> ImageTokens:
-    return ImageTokens(embeds=embeds, grid=grid, signals={"cls_attention": cls})
+    return ImageTokens(embeds=embeds, grid=grid, signals={KEY: cls})
 
 
 def test_vision_stage_merges_similar_neighbours_and_protects_keys():
@@ -159,7 +162,7 @@ def test_dual_attention_prefixes_are_the_released_filters_union(seed):
 def _prefill_image(attention: torch.Tensor, cls: torch.Tensor, m: int, full_n: int) -> ImageTokens:
     return ImageTokens(
         embeds=torch.zeros(attention.shape[0], 2), grid=None,
-        signals={TEXT_SIGNAL: attention, "cls_attention": cls}, text={TEXT_SIGNAL: torch.zeros(m, 1)},
+        signals={TEXT_SIGNAL: attention, KEY: cls}, text={TEXT_SIGNAL: torch.zeros(m, 1)},
         full_n=full_n,
     )  # fmt: skip
 
@@ -194,7 +197,8 @@ def test_prefill_keeps_the_keys_then_dual_attention():
 def test_stage_counts(budget, n):
     vision, final = MustDrop().part_budgets(budget)
     assert final == budget
-    assert vision.kept(n) == min(n, 2 * budget.kept(n))
+    assert vision.kept(n) == n  # by default the vision stage keeps every token (the code drops none there)
+    assert MustDrop(vision_factor=2).part_budgets(budget)[0].kept(n) == min(n, 2 * budget.kept(n))
     assert MustDropPrefill().stage_counts(n, budget) == [budget.kept(n)]
     assert MustDrop(vision_factor=1.5).part_budgets(budget)[0].kept(n) == min(
         n, math.ceil(1.5 * budget.kept(n) - 1e-9)
@@ -213,11 +217,11 @@ def test_engine_counts_and_keys_survive_both_stages(tiny, monkeypatch, family):
         original = cls_.select
 
         def record(self, image, k, original=original, key=key):
-            seen[key].append(image.signals["cls_attention"].clone())
+            seen[key].append(image.signals[KEY].clone())
             return original(self, image, k)
 
         monkeypatch.setattr(cls_, "select", record)
-    with tokprune.apply(model, "mustdrop", keep_ratio=0.25) as pruner, torch.no_grad():
+    with tokprune.apply(model, "mustdrop", keep_ratio=0.25, vision_factor=2) as pruner, torch.no_grad():
         model(**inputs)
         stats = pruner.stats
     assert [(s.method, s.where) for s in stats.stages] == [("mustdrop", "pre"), ("mustdrop", "llm@3")]
@@ -246,7 +250,7 @@ def _record_stages(monkeypatch) -> dict:
 
         def record(self, image, k, original=original, key=key):
             selection = original(self, image, k)
-            cls = image.signals["cls_attention"].float().reshape(-1)
+            cls = image.signals[KEY].float().reshape(-1)
             units = len(image.units or ())
             seen[key].append(
                 dict(cls=cls.clone(), k=k, full_n=image.full_n, units=units, keep=selection.keep)
@@ -284,7 +288,7 @@ def test_keys_survive_both_stages_on_anyres_images(tiny, monkeypatch, sizes, rat
     model, proc = tiny("llava_next", "sdpa")
     seen = _record_stages(monkeypatch)
     inputs = batch_inputs("llava_next", proc, (1, 2), sizes=sizes)
-    with tokprune.apply(model, "mustdrop", keep_ratio=ratio), torch.no_grad():
+    with tokprune.apply(model, "mustdrop", keep_ratio=ratio, vision_factor=2), torch.no_grad():
         model(**inputs)
     assert _assert_one_key_set(seen) == 3
     assert all(v["units"] > 2 for v in seen["vision"])  # a base view and tiles
@@ -302,7 +306,7 @@ def test_vision_stage_keys_are_global_on_units():
     cls = torch.rand(72, generator=g) * 0.1
     cls[:36] += 1.0
     cls[window] += 0.5  # the merged token outranks the rest of unit 1 in the drop step
-    image = ImageTokens(embeds=embeds, grid=None, signals={"cls_attention": cls}, units=units, full_n=72)
+    image = ImageTokens(embeds=embeds, grid=None, signals={KEY: cls}, units=units, full_n=72)
     k = 40
     selection = MustDropVision().select(image, k)
     assert_valid_keep(selection.keep, 72, k)
@@ -343,7 +347,7 @@ def test_keys_survive_both_stages_on_video_frames(tiny, monkeypatch, ratio):
     frame it would be 2 + 2), and the prefill stage keeps it."""
     model, proc = tiny("qwen2_vl", "sdpa")
     seen = _record_stages(monkeypatch)
-    with tokprune.apply(model, "mustdrop", keep_ratio=ratio) as pruner, torch.no_grad():
+    with tokprune.apply(model, "mustdrop", keep_ratio=ratio, vision_factor=2) as pruner, torch.no_grad():
         model(**_video_inputs(proc))
     assert _assert_one_key_set(seen) == 1
     assert (seen["vision"][0]["full_n"], seen["vision"][0]["units"]) == (32, 2)
@@ -365,11 +369,29 @@ def test_keys_survive_both_stages_on_video_frames(tiny, monkeypatch, ratio):
         {"threshold": 2},
         {"vision_factor": 0.5},
         {"vision_factor": "2"},
+        {"key_layer": "last"},
+        {"key_layer": 1.5},
     ],
 )
 def test_option_errors(options):
     with pytest.raises(MethodOptionError, match="mustdrop"):
         make_method("mustdrop", options)
+
+
+def test_key_layer_selects_the_signal():
+    assert MustDrop().signals[0] == "cls_attention@-1"
+    assert [part.signals[-1] for part in MustDrop(key_layer="feature").parts()] == ["cls_attention"] * 2
+    assert MustDrop(key_layer=-2).parts()[1].signals == (TEXT_SIGNAL, "cls_attention@-2")
+
+
+def test_default_vision_stage_keeps_every_token(tiny):
+    model, proc = tiny("llava", "sdpa")
+    inputs = batch_inputs("llava", proc, (1,))
+    _, content = image_counts("llava", model, inputs)
+    with tokprune.apply(model, "mustdrop", keep_ratio=0.25) as pruner, torch.no_grad():
+        model(**inputs)
+    assert [s.visual_kept for s in pruner.stats.stages] == [content, [math.ceil(0.25 * content[0] - 1e-9)]]
+    assert all(m.numel() == 0 for m in pruner.stats.stages[0].merged)
 
 
 def test_errors_reach_the_caller(tiny):

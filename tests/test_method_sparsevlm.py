@@ -1,6 +1,7 @@
 """SparseVLM: raters and scores on hand-made attention, the text-query signal and the rater score against eager
-attention maps, the stage schedule, density peaks (Eq. 8-9, cosine assignment) and token recycling against their
-definitions, option errors."""
+attention maps, the stage schedule, the code's recycling (counts, clustering, layout) and the earlier "within"
+recycling (density peaks, Eq. 8-9, cosine assignment) against their definitions, option errors. Agreement with
+the authors' code: tests/agreement/test_sparsevlm.py."""
 
 from __future__ import annotations
 
@@ -19,9 +20,14 @@ from tokprune.errors import MethodOptionError
 from tokprune.methods import make_method
 from tokprune.methods.base import ImageTokens
 from tokprune.methods.sparsevlm import (
+    RECYCLE,
     RELEVANCE,
     SIGNAL,
     SparseVLM,
+    code_clusters,
+    code_recycle_select,
+    code_recycled,
+    code_split,
     density_peak_clusters,
     density_peaks,
     rater_scores,
@@ -76,6 +82,7 @@ def test_a_text_token_at_the_mean_rates():
     # rows 1 and 2 rate; a strict "> mean" would keep row 2 alone ([2, 1])
     attention = torch.tensor([[1.0, 0.0], [1.0, 1.0], [2.0, 1.0]])
     torch.testing.assert_close(rater_scores(attention), torch.tensor([1.5, 1.0]))
+    torch.testing.assert_close(rater_scores(attention, strict=True), attention[2])  # the code's "> mean"
 
 
 def test_scores_ignore_padding_columns_and_select_top_k():
@@ -94,7 +101,7 @@ def test_scores_ignore_padding_columns_and_select_top_k():
         ]
     )  # (n=5 visual, T=4); relevance of the 3 real text tokens: 0.5, 0.45, 0.05 -> raters 0 and 1
     image = _image(attention, m=3)
-    method = SparseVLM(raters="attention")
+    method = SparseVLM(raters="attention", recycle="off")
     expected = (attention[:, 0] + attention[:, 1]) / 2  # [0.05, 0.025, 0.25, 0.05, 0.1]
     torch.testing.assert_close(method.scores(image), expected)
     assert method.select(image, 2).keep.tolist() == [2, 4]
@@ -110,18 +117,22 @@ def test_embedding_raters_come_from_the_relevance_signal():
     attention = torch.rand(5, 4, generator=torch.Generator().manual_seed(3))
     image = _image(attention, m=3, relevance=torch.tensor([0.2, 0.1, 0.7, 0.0]))
     torch.testing.assert_close(SparseVLM().scores(image), attention[:, 2])
-    # relevance at the mean rates (Eq. 5: >=): two tokens of equal relevance both rate
+    # two tokens of equal relevance: none is above the mean, so both rate (the code would have no rater)
     tied = _image(attention, m=2, relevance=torch.tensor([0.5, 0.5, 0.0, 0.0]))
     torch.testing.assert_close(SparseVLM().scores(tied), attention[:, :2].mean(1))
+    # relevance 1, 2, 3 (mean 2, exact): the code's "> mean" (default) takes token 2, Eq. 5's ">=" 1 and 2
+    at_mean = _image(attention, m=3, relevance=torch.tensor([1.0, 2.0, 3.0, 0.0]))
+    torch.testing.assert_close(SparseVLM().scores(at_mean), attention[:, 2])
+    torch.testing.assert_close(SparseVLM(rater_rule="at_least").scores(at_mean), attention[:, 1:3].mean(1))
 
 
 @pytest.mark.parametrize("n,k", [(10, 1), (10, 9), (50, 13)])
 def test_select_exactly_k(n, k):
     attention = torch.rand(n, 6, generator=torch.Generator().manual_seed(n))
-    for recycle in (False, True):
+    for recycle in RECYCLE:
         selection = SparseVLM(recycle=recycle).select(_image(attention, m=5, embeds=torch.randn(n, 8)), k)
         assert_valid_keep(selection.keep, n, k)
-        assert (selection.merged is None) == (not recycle)
+        assert (selection.merged is None) == (recycle == "off")
 
 
 # ------------------------------------------------------------------------------------------ the signal
@@ -200,17 +211,23 @@ def test_input_text_relevance_follows_eq_4():
     assert got[1, 2:7].tolist() == [[1.0, 0.0, 0.0]] * 5 and (got[1, [0, 1, 7, 8]] == 0).all()
 
 
-def _explicit_rater_score(head_mean: torch.Tensor, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-    """Loops over the eager map: raters = text rows whose image attention is >= the mean; their mean row."""
+def _explicit_rater_score(
+    head_mean: torch.Tensor, text: torch.Tensor, image: torch.Tensor, strict: bool
+) -> torch.Tensor:
+    """Loops over the eager map: raters = text rows whose image attention is above (strict) / at least the
+    mean; their mean row."""
     rows = [head_mean[t, image].double() for t in text.tolist()]
     relevance = [float(r.sum()) for r in rows]
     mean = sum(relevance) / len(relevance)
-    raters = [r for r, rel in zip(rows, relevance) if rel >= mean] or rows
+    raters = [r for r, rel in zip(rows, relevance) if (rel > mean if strict else rel >= mean)] or rows
     return (sum(raters) / len(raters)).float()
 
 
-def _explicit_embedding_raters(embeds: torch.Tensor, text: torch.Tensor, image: torch.Tensor) -> list[int]:
-    """Eq. 4-6 written out in float64 on the LLM input embeds (L, D): the rating text tokens (indices)."""
+def _explicit_embedding_raters(
+    embeds: torch.Tensor, text: torch.Tensor, image: torch.Tensor, strict: bool
+) -> list[int]:
+    """Eq. 4-6 written out in float64 on the LLM input embeds (L, D): the rating text tokens (indices),
+    above (strict, the code) or at least (Eq. 5) the mean."""
     relevance = [0.0] * len(text)
     for v in image.tolist():
         logits = [float(embeds[v].double() @ embeds[t].double()) for t in text.tolist()]
@@ -219,12 +236,14 @@ def _explicit_embedding_raters(embeds: torch.Tensor, text: torch.Tensor, image: 
         for i, w in enumerate(weights):
             relevance[i] += w / sum(weights) / len(image)
     mean = sum(relevance) / len(relevance)
-    return [i for i, r in enumerate(relevance) if r >= mean - 1e-9] or list(range(len(text)))
+    tol = -1e-9 if strict else 1e-9
+    return [i for i, r in enumerate(relevance) if r > mean + tol] or list(range(len(text)))
 
 
+@pytest.mark.parametrize("rule", ["above", "at_least"])
 @pytest.mark.parametrize("raters", ["embeddings", "attention"])
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_rater_scores_in_the_engine_match_eager_maps(tiny, monkeypatch, family, raters):
+def test_rater_scores_in_the_engine_match_eager_maps(tiny, monkeypatch, family, raters, rule):
     """The first stage's scores (sdpa model, recomputed rows) equal the eager map's rater scores, with the
     raters of the LLM-input embeddings (Eq. 4-6) or of the stage's own attention rows."""
     model, proc = tiny(family, "sdpa")
@@ -238,7 +257,8 @@ def test_rater_scores_in_the_engine_match_eager_maps(tiny, monkeypatch, family, 
         return original(self, image, k)
 
     monkeypatch.setattr(SparseVLM, "select", record)
-    with tokprune.apply(model, "sparsevlm", keep_ratio=0.25, raters=raters) as pruner, torch.no_grad():
+    options = dict(keep_ratio=0.25, raters=raters, rater_rule=rule)
+    with tokprune.apply(model, "sparsevlm", **options) as pruner, torch.no_grad():
         model(**inputs)
         layer = pruner.methods[-1].boundaries(len(model.model.language_model.layers))[0] - 1
     lm_input = {}
@@ -262,10 +282,12 @@ def test_rater_scores_in_the_engine_match_eager_maps(tiny, monkeypatch, family, 
         per_image = positions[start : start + counts[image]]
         text = ((torch.arange(visual.shape[1]) > positions.max()) & valid[row]).nonzero().squeeze(1)
         if raters == "embeddings":
-            chosen = _explicit_embedding_raters(lm_input["inputs_embeds"][row], text, per_image)
+            chosen = _explicit_embedding_raters(
+                lm_input["inputs_embeds"][row], text, per_image, rule == "above"
+            )
             expected = eager[row][text[chosen]][:, per_image].double().mean(0).float()
         else:
-            expected = _explicit_rater_score(eager[row], text, per_image)
+            expected = _explicit_rater_score(eager[row], text, per_image, rule == "above")
         torch.testing.assert_close(scores, expected, atol=TOL, rtol=0)
 
 
@@ -295,11 +317,15 @@ def test_embedding_raters_are_chosen_once_on_the_llm_input(tiny, monkeypatch):
 
 def test_published_schedules_are_reproduced():
     method = SparseVLM()
-    assert method.stage_counts(576, Budget(tokens=110)) == [300, 200, 110]  # "192"
-    assert method.stage_counts(576, Budget(tokens=36)) == [303, 110, 36]  # "128"
-    assert method.stage_counts(576, Budget(tokens=17)) == [66, 30, 17]  # "64"
-    assert method.stage_counts(576, SparseVLM.default_budget) == [300, 200, 110]
+    assert method.topk_counts(576, Budget(tokens=110)) == [300, 200, 110]  # "192"
+    assert method.topk_counts(576, Budget(tokens=36)) == [303, 110, 36]  # "128"
+    assert method.topk_counts(576, Budget(tokens=17)) == [66, 30, 17]  # "64"
+    assert method.topk_counts(576, SparseVLM.default_budget) == [300, 200, 110]
     assert method.boundaries(32) == [3, 7, 16]  # pruning after layers 2, 6, 15
+    # the code's recycling adds its clusters on top of each stage's top-k: 300 + 9, 200 + 4, 110 + 3
+    assert method.stage_counts(576, SparseVLM.default_budget) == [309, 204, 113]
+    for recycle in ("off", "within"):
+        assert SparseVLM(recycle=recycle).stage_counts(576, Budget(tokens=110)) == [300, 200, 110]
 
 
 def test_schedule_interpolates_between_published_ones():
@@ -307,20 +333,34 @@ def test_schedule_interpolates_between_published_ones():
     # 64 of 576 lies between the "128" (36) and "192" (110) schedules: t = 28/74
     t = 28 / 74
     expected = [math.ceil(303 + t * (300 - 303)), math.ceil(110 + t * (200 - 110)), 64]
-    assert method.stage_counts(576, Budget(tokens=64)) == expected == [302, 145, 64]
+    assert method.topk_counts(576, Budget(tokens=64)) == expected == [302, 145, 64]
     # below the smallest schedule: proportional to it; above the largest: towards keep-all
-    assert method.stage_counts(576, Budget(tokens=1)) == [math.ceil(66 / 17), math.ceil(30 / 17), 1]
+    assert method.topk_counts(576, Budget(tokens=1)) == [math.ceil(66 / 17), math.ceil(30 / 17), 1]
+    assert method.topk_counts(576, Budget(tokens=576)) == [576, 576, 576]
+    assert method.topk_counts(16, Budget(ratio=0.25)) == [9, 7, 4]
+    # with the clusters: 302 + c(274) = 311, 145 + c(166) = 151, 64 + c(87) = 67
+    assert method.stage_counts(576, Budget(tokens=64)) == [311, 151, 67]
     assert method.stage_counts(576, Budget(tokens=576)) == [576, 576, 576]
-    assert method.stage_counts(16, Budget(ratio=0.25)) == [9, 7, 4]
 
 
 @pytest.mark.parametrize("n", [1, 2, 16, 49, 576, 2880])
 def test_schedule_is_monotone_and_bounded(n):
     method = SparseVLM()
     for final in range(1, n + 1, max(1, n // 97)):
+        topk = method.topk_counts(n, Budget(tokens=final))
+        assert topk[-1] == final
+        assert n >= topk[0] >= topk[1] >= topk[2], (n, final, topk)
+        assert SparseVLM(recycle="off").stage_counts(n, Budget(tokens=final)) == topk
         counts = method.stage_counts(n, Budget(tokens=final))
-        assert counts[-1] == final
         assert n >= counts[0] >= counts[1] >= counts[2], (n, final, counts)
+        before = n
+        for k, count in zip(topk, counts):  # each stage: its top-k plus the code's clusters, or nothing
+            k = min(k, before)
+            assert count == (before if k >= before else k + code_recycled(before - k)[1])
+            if count < before:  # select's split: this k, or the larger one of a plateau (same count)
+                top, clusters = code_split(before, count)
+                assert top + clusters == count and top in (k, k + 1)
+            before = count
 
 
 def test_layers_scale_with_depth():
@@ -425,25 +465,26 @@ def _recycled_by_definition(
     return sorted(out), torch.stack([out[i] for i in sorted(out)])
 
 
-def test_recycling_follows_its_definition():
+def test_within_recycling_follows_its_definition():
     g = torch.Generator().manual_seed(3)
     n, k = 60, 12  # N = 48: ceil(14.4) = 15 recycled into 2 tokens, 10 tokens kept as they are
     image = _image(torch.rand(n, 7, generator=g), m=6, embeds=torch.randn(n, 16, generator=g))
-    plain = SparseVLM().select(image, k)
-    recycled = SparseVLM(recycle=True).select(image, k)
+    plain = SparseVLM(recycle="off").select(image, k)
+    recycled = SparseVLM(recycle="within").select(image, k)
     assert_valid_keep(recycled.keep, n, k)
     keep, expected = _recycled_by_definition(image, SparseVLM().scores(image), k)
     assert recycled.keep.tolist() == keep
     torch.testing.assert_close(recycled.merged, expected, atol=1e-5, rtol=1e-5)
     # the 10 best-scored tokens stay, unchanged; the 2 other slots hold cluster means
-    top = SparseVLM().select(image, k - 2).keep
+    top = SparseVLM(recycle="off").select(image, k - 2).keep
     assert set(top.tolist()) <= set(recycled.keep.tolist()) and set(top.tolist()) <= set(plain.keep.tolist())
     same = torch.isin(recycled.keep, top)
     torch.testing.assert_close(recycled.merged[same], image.embeds[recycled.keep[same]])
     assert not torch.allclose(recycled.merged[~same], image.embeds[recycled.keep[~same]])
 
 
-def test_engine_writes_the_recycled_states(tiny, monkeypatch):
+@pytest.mark.parametrize("recycle", ["code", "within"])
+def test_engine_writes_the_recycled_states(tiny, monkeypatch, recycle):
     """Inside the LLM, the kept tokens carry the method's merged states; text tokens are untouched."""
     model, proc = tiny("llava", "sdpa")
     inputs = batch_inputs("llava", proc, (1,))
@@ -457,7 +498,7 @@ def test_engine_writes_the_recycled_states(tiny, monkeypatch):
         return selection
 
     monkeypatch.setattr(SparseVLM, "select", record)
-    with tokprune.apply(model, "sparsevlm", keep_ratio=0.25, recycle=True) as pruner:
+    with tokprune.apply(model, "sparsevlm", keep_ratio=0.25, recycle=recycle) as pruner:
         boundary = pruner.methods[-1].boundaries(len(lm.layers))[0]
         seen = {}
 
@@ -487,26 +528,26 @@ def test_engine_writes_the_recycled_states(tiny, monkeypatch):
     expected = before[0].clone()
     expected[kept] = merges[0].merged
     assert torch.equal(seen["after"][0], expected[keep])
-    assert stats.visual_kept == [math.ceil(0.25 * 49)]
+    assert stats.visual_kept == [SparseVLM(recycle=recycle).stage_counts(49, Budget(ratio=0.25))[-1]]
 
 
-def test_recycling_generates_with_exact_counts(tiny):
+def test_within_recycling_generates_with_exact_counts(tiny):
     model, proc = tiny("qwen2_vl", "sdpa")
     inputs = batch_inputs("qwen2_vl", proc, (1, 2))
     runs = {}
-    for recycle in (False, True):
+    for recycle in ("off", "within"):
         with tokprune.apply(model, "sparsevlm", keep_ratio=0.25, recycle=recycle) as pruner, torch.no_grad():
             model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
             runs[recycle] = pruner.stats
-    assert runs[True].layer_tokens == runs[False].layer_tokens
+    assert runs["within"].layer_tokens == runs["off"].layer_tokens
     # the first stage scores the same states either way: the recycled run keeps the k - c best of the
     # plain run's k tokens and puts its c cluster tokens in the other slots (later stages score recycled
     # states, so only the first stage is compared)
     n_image = [int(t * h * w) // 4 for t, h, w in inputs["image_grid_thw"].tolist()]
     images_of_row = [[0], [1, 2]]  # row 1 holds two images: its kept set is theirs together
-    first_stage = [SparseVLM().stage_counts(n, Budget(ratio=0.25))[0] for n in n_image]
+    first_stage = [SparseVLM(recycle="off").stage_counts(n, Budget(ratio=0.25))[0] for n in n_image]
     for images, with_recycling, plain in zip(
-        images_of_row, runs[True].stages[0].kept, runs[False].stages[0].kept
+        images_of_row, runs["within"].stages[0].kept, runs["off"].stages[0].kept
     ):
         assert plain.numel() == with_recycling.numel() == sum(first_stage[i] for i in images)
         clusters = 0
@@ -514,6 +555,61 @@ def test_recycling_generates_with_exact_counts(tiny):
             r = math.ceil(0.3 * (n_image[i] - first_stage[i]))
             clusters += min(r // 10 + 1, r, first_stage[i])
         assert len(set(with_recycling.tolist()) & set(plain.tolist())) >= plain.numel() - clusters
+
+
+# ------------------------------------------------------------------------------- the code's recycling
+
+
+def test_code_recycled_counts():
+    assert code_recycled(276) == (83, 9)  # "192", first stage: 576 - 300 dropped
+    assert code_recycled(109) == (33, 4) and code_recycled(94) == (29, 3)
+    assert code_recycled(10) == (4, 1)  # int(10 * 0.3) + 1: Python's float product, as the code
+    assert code_recycled(1) == (1, 1) and code_recycled(0) == (0, 0)
+    assert code_recycled(50, ratio=1.0, cluster_size=1) == (50, 50)  # capped: r <= N, c <= r
+
+
+@pytest.mark.parametrize("n", [5, 49, 576])
+def test_code_split_recovers_the_top_k(n):
+    totals = [k + code_recycled(n - k)[1] for k in range(n)]
+    assert all(b - a in (0, 1) for a, b in zip(totals, totals[1:]))  # every count in range is reached
+    for total in totals:
+        got = code_split(n, total)
+        assert sum(got) == total and got[0] == max(j for j, t in enumerate(totals) if t == total)
+    assert code_split(576, 309) == (300, 9)
+    assert code_split(49, 1) == (0, 1)  # below c(n): no top-k, one cluster
+
+
+def test_code_clusters_by_hand():
+    # 1-D points (D = 1: no distance scale); with c = 2 each density uses its own 0 and its nearest other
+    # token, 0.1 away for every token: all densities tie, the earlier token counts as denser. delta: token
+    # 0 (densest) the largest distance 5.1; 1 -> 0.1 (to 0); 2 -> 0.1; 3 -> 4.8 (to 2); 4 -> 0.1 (to 3):
+    # centres 0 and 3 (scores 5.1 rho, 4.8 rho), the clusters {0, 1, 2} and {3, 4}
+    x = torch.tensor([[0.0], [0.1], [0.2], [5.0], [5.1]])
+    centres, labels, merged = code_clusters(x, 2)
+    assert centres.tolist() == [0, 3] and labels.tolist() == [0, 0, 0, 1, 1]
+    expected = torch.tensor([[0.3 / (3 + 1e-6)], [10.1 / (2 + 1e-6)]])
+    torch.testing.assert_close(merged, expected)
+    # the distances are scaled by 1 / sqrt(D): the same points in D = 4 (repeated) cluster the same way
+    assert code_clusters(x.repeat(1, 4), 2)[1].tolist() == labels.tolist()
+    # one cluster: the weighted mean of all
+    torch.testing.assert_close(code_clusters(x, 1)[2], x.sum(0, keepdim=True) / (5 + 1e-6))
+
+
+def test_code_recycle_select_layout():
+    g = torch.Generator().manual_seed(0)
+    n, embeds, scores = 60, torch.randn(60, 8, generator=g), torch.rand(60, generator=g)
+    k, c = 20, code_recycled(40)[1]  # 40 dropped: 13 recycled into 2 clusters
+    selection = code_recycle_select(embeds, scores, k + c)
+    assert_valid_keep(selection.keep, n, k + c)
+    ranked = torch.sort(scores, descending=True).indices
+    top = ranked[:k].sort().values
+    assert selection.keep[~selection.extra].tolist() == top.tolist()
+    torch.testing.assert_close(selection.merged[~selection.extra], embeds[top])
+    recycled = ranked[k : k + 13]
+    centres, _, merged = code_clusters(embeds[recycled], c)
+    emitted = selection.keep[selection.order]  # the code's order: the kept tokens, then the clusters
+    assert emitted[:k].tolist() == top.tolist() and emitted[k:].tolist() == recycled[centres].tolist()
+    torch.testing.assert_close(selection.merged[selection.order][k:], merged)
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -526,6 +622,9 @@ def test_recycling_generates_with_exact_counts(tiny):
         {"layers": [2, 6, 15.0]},
         {"layers": 2},
         {"recycle": 1},
+        {"recycle": True},
+        {"recycle": "paper"},
+        {"rater_rule": ">="},
         {"recycle_ratio": 0},
         {"recycle_ratio": 1.5},
         {"recycle_ratio": True},
@@ -544,13 +643,19 @@ def test_option_errors(options):
     "options", [{"recycle_ratio": 0.5}, {"cluster_size": 4}, {"recycle_ratio": 0.1, "cluster_size": 2}]
 )
 def test_recycling_options_need_recycle(options):
-    """recycle_ratio / cluster_size would be ignored without recycle=True: an error that says which option
-    needs which setting; with recycle=True, or at their defaults, they are fine."""
+    """recycle_ratio / cluster_size would be ignored with recycle="off": an error that says which option
+    needs which setting; with recycling (the default "code", or "within"), or at their defaults, fine."""
     names = " and ".join(options)
-    with pytest.raises(MethodOptionError, match=f"sparsevlm: {names} .*used only with recycle=True"):
-        make_method("sparsevlm", options)
-    assert make_method("sparsevlm", {**options, "recycle": True}).recycle
-    make_method("sparsevlm", {"recycle_ratio": 0.3, "cluster_size": 10})  # the defaults, given explicitly
+    with pytest.raises(MethodOptionError, match=f"sparsevlm: {names} .*used only with recycle='code' or"):
+        make_method("sparsevlm", {**options, "recycle": "off"})
+    assert make_method("sparsevlm", options).recycle == "code"
+    assert make_method("sparsevlm", {**options, "recycle": "within"}).recycle == "within"
+    make_method("sparsevlm", {"recycle_ratio": 0.3, "cluster_size": 10, "recycle": "off"})  # the defaults
+
+
+def test_recycle_choices_are_named():
+    with pytest.raises(MethodOptionError, match="recycle must be one of \\('code', 'within', 'off'\\)"):
+        make_method("sparsevlm", {"recycle": True})
 
 
 @pytest.mark.parametrize("layers", [(2, 2, 3), (3, 2, 1), (-1, 0, 1), (0, 1, 3)])

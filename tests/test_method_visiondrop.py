@@ -1,6 +1,7 @@
-"""VisionDrop: the stage schedule and contextual splits, dominant + contextual merging by its definition, the
-visual-to-visual attention signal against eager maps, scoring that ignores the text, the engine's stages and
-merged states, option errors."""
+"""VisionDrop: the stage schedule and contextual splits, dominant + contextual merging (the code's "add" and
+the "mean" option) and the emitted order, the visual-to-visual attention signal against eager maps, scoring
+that ignores the text, the engine's stages and merged states, option errors. The agreement with the
+authors' code is tests/agreement/test_visiondrop.py."""
 
 from __future__ import annotations
 
@@ -68,12 +69,13 @@ def test_scaled_budget_takes_keywords_only():
 
 
 def _image(scores: torch.Tensor, metric: torch.Tensor, embeds: torch.Tensor, stage: str) -> ImageTokens:
-    names = {"pre": ("cls_attention", "vit_keys"), "llm": (SIGNAL, "keys")}[stage]
+    names = {"pre": ("cls_attention", "vit_keys"), "llm": (SIGNAL, "keys_mean")}[stage]
     return ImageTokens(embeds=embeds, grid=None, signals=dict(zip(names, (scores, metric))))
 
 
+@pytest.mark.parametrize("merge", ["add", "mean"])
 @pytest.mark.parametrize("stage", ["pre", "llm"])
-def test_dominant_and_contextual_by_hand(stage):
+def test_dominant_and_contextual_by_hand(stage, merge):
     # 8 tokens; scores pick 2 and 5 as dominant; with k = 4 and contextual_ratio 0.5: 2 contextual tokens.
     # The 6 remaining tokens 0, 1, 3, 4, 6, 7 -> targets at step 6 // 2 = 3: tokens 0 and 4. The metric puts
     # 1 and 3 with 0 (direction x), 6 and 7 with 4 (direction y).
@@ -81,11 +83,19 @@ def test_dominant_and_contextual_by_hand(stage):
     x, y = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     metric = torch.stack([x, x + 0.1 * y, y, x, y, x, y, y + 0.2 * x])
     embeds = torch.arange(8 * 3, dtype=torch.float32).view(8, 3)
-    method = VisionDropVision(contextual_ratio=0.5) if stage == "pre" else VisionDropLLM(contextual_ratio=0.5)
+    if stage == "pre":
+        method = VisionDropVision(contextual_ratio=0.5, merge=merge)
+    else:
+        method = VisionDropLLM(contextual_ratio=0.5, merge=merge)
     selection = method.select(_image(scores, metric, embeds, stage), 4)
     assert selection.keep.tolist() == [0, 2, 4, 5]
-    expected = torch.stack([embeds[[0, 1, 3]].mean(0), embeds[2], embeds[[4, 6, 7]].mean(0), embeds[5]])
-    torch.testing.assert_close(selection.merged, expected)
+    if merge == "add":  # the code: the target plus the mean of what it absorbed
+        first, second = embeds[0] + embeds[[1, 3]].mean(0), embeds[4] + embeds[[6, 7]].mean(0)
+    else:
+        first, second = embeds[[0, 1, 3]].mean(0), embeds[[4, 6, 7]].mean(0)
+    torch.testing.assert_close(selection.merged, torch.stack([first, embeds[2], second, embeds[5]]))
+    # emitted as the code hands them on: dominant tokens (2, 5), then the contextual ones (0, 4)
+    assert selection.keep[selection.order].tolist() == [2, 5, 0, 4]
 
 
 @pytest.mark.parametrize("n,k", [(10, 1), (10, 9), (49, 13), (576, 19)])
@@ -178,7 +188,9 @@ def test_engine_stages_and_exact_counts(tiny, family):
     model, proc = tiny(family, "sdpa")
     inputs = batch_inputs(family, proc, (1, 2))
     _, content = image_counts(family, model, inputs)
-    with tokprune.apply(model, "visiondrop", budget=6) as pruner, torch.no_grad():
+    # Qwen's merger gives no features before the projector: the pre-LLM stage merges the LLM input there
+    options = {} if family == "llava" else {"merge_space": "llm", "cls_token": False}
+    with tokprune.apply(model, "visiondrop", budget=6, **options) as pruner, torch.no_grad():
         model(**inputs)
         stats = pruner.stats
     assert [s.where for s in stats.stages] == ["pre", "llm@1", "llm@2", "llm@3"]
@@ -255,11 +267,25 @@ def test_engine_writes_the_merged_states(tiny, monkeypatch):
         {"contextual_ratio": 1.0},
         {"contextual_ratio": -0.1},
         {"contextual_ratio": True},
+        {"merge": "sum"},
+        {"merge_space": "clip"},
+        {"cls_token": 1},
+        {"merge_space": "llm"},  # the [CLS] token needs the features before the projector
     ],
 )
 def test_option_errors(options):
     with pytest.raises(MethodOptionError, match="visiondrop"):
         make_method("visiondrop", options)
+
+
+def test_defaults_follow_the_code_and_the_earlier_reading_is_an_option():
+    method = make_method("visiondrop", {})
+    vision, llm = method.parts()
+    assert (vision.merge, vision.merge_space, vision.cls_token, llm.merge) == ("add", "vision", True, "add")
+    assert vision.features == "vision" and "vit_cls" in vision.signals
+    earlier = make_method("visiondrop", {"merge": "mean", "merge_space": "llm", "cls_token": False})
+    vision, llm = earlier.parts()
+    assert vision.features == "llm" and "vit_cls" not in vision.signals and llm.merge == "mean"
 
 
 def test_errors_reach_the_caller(tiny):

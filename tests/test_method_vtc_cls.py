@@ -104,6 +104,7 @@ def test_metadata():
     assert (m.name, m.where, m.default_budget) == ("vtc_cls", "pre", Budget(tokens=64))
     assert "2412.05819" in m.paper
     assert (m.start_layer, m.end_layer) == (-4, -2)
+    assert m.code_families == ("llava",)
 
 
 @pytest.mark.parametrize(

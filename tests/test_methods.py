@@ -17,9 +17,10 @@ from tokprune.errors import BudgetError, MethodOptionError
 from tokprune.methods.attention_llm import FastV, PyramidDrop
 from tokprune.methods.base import ImageTokens, Selection, topk_sorted
 from tokprune.methods.baselines import RandomPrune, SpatialPool, pooling_cells
-from tokprune.methods.cls_attention import FasterVLM, VisionZip
+from tokprune.methods.cls_attention import FasterVLM
 from tokprune.methods.dart import DART
 from tokprune.methods.divprune import DivPrune, max_min_diverse
+from tokprune.methods.visionzip import VisionZip
 
 
 def _image(n: int, d: int = 8, grid=None, seed: int = 0, **signals) -> ImageTokens:
@@ -169,8 +170,10 @@ def test_fastervlm_matches_sort_on_random_scores():
 # ---------------------------------------------------------------------------------------- visionzip
 
 
-def _visionzip_reference(cls_attn, keys, embeds, k, ratio=10 / 64):
-    """Independent loop implementation of VisionZip's documented selection and merge (float64)."""
+def _visionzip_reference(cls_attn, keys, embeds, k, ratio=10 / 64, merge="add"):
+    """Independent loop implementation of VisionZip's documented selection and merge (float64): a target
+    becomes itself + the mean of the tokens it absorbed (merge="add", the code) or the mean of all of them
+    ("mean")."""
     n = len(cls_attn)
     c = min(round(k * ratio), k - 1) if k > 1 else 0
     order = sorted(range(n), key=lambda i: (-float(cls_attn[i]), i))
@@ -186,7 +189,10 @@ def _visionzip_reference(cls_attn, keys, embeds, k, ratio=10 / 64):
         members[targets[max(range(len(targets)), key=lambda j: (sims[j], -j))]].append(o)
     e = embeds.double()
     merged = {i: e[i] for i in dominant}
-    merged.update({t: e[m].mean(0) for t, m in members.items()})
+    if merge == "mean":
+        merged.update({t: e[m].mean(0) for t, m in members.items()})
+    else:
+        merged.update({t: e[t] + (e[m[1:]].mean(0) if len(m) > 1 else 0) for t, m in members.items()})
     keep = sorted(merged)
     return dominant, targets, members, keep, torch.stack([merged[i] for i in keep])
 
@@ -206,8 +212,14 @@ def test_visionzip_hand_made_clusters():
     for o, j in owner_of.items():
         keys[o, j] += 1.0 + o / 10  # positive scale: cosine ignores it
     image = _image(n, d=6, cls_attention=cls_attn, vit_keys=keys)
-    selection = VisionZip().select(image, k)
+    selection = VisionZip(merge="mean").select(image, k)
     assert selection.keep.tolist() == sorted(dominant + targets)
+    added = VisionZip().select(image, k)  # the code: target + mean of its members
+    for i, kept in enumerate(added.keep.tolist()):
+        if kept in targets:
+            members = [o for o, owner in owner_of.items() if owner == targets.index(kept)]
+            expected = image.embeds[kept] + image.embeds[members].mean(0)
+            torch.testing.assert_close(added.merged[i], expected, atol=1e-6, rtol=0)
     for i, kept in enumerate(selection.keep.tolist()):
         if kept in dominant:
             assert torch.equal(selection.merged[i], image.embeds[kept])
@@ -217,14 +229,15 @@ def test_visionzip_hand_made_clusters():
             torch.testing.assert_close(selection.merged[i], image.embeds[members].mean(0), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("merge", ["add", "mean"])
 @pytest.mark.parametrize("n,k", [(576, 64), (576, 128), (576, 192), (100, 13), (50, 7), (30, 1), (30, 2)])
-def test_visionzip_matches_reference(n, k):
+def test_visionzip_matches_reference(n, k, merge):
     g = torch.Generator().manual_seed(n + k)
     cls_attn = torch.rand(n, generator=g)
     keys = torch.randn(n, 16, generator=g)
     image = _image(n, d=12, seed=k, cls_attention=cls_attn, vit_keys=keys)
-    selection = VisionZip().select(image, k)
-    dominant, targets, _, keep, merged = _visionzip_reference(cls_attn, keys, image.embeds, k)
+    selection = VisionZip(merge=merge).select(image, k)
+    dominant, targets, _, keep, merged = _visionzip_reference(cls_attn, keys, image.embeds, k, merge=merge)
     assert_valid_keep(selection.keep, n, k)
     assert selection.keep.tolist() == keep
     c = round(k * 10 / 64) if k > 1 else 0
@@ -353,6 +366,22 @@ def test_pdrop_stage_counts():
             assert all(a >= b for a, b in zip([n, *counts], counts)), counts
 
 
+def test_fastv_and_pdrop_rounding_options():
+    """ "ceil" by default (DESIGN §3); "round" / "floor": the llava-hf FastV port's / PyramidDrop's counts."""
+    assert FastV().stage_counts(729, Budget(ratio=0.5)) == [365]
+    assert FastV(rounding="round").stage_counts(729, Budget(ratio=0.5)) == [364]
+    assert FastV(rounding="round").stage_counts(729, Budget(tokens=100)) == [100]
+    assert PyramidDrop(rounding="floor").stage_counts(729, Budget(ratio=0.125)) == [364, 182, 91]
+    floor_ratios = PyramidDrop(rounding="floor", ratios=(0.5, 0.5, 0.5))
+    assert floor_ratios.stage_counts(729, Budget(ratio=0.125)) == [364, 182, 91]
+    assert PyramidDrop(rounding="floor").stage_counts(576, Budget(ratio=0.125)) == [288, 144, 72]
+    assert PyramidDrop(rounding="floor").stage_counts(576, Budget(tokens=64))[-1] == 64
+    assert PyramidDrop(rounding="floor").stage_counts(7, Budget(ratio=0.125)) == [3, 1, 1]  # never 0
+    for method, bad in ((FastV, "floor"), (FastV, None), (PyramidDrop, "round"), (PyramidDrop, 1)):
+        with pytest.raises(MethodOptionError, match="rounding"):
+            method(rounding=bad)
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -423,11 +452,22 @@ def test_dart_hand_made_least_similar_to_pivots():
     keys[6] = torch.tensor([-1.0, 1.0, -1.0, 0.5])  # L1 3.5: second pivot (angle 90)
     image = ImageTokens(embeds=torch.randn(10, 6), grid=None, signals={"keys": keys, "hidden": hidden})
     # pivot at 0 deg keeps the two tokens nearest 180 deg (170, 160); pivot at 90 deg those nearest 270 (275, 250)
-    assert DART(pivots=2).select(image, 6).keep.tolist() == [0, 2, 4, 6, 7, 9]
-    assert DART(pivots=2).select(image, 2).keep.tolist() == [2, 6]
-    assert DART(pivots=2).select(image, 1).keep.tolist() == [2]
-    assert DART(pivots=2).select(image, 3).keep.tolist() == [0, 2, 6]  # the first pivot's share is larger
-    assert DART(pivots=2).select(image, 3).merged is None
+    assert DART(pivot_order="norm", key_positions="given", pivots=2).select(image, 6).keep.tolist() == [
+        0,
+        2,
+        4,
+        6,
+        7,
+        9,
+    ]
+    assert DART(pivot_order="norm", key_positions="given", pivots=2).select(image, 2).keep.tolist() == [2, 6]
+    assert DART(pivot_order="norm", key_positions="given", pivots=2).select(image, 1).keep.tolist() == [2]
+    assert DART(pivot_order="norm", key_positions="given", pivots=2).select(image, 3).keep.tolist() == [
+        0,
+        2,
+        6,
+    ]  # the first pivot's share is larger
+    assert DART(pivot_order="norm", key_positions="given", pivots=2).select(image, 3).merged is None
 
 
 @pytest.mark.parametrize("with_text", [False, True])
@@ -444,7 +484,7 @@ def test_dart_matches_reference(k, pivots, with_text):
     image = ImageTokens(
         embeds=torch.randn(n, d, generator=g), grid=None, signals={"keys": keys, "hidden": hidden}, text=text
     )
-    keep = DART(pivots=pivots).select(image, k).keep
+    keep = DART(pivot_order="norm", key_positions="given", pivots=pivots).select(image, k).keep
     assert_valid_keep(keep, n, k)
     image_pivots, expected = _dart_reference(keys, hidden, k, pivots, text.get("keys"), text.get("hidden"))
     assert set(image_pivots) <= set(keep.tolist())
@@ -511,8 +551,8 @@ def test_budget_kept():
 
 
 def test_divprune_default_budget_matches_its_docstring():
-    assert DivPrune.default_budget.kept(576) == 57
-    assert "57 of 576" in DivPrune.__doc__
+    assert DivPrune.default_budget.kept(576) == 56  # the code's int(round(0.098 * n))
+    assert "56 of 576" in DivPrune.__doc__
 
 
 def test_selection_dataclass_defaults():

@@ -1,10 +1,12 @@
 """Budgets smaller than the number of AnyRes tiles or crops: every method on every model keeps exactly
-min(budget, n) visual tokens per image (a unit whose share of the budget is 0 loses all its tokens),
-with sorted, in-range indices. Methods and models join from the registry and BUILDERS."""
+min(budget, n) visual tokens per image, or, for an in-LLM method whose authors' code counts otherwise, what
+its `stage_counts` says for its final stage (DART's pivots on top of the budget, SparseVLM's recycled
+clusters); a unit whose share of the budget is 0 loses all its tokens; indices sorted and in range. Methods
+and models join from the registry and BUILDERS."""
 
 import pytest
 import torch
-from checks import skip_without_tiles
+from checks import final_count, skip_without_tiles
 from test_invariants import TINY_OPTIONS
 from test_video import video_batch
 from tiny_models import BUILDERS, batch_inputs, image_counts
@@ -28,7 +30,8 @@ def test_tiny_budgets_keep_exact_counts(tiny, family, method, attn):
         with tokprune.apply(model, method, budget=budget, **options) as pruner, torch.no_grad():
             logits = model(**inputs).logits
         stats = pruner.stats
-        expected = [sum(min(budget, c) for c, r in zip(content, rows) if r == row) for row in range(2)]
+        per_image = [final_count(method, options, budget, c) for c in content]
+        expected = [sum(k for k, r in zip(per_image, rows) if r == row) for row in range(2)]
         assert stats.visual_kept == expected, (budget, content)
         for row, kept in enumerate(stats.kept):
             assert kept.numel() == expected[row]
@@ -54,7 +57,10 @@ def test_tiny_budgets_on_clips_keep_exact_counts(tiny, family, method, video_bud
         ):
             logits = model(**inputs).logits
         expected = [
-            sum(min(budget * (t if video_budget == "frame" and t else 1), n) for n, t in zip(counts, ts))
+            sum(
+                final_count(method, options, budget * (t if video_budget == "frame" and t else 1), n)
+                for n, t in zip(counts, ts)
+            )
             for counts, ts in zip(row_counts, frames)
         ]
         assert pruner.stats.visual_kept == expected

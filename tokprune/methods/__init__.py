@@ -10,7 +10,7 @@ from tokprune.methods.attention_llm import FastV, PyramidDrop, reject_budget_con
 from tokprune.methods.base import ImageTokens, LLMMethod, Method, Selection
 from tokprune.methods.baselines import RandomPrune, SpatialPool
 from tokprune.methods.cdpruner import CDPruner
-from tokprune.methods.cls_attention import FasterVLM, VisionZip
+from tokprune.methods.cls_attention import FasterVLM
 from tokprune.methods.dart import DART
 from tokprune.methods.divprune import DivPrune
 from tokprune.methods.fopru import FoPru
@@ -23,6 +23,7 @@ from tokprune.methods.prumerge import PruMerge, PruMergePlus
 from tokprune.methods.sparsevlm import SparseVLM
 from tokprune.methods.tome import ToMe
 from tokprune.methods.visiondrop import VisionDrop
+from tokprune.methods.visionzip import VisionZip
 from tokprune.methods.vtc_cls import VTCCLS
 
 REGISTRY: dict[str, type[Method]] = {

@@ -55,6 +55,16 @@ class Mosaic:
             region[in_rows[:, None] & in_cols[None, :]] = t
         return region.reshape(-1)
 
+    def base_bands(self) -> torch.Tensor:
+        """(n_base,) long: for every base-view token (row-major), the tile whose *raster band* holds it, as
+        HiRED's code assigns them: the base view's n_base tokens in raster order are cut into T consecutive
+        runs, one per tile in tile order, run t = [t * n_base // T, (t + 1) * n_base // T) (equal runs of
+        whole rows on LLaVA-NeXT: 576 tokens over 2 or 4 tiles). Not the tile's area of the image."""
+        n, t = self.base.index.numel(), len(self.tiles)
+        device = self.base.index.device
+        bounds = torch.tensor([i * n // t for i in range(1, t)], dtype=torch.long, device=device)
+        return torch.bucketize(torch.arange(n, device=device), bounds, right=True)
+
 
 _WHAT_TO_DO = (
     "On this model {method} only prunes single images that get tiles; for prompts with video clips or "

@@ -7,18 +7,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokprune.core.budget import Budget
+from tokprune.core.budget import Budget, split_budget
 from tokprune.methods.base import ImageTokens, Method, Selection
-from tokprune.methods.options import check_bool, check_number
+from tokprune.methods.options import check_bool, check_choice, check_number
+
+_UNITS = ("per_unit", "joint")
 
 
 def instruction_relevance(
-    visual: torch.Tensor, text: torch.Tensor, negate: bool = False, eps: float = 1e-6
+    visual: torch.Tensor, text: torch.Tensor, negate: bool = True, eps: float = 1e-6
 ) -> torch.Tensor:
     """Relevance r in (0, 1] of every visual token to the instruction, in float32.
 
-    visual: (n, D), text: (m, D), m >= 1. s_i = mean_j cos(visual_i, text_j) (negated if `negate`, as the
-    authors' code does), then min-max normalised over the image's tokens:
+    visual: (n, D), text: (m, D), m >= 1. s_i = mean_j cos(visual_i, text_j), negated if `negate` (the
+    default, as the authors' code does), then min-max normalised over the image's tokens:
     r_i = (s_i - min s + eps) / (max s - min s + eps). The most relevant token gets exactly 1, the least
     eps / (range + eps) > 0, and a constant s gives r = 1 everywhere. Since mean_j cos(v_i, t_j) =
     v_i/|v_i| · mean_j t_j/|t_j| and the min-max step removes a common positive scale, r is also the
@@ -105,43 +107,66 @@ class CDPruner(Method):
     row's text after its images):
 
     * similarity S_ij = cos(x_i, x_j);
-    * relevance s_i = mean_j cos(x_i, t_j), min-max normalised over the image's tokens
-      (`instruction_relevance`): r_i = (s_i - min s + 1e-6) / (max s - min s + 1e-6), in (0, 1], with
-      r = 1 for the most relevant token;
+    * relevance s_i = -mean_j cos(x_i, t_j) (negated, as the authors' code does; negate_relevance=False
+      for the paper's sign), min-max normalised over the image's tokens (`instruction_relevance`):
+      r_i = (s_i - min s + 1e-6) / (max s - min s + 1e-6), in (0, 1];
     * quality q = r (theta=None), or q = exp(alpha · r) with alpha = theta / (2 (1 - theta)) for theta in
       [0, 1), Chen et al.'s relevance/diversity trade-off, under which log det L_Y = theta/(1-theta) · Σ_Y r
       + log det S_Y;
     * conditional kernel L = diag(q) · S · diag(q); `greedy_dpp_map` adds, k times, the token that
-      multiplies det(L_Y) the most.
+      multiplies det(L_Y) the most;
+    * units="per_unit" (default): on an image of several units (LLaVA-NeXT's base view and tiles, video
+      frames) every unit runs its own DPP over its own tokens, with the image's k split over the units
+      by size (`split_budget`: equal counts for equal tiles, the code's "32 × 5") and relevance
+      normalised once over all the image's tokens, as the authors' LLaVA-NeXT path does;
+      units="joint" runs one DPP over all the image's tokens with one budget.
 
-    Details taken from the authors' LLaVA code (github.com/Theia-4869/CDPruner, `encode_images` in
-    llava/model/llava_arch.py and llava/model/multimodal_encoder/clip_encoder.py), not from the paper text:
+    Details taken from the authors' LLaVA code (github.com/Theia-4869/CDPruner, commit
+    9541616c40fcd5625de1cdb8ea6c33c129eb7864: `encode_images` in llava/model/llava_arch.py and
+    `CLIPVisionTower.forward` in llava/model/multimodal_encoder/clip_encoder.py), not from the paper text:
     S is computed from the projector's output (the LLM input embeddings), as here; relevance compares the
-    CLIP patch features passed through CLIP's post-layernorm and visual projection with the CLIP text
-    embeddings of the instruction string (one per 77-token chunk), averaged over the chunks, *negated*, then
-    min-max normalised with 1e-6 added to the numerator only; the kernel uses q = r (the theta = 0.5
-    reweighting is present but commented out); the greedy loop has no stopping rule and always picks the
-    requested count; on LLaVA-NeXT each crop (base view and every tile) gets its own DPP with the same count
-    (their README's "32 × 5 = 320"), relevance being normalised over all crops together.
+    CLIP patch features (the feature layer, [CLS] dropped) passed through CLIP's post-layernorm and visual
+    projection with the CLIP text embeddings (`CLIPTextModelWithProjection`) of the question string (the
+    benchmark's question with the answer-format suffix removed, cut into 77-token chunks), averaged over
+    the chunks, *negated* (the authors call this an empirical observation on LLaVA's CLIP space, their
+    issues #9, #14, #19, #22), then min-max normalised with 1e-6 added to the numerator only; the kernel
+    uses q = r (the theta = 0.5 reweighting is present but commented out); the greedy loop has no stopping
+    rule and always picks the requested count; on LLaVA-NeXT (mm_patch_merge_type reduced to "spatial":
+    no unpadding, no image_newline) every crop, base view and tiles, gets its own DPP with the same count
+    (their README's "32 × 5"), relevance being min-max normalised over all crops together.
 
-    Deliberate differences from that code:
+    Options that select variants: negate_relevance=True (default, the code) | False (the paper's sign,
+    this library's former default); units="per_unit" (default, the code's LLaVA-NeXT path) | "joint";
+    theta (None = the code's q = r).
+
+    Agreement (tests/agreement/test_cdpruner.py): with the relevance taken from the same embeddings (see
+    (1)), the kept set equals the re-implementation of the authors' selection on the tiny LLaVA-1.5 and on
+    LLaVA-NeXT (base view + 2 x 2 tiles).
+
+    Remaining differences from that code, kept on purpose:
     (1) relevance is measured in the LLM's input space (projected visual embeddings against the
-        instruction's token embeddings), because most supported models have no CLIP text tower; a mean of
-        cosines over the instruction tokens equals, after the min-max step, the cosine with the mean of the
-        unit-normalised token embeddings (the common scale cancels), i.e. relevance to one pooled
-        instruction vector, the nearest analogue of CLIP's single sentence embedding;
-    (2) no negation by default: the paper describes keeping the instruction-relevant tokens, while the
-        code negates the mean similarity, which the authors call an empirical observation on LLaVA's CLIP
-        space (their issues #9, #14, #19, #22); `negate_relevance=True` reproduces the code;
-    (3) 1e-6 is added to the denominator as well, so a constant s gives r = 1 everywhere instead of a
-        division by zero, and the normalisation is per image;
-    (4) the engine's budget is per image and the DPP ranks all tokens of an image together: an AnyRes
-        image (base view + tiles) or a video (frames) is one DPP with one budget, not one DPP per crop or
-        frame with equal counts;
+        instruction's token embeddings: the row's text after its images, the chat template's tail
+        included), because the Hugging Face checkpoints ship no CLIP text tower (nor, for most supported
+        models, any text encoder aligned with the ViT); a mean of cosines over the instruction tokens
+        equals, after the min-max step, the cosine with the mean of the unit-normalised token embeddings
+        (the common scale cancels), i.e. relevance to one pooled instruction vector, the nearest
+        analogue of CLIP's single sentence embedding. This is the one difference that changes kept sets
+        on real checkpoints;
+    (2) 1e-6 is added to the denominator as well, so a constant s gives r = 1 everywhere instead of a
+        division by zero; otherwise r differs from the code's by a constant factor, which scales L by a
+        constant and leaves every greedy choice unchanged (theta != None is the exception: exp(alpha r)
+        is not scale-free, but the code has no theta);
+    (3) the normalisation is per image (the code's min / max run over every image and crop of the
+        batch; the same for one image per prompt);
+    (4) on LLaVA-NeXT the Hugging Face model unpads the tile mosaic: the DPPs run on the tiles' remaining
+        tokens with the budget split by their sizes, where the code selects its fixed count on the padded
+        crops (the same when unpadding removes nothing, an image of the pinpoint's aspect ratio);
+        per_unit also applies to video frames, which the code has no path for;
     (5) if the DPP runs out of numerical rank before k tokens (fewer feature dimensions than k, duplicate
         tokens) the remaining picks are the most relevant untaken tokens, so exactly k tokens come back
         (Chen et al.'s algorithm stops once the best residual falls below a tolerance; the authors' code
-        keeps dividing by the vanishing residual).
+        keeps dividing by the vanishing residual); ties go to the lower index (the code's argmax is
+        the same on CUDA in practice, but unspecified).
 
     Without an instruction (no "embeds" in `image.text`, or an empty one) relevance is uniform and this is
     the plain DPP over S.
@@ -156,13 +181,16 @@ class CDPruner(Method):
     signals = ("instruction",)
     default_budget = Budget(tokens=128)
     paper = "Zhang et al., arXiv:2506.10967 (CDPruner)"
+    code_families = ("llava", "llava_next")
     theta: float | None = None
-    negate_relevance: bool = False
+    negate_relevance: bool = True
+    units: str = "per_unit"
     rank_tol: float = 1e-6
 
     def __post_init__(self) -> None:
         check_number(self, "theta", 0, 1, high_open=True, optional=True)
         check_bool(self, "negate_relevance")
+        check_choice(self, "units", _UNITS)
         check_number(self, "rank_tol", 0, 1, low_open=True, high_open=True)
 
     def quality(self, image: ImageTokens) -> torch.Tensor:
@@ -177,5 +205,19 @@ class CDPruner(Method):
         return torch.exp(alpha * relevance)
 
     def select(self, image: ImageTokens, k: int) -> Selection:
-        chosen = greedy_dpp_map(image.embeds, self.quality(image), k, rank_tol=self.rank_tol)
-        return Selection(keep=chosen.sort().values)
+        quality = self.quality(image)
+        units = image.units
+        if self.units == "joint" or not units or len(units) < 2 or k >= image.n:
+            chosen = greedy_dpp_map(image.embeds, quality, k, rank_tol=self.rank_tol)
+            return Selection(keep=chosen.sort().values)
+        return Selection(keep=self._per_unit(image, quality, k))
+
+    def _per_unit(self, image: ImageTokens, quality: torch.Tensor, k: int) -> torch.Tensor:
+        """One DPP per unit over its own tokens, k split by unit size; quality from the whole image."""
+        kept = []
+        for unit, k_unit in zip(image.units, split_budget(k, [u.index.numel() for u in image.units])):
+            index = unit.index.to(image.embeds.device)
+            if k_unit > 0:
+                chosen = greedy_dpp_map(image.embeds[index], quality[index], k_unit, rank_tol=self.rank_tol)
+                kept.append(index[chosen])
+        return torch.cat(kept).sort().values

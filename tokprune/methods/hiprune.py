@@ -20,6 +20,7 @@ from tokprune.methods.base import (
 from tokprune.methods.options import check_choice, check_number, check_vision_layer
 
 _NEIGHBOURHOODS = (4, 8)
+_NEIGHBOURS = ("flat", "grid")
 _OFFSETS = {
     4: ((-1, 0), (1, 0), (0, -1), (0, 1)),
     8: ((-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1)),
@@ -39,11 +40,33 @@ def grid_neighbours(tokens: torch.Tensor, h: int, w: int, neighbourhood: int = 4
         r, c = rows + dr, cols + dc
         inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)
         found.append((r * w + c)[inside])
-    near = torch.zeros(h * w, dtype=torch.bool, device=tokens.device)
+    return _others(tokens, found, h * w)
+
+
+def flat_neighbours(tokens: torch.Tensor, h: int, w: int, neighbourhood: int = 4) -> torch.Tensor:
+    """Sorted distinct neighbours of `tokens` by the authors' flat-index rule, minus `tokens`.
+
+    Token t brings t - 1, t + 1, t - w, t + w (neighbourhood 8: also t - w - 1, t - w + 1, t + w - 1,
+    t + w + 1), each clamped to [0, h * w - 1]: the last token of a row brings the first of the next row
+    (and the first token of a row the last of the previous one), and a first-row (last-row) token brings
+    token 0 (token h * w - 1) for its missing upper (lower) neighbour. The authors' LLaVA code does this
+    with w = 24 and n = 576 (`encode_images` in LLaVA/llava/model/llava_arch.py).
+    """
+    tokens = tokens.reshape(-1).long()
+    found = [(tokens + dr * w + dc).clamp(0, h * w - 1) for dr, dc in _OFFSETS[neighbourhood]]
+    return _others(tokens, found, h * w)
+
+
+def _others(tokens: torch.Tensor, found: list[torch.Tensor], n: int) -> torch.Tensor:
+    """Sorted distinct indices of `found` (tensors of indices in [0, n)) that are not in `tokens`."""
+    near = torch.zeros(n, dtype=torch.bool, device=tokens.device)
     if found:
         near[torch.cat(found)] = True
     near[tokens] = False
     return near.nonzero().squeeze(1)
+
+
+_NEIGHBOUR_RULES = {"flat": flat_neighbours, "grid": grid_neighbours}
 
 
 def hiprune_parts(
@@ -53,14 +76,16 @@ def hiprune_parts(
     k: int,
     alpha: float = 0.1,
     neighbourhood: int = 4,
+    neighbours: str = "flat",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(anchors, buffers, registers): disjoint sorted index tensors whose sizes add up to k (0 <= k <= n).
 
     1. anchors: the round(alpha * k / (1 + neighbourhood)) tokens with the largest object-layer attention
        (Python round, half to even; never more than k);
-    2. buffers: the in-grid neighbours of the anchors that are not anchors themselves; if anchors plus
-       buffers exceed k (only for large alpha), the buffers with the largest object-layer attention fill
-       the k - |anchors| places left;
+    2. buffers: the neighbours of the anchors that are not anchors themselves, by the authors' clamped
+       flat-index rule (neighbours="flat", `flat_neighbours`) or in the 2-D grid (neighbours="grid",
+       `grid_neighbours`); if anchors plus buffers exceed k (only for large alpha), the buffers with the
+       largest object-layer attention fill the k - |anchors| places left;
     3. registers: the k - |anchors| - |buffers| tokens with the largest deep-layer attention among the
        tokens not chosen yet.
     Ties go to the lower index.
@@ -72,7 +97,7 @@ def hiprune_parts(
     k = max(0, min(k, n))
     n_anchors = min(k, round(alpha * k / (1 + neighbourhood)))
     anchors = topk_sorted(obj, n_anchors)
-    buffers = grid_neighbours(anchors, h, w, neighbourhood)
+    buffers = _NEIGHBOUR_RULES[neighbours](anchors, h, w, neighbourhood)
     room = k - anchors.numel()
     if buffers.numel() > room:
         buffers = buffers[topk_sorted(obj[buffers], room)]
@@ -96,13 +121,19 @@ class HiPrune(Method):
 
     What runs here, per image of n tokens with k to keep (`hiprune_parts`):
       * anchors: the round(alpha * k / 5) tokens receiving the most attention at the object layer;
-      * buffers: the anchors' up / down / left / right neighbours in the token grid that are not anchors;
+      * buffers: the anchors' neighbours that are not anchors. Default neighbours="flat", the authors'
+        rule (`flat_neighbours`): token t brings t - 1, t + 1, t - w, t + w, each clamped to [0, n - 1]
+        on the row-major h x w grid, so a row's last token brings the next row's first (and vice versa)
+        and first- / last-row anchors bring token 0 / n - 1. neighbours="grid" (`grid_neighbours`) takes
+        up / down / left / right in the 2-D grid with nothing wrapping or clamped, so border anchors
+        have fewer buffers and the places left go to registers;
       * registers: the k - |anchors| - |buffers| other tokens receiving the most attention at the deep
         layer.
     "Attention received" is the softmax map of that ViT layer averaged over heads and over all queries
     (on CLIP the [CLS] query included and the [CLS] column dropped): signal "received_attention". Ties
-    go to the lower index; kept tokens stay in their original order. With no grid (None) the tokens are
-    a 1 x n strip, so the buffers are the left and right neighbours.
+    go to the lower index; kept tokens stay in their original order (the code's order too: it sorts
+    them). With no grid (None) the tokens are a 1 x n strip (w = n): "grid" gives the left and right
+    neighbours, "flat" also tokens 0 and n - 1 (the clamped t -/+ w).
 
     What the paper specifies, in the text that could be consulted (abstract and introduction of the
     arXiv HTML, the authors' README and project page, third-party summaries): the ViT's layers attend
@@ -134,12 +165,18 @@ class HiPrune(Method):
     vision-layer index (0-based, negative from the end) instead, `deep_layer` an int instead of the
     feature layer.
 
-    Differences from the authors' code, kept on purpose:
-      (1) neighbours are taken in the 2-D grid. The code adds -1, +1, -w, +w to flat indices and clamps
-          them to [0, n - 1], so the last token of a row gets the first of the next row (and vice
-          versa) as a buffer, and every anchor in the first (last) row brings token 0 (token n - 1)
-          instead of a missing upper (lower) neighbour; here border anchors simply have fewer buffers,
-          and the places left go to registers;
+    Options that select variants: neighbours="flat" (default, the code) | "grid" (tokprune's 2-D
+    neighbours, the variant this library used before, which the paper's "spatially adjacent" also fits);
+    neighbourhood=4 (default) | 8 (diagonals too: flat offsets -/+ w -/+ 1, clamped, or the 2-D
+    diagonals).
+
+    Agreement (tests/agreement/test_hiprune.py): on the tiny LLaVA-1.5 (24 x 24) and LLaVA-NeXT (base
+    view + 2 x 2 tiles of 24 x 24) the kept set equals the re-implementation of the authors' selection.
+    The code's grid width 24 and count 576 (LLaVA) are the image's or tile's own grid here, as its
+    Qwen2.5-VL code does with the merged grid width.
+
+    Remaining differences from the authors' code, kept on purpose:
+      (1) ties are broken towards the lower index (the code's torch.topk leaves their order unspecified);
       (2) when anchors + buffers exceed k (only for large alpha, e.g. alpha = 1 and k = 3; never at the
           default 0.1), the buffers with the most object-layer attention fill the k - |anchors| places,
           so that exactly k tokens are kept; the code would ask for a negative number of registers and
@@ -148,7 +185,13 @@ class HiPrune(Method):
           uses the 4-neighbourhood (the paper text that could be read only says "adjacent");
       (4) on AnyRes images (LLaVA-NeXT) the code gives every view of the batch, base view and tiles,
           int(N' / number of views) tokens; here the engine splits the image's budget over its units by
-          their size (the same split when all units are equal).
+          their size (the same split when all units are equal);
+      (5) the code's LLaVA-NeXT path fixes mm_patch_merge_type to "spatial": tiles are neither unpadded
+          nor given row-end image_newline tokens. tokprune runs on the Hugging Face model, which unpads
+          the tile mosaic and adds newlines: the selection is made on the unpadded tiles' tokens and a
+          pruned image loses its newlines (the engine's separator rule), so both agree where unpadding
+          removes nothing (an image of the pinpoint's aspect ratio), and otherwise the code's padded
+          tokens are not candidates here.
     """
 
     name = "hiprune"
@@ -157,17 +200,20 @@ class HiPrune(Method):
     default_budget = Budget(tokens=64)
     paper = "Liu et al., arXiv:2508.00553 (HiPrune)"
     spatial = True
+    code_families = ("llava", "llava_next", "qwen2_5_vl")
 
     alpha: float = 0.1
     object_layer: int | str = "object"
     deep_layer: int | None = None
     neighbourhood: int = 4
+    neighbours: str = "flat"
 
     def __post_init__(self) -> None:
         check_number(self, "alpha", 0, 1)
         check_vision_layer(self, "object_layer", named=("object",))
         check_vision_layer(self, "deep_layer", optional=True)
         check_choice(self, "neighbourhood", _NEIGHBOURHOODS)
+        check_choice(self, "neighbours", _NEIGHBOURS)
 
     @property
     def object_signal(self) -> str:
@@ -188,5 +234,5 @@ class HiPrune(Method):
         h, w = grid_of(image, self.name)
         obj = image.signals[self.object_signal].to(device)
         deep = image.signals[self.deep_signal].to(device)
-        parts = hiprune_parts(obj, deep, (h, w), k, self.alpha, self.neighbourhood)
+        parts = hiprune_parts(obj, deep, (h, w), k, self.alpha, self.neighbourhood, self.neighbours)
         return Selection(keep=torch.cat(parts).sort().values)

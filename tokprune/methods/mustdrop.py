@@ -19,10 +19,18 @@ from tokprune.methods.base import (
     Selection,
     grid_of,
     topk_sorted,
+    vision_signal,
 )
-from tokprune.methods.options import check_int, check_llm_layer, check_number
+from tokprune.methods.options import check_int, check_llm_layer, check_number, check_vision_layer
 
 TEXT_SIGNAL = "text_query_attention"
+FEATURE = "feature"  # key_layer: the ViT layer feeding the projector (tokprune's earlier reading)
+
+
+def key_signal(key_layer: int | str) -> str:
+    """The [CLS]-attention signal that ranks the key tokens: at ViT layer `key_layer` (the code: -1, CLIP's
+    last layer), or at the feature layer for "feature"."""
+    return vision_signal("cls_attention", None if key_layer == FEATURE else key_layer)
 
 
 def key_tokens(cls_attention: torch.Tensor, k: int, full_n: int, key_ratio: float) -> torch.Tensor:
@@ -133,14 +141,19 @@ class MustDropVision(Method):
 
     name = "mustdrop"
     family = "multi-stage"
-    signals = ("cls_attention",)
+    code_families = ("llava",)
     key_ratio: float = 0.08
     window: int = 3
     threshold: float = 0.8
+    key_layer: int | str = -1
+
+    @property
+    def signals(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (key_signal(self.key_layer),)
 
     def select(self, image: ImageTokens, k: int) -> Selection:
         n, device = image.n, image.embeds.device
-        cls = image.signals["cls_attention"].float().reshape(-1).to(device)
+        cls = image.signals[key_signal(self.key_layer)].float().reshape(-1).to(device)
         keys = key_tokens(cls, k, image.full_n or n, self.key_ratio)
         protected = torch.zeros(n, dtype=torch.bool)
         protected[keys.cpu()] = True
@@ -193,10 +206,16 @@ class MustDropPrefill(LLMMethod):
 
     name = "mustdrop"
     family = "multi-stage"
-    signals = (TEXT_SIGNAL, "cls_attention")
     counts_on_image = True
+    code_families = ("llava",)
+    code_positions = "contiguous"
     layer: int = 3
     key_ratio: float = 0.08
+    key_layer: int | str = -1
+
+    @property
+    def signals(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (TEXT_SIGNAL, key_signal(self.key_layer))
 
     def boundaries(self, num_layers: int) -> list[int]:
         check_llm_layer(self.layer, num_layers, "layer", self.name)
@@ -204,7 +223,7 @@ class MustDropPrefill(LLMMethod):
 
     def select(self, image: ImageTokens, k: int) -> Selection:
         full_n = image.full_n if image.full_n is not None else image.n
-        keys = key_tokens(image.signals["cls_attention"].float(), k, full_n, self.key_ratio)
+        keys = key_tokens(image.signals[key_signal(self.key_layer)].float(), k, full_n, self.key_ratio)
         attention = image.signals[TEXT_SIGNAL]  # (n, T), columns >= m are padding
         text = image.text.get(TEXT_SIGNAL)
         m = text.shape[0] if text is not None else attention.shape[1]
@@ -246,79 +265,98 @@ class MustDrop(CompositeMethod):
       * decoding: when prefill ends, the KV caches of layers 2 to 14 are cut to the tokens the last filter
         kept (layers 0 and 1 keep every token); nothing is evicted during the decode steps.
 
-    tokprune's version, two stages:
-      * vision stage (`MustDropVision`, before the LLM): the key set = the top ceil(`key_ratio` * n)
-        tokens by [CLS] attention at the ViT feature layer over the whole image (n the image's tokens, all its
-        AnyRes tiles / video frames together; `key_ratio` 0.08 from the code; on towers without [CLS] the
-        adapter's attention received), never merged; both stages take the keys by this one rule
-        (`key_tokens`), so the prefill stage protects exactly the vision stage's keys (its top f of them
-        when the final count f is below ceil(`key_ratio` * n)). Local spatial
-        merging (`local_merge_groups`): non-overlapping `window` x `window` windows (3 x 3) of the token
-        grid; a window's non-key tokens whose mean pairwise cosine similarity is >= `threshold` (0.8) become
-        one token (their mean, at the position of the last of them in raster order), most similar windows
-        first. The stage keeps exactly ceil(`vision_factor` * f) tokens (f the final count; the factor 2 is
-        tokprune's choice, neither the paper's text nor the code has a vision-stage count): merging stops
-        there (a last window merges only its most typical tokens), and if merging similar windows does not
-        get there, the lowest-[CLS]-attention non-key tokens (a merged one scored by its members' mean) are
-        dropped (ranked over the whole image). Windows never cross an AnyRes tile / video frame: each unit's
-        grid is cut into its own windows, and the windows of all units compete for the merge cap.
+    Default: that code as far as the engine lets a stage follow it (commit 909afa5 of the repository):
+      * vision stage (`MustDropVision`, before the LLM): the code's merges only windows at or above the
+        threshold and drops nothing, a count the data decides; an engine stage keeps a count fixed in
+        advance, so by default (`vision_factor=None`) the stage keeps every token and merges nothing, which
+        is the code's outcome whenever no window reaches 0.8 (difference 1). With `vision_factor` = x the
+        stage keeps exactly ceil(x * f) tokens (f the final count; tokprune's earlier default was 2): the
+        key set = the top ceil(`key_ratio` * n) tokens by [CLS] attention over the whole image (n the
+        image's tokens, all its AnyRes tiles / video frames together), never merged; local spatial merging
+        (`local_merge_groups`): non-overlapping `window` x `window` windows (3 x 3) of the token grid; a
+        window's non-key tokens whose mean pairwise cosine similarity is >= `threshold` (0.8) become one
+        token (their mean, at the position of the last of them in raster order), most similar windows
+        first; merging stops at the count (a last window merges only its most typical tokens), and if
+        merging similar windows does not get there, the lowest-[CLS]-attention non-key tokens (a merged one
+        scored by its members' mean) are dropped. Windows never cross an AnyRes tile / video frame;
+      * key set (both stages, `key_tokens`): the top ceil(`key_ratio` * n) tokens (0.08, the code's; 47 of
+        576) by head-mean [CLS] attention at ViT layer `key_layer` (-1, CLIP's last layer, the code's
+        index 23; "feature": the layer feeding the projector, tokprune's earlier reading); on towers
+        without [CLS] the adapter's attention received; the prefill stage protects exactly the vision
+        stage's keys (its top f of them when f is below the key count);
       * prefill stage (`MustDropPrefill`, layers >= `layer`, default 3, i.e. scored in layer 2, the code's
-        first filter layer): the instruction tokens' head-mean attention rows over the visual tokens
-        (recomputed from layer 2's q/k projections) give the global (sum) and individual (maximum)
-        attention; the key tokens always stay, the rest of the budget goes to the others in
-        `dual_attention_order`.
-      * no decode stage (difference 6).
+        first filter layer): the head-mean attention rows of every real text token after the image over
+        the visual tokens (recomputed from layer 2's q/k projections) give the global (sum) and individual
+        (maximum) attention; the key tokens always stay, the rest of the budget goes to the others in
+        `dual_attention_order`. That order is the code's filter at exact counts: its kept set (keys, every
+        token whose global share reaches global_thr or whose individual attention reaches individual_thr)
+        is, when both thresholds admit the same number r of tokens, exactly the keys plus a prefix of the
+        order;
+      * no decode stage (difference 5).
 
     Budget: `budget`/`keep_ratio` = the final count f after the prefill stage; default keep_ratio 192/576,
     the "192" setting read as the final count (the code reaches its settings through thresholds, so its
-    counts vary per image).
+    counts vary per image, and its printed "equal token number" is the mean over the layers).
 
-    Deliberate differences from the released code:
-      (1) exact counts instead of thresholds deciding how many tokens each stage keeps: the similarity
-          threshold only decides which windows may merge, and the dual-attention filter becomes an order
-          (`dual_attention_order`); the vision-stage count and its drop step are tokprune's additions;
-      (2) merging acts after the ViT on the LLM input embeddings, with their cosine similarity, instead of
-          on CLIP states after its first layer (tokprune does not re-run the ViT on merged tokens); windows
-          at the bottom / right edges may be smaller (the code needs the grid divisible by 3); a merged
-          token stays at its last cell's position instead of moving ahead of the unmerged tokens;
-      (3) the key set is chosen before merging, over the whole image (ceil(0.08 * 576) = 47 on LLaVA-1.5,
-          where the code takes 8% of the tokens left after merging), and is protected from merging, so a
-          window's score covers its non-key cells only: without re-running the ViT a merged token has no
-          [CLS] attention of its own to rank it among the keys;
-      (4) [CLS] attention at the feature layer feeding the projector (-2 on LLaVA), not the last ViT layer;
-      (5) one filter stage instead of four (after layers 2, 6, 10, 14): with exact counts, repeating the
+    Remaining differences from the code:
+      (1) the vision stage: the code merges, inside CLIP, the states after its first layer and runs the
+          remaining layers on the merged sequence (merged tokens first), so its features, [CLS] attention
+          and key set come from the merged sequence; tokprune acts after the ViT and a stage's count is
+          fixed in advance, so by default it does not merge (the code's outcome when no window reaches the
+          threshold), and with `vision_factor` it merges the LLM input embeddings by their cosine
+          similarity and drops to its count; edge windows may be smaller (the code needs the grid
+          divisible by 3); a merged token stays at its last cell's position;
+      (2) exact counts instead of thresholds: the prefill filter keeps the budget, in `dual_attention_order`
+          (the code's thresholds 0.001 / 0.001 etc. decide its count per image);
+      (3) one filter stage instead of four (after layers 2, 6, 10, 14): with exact counts, repeating the
           filter at the same final count would keep every token;
-      (6) no decode stage: tokprune never prunes during decode. After its prefill, layers >= `layer` hold
-          only the kept tokens in their KV cache and earlier layers every token the LLM received, so with
-          the default `layer` 3 the one layer whose decode-time cache differs from the code's policy is
-          layer 2, which the code cuts to the kept tokens and tokprune keeps whole;
-      (7) kept tokens keep their original positions (the engine's rule); the code renumbers the shortened
-          sequence.
+      (4) kept tokens keep their original positions (the engine's rule); the code renumbers the shortened
+          sequence after every filter (the reproduction mode renumbers only the LLM input);
+      (5) no decode stage: tokprune never prunes during decode. After its prefill, layers >= `layer` hold
+          only the kept tokens in their KV cache and earlier layers every token the LLM received; the code
+          cuts the caches of layers 2 to 14 to the final kept tokens when prefill ends (so with the default
+          `layer` 3 the one layer whose decode-time cache differs is layer 2, which the code cuts and
+          tokprune keeps whole), and numbers each decode token by its layer's cache length;
+      (6) the key count is taken on the image's tokens before merging, over the whole image (the code: 8%
+          of the tokens left after merging, one 576-token image); keys are never merged (without re-running
+          the ViT a merged token has no [CLS] attention of its own);
+      (7) ties in an attention score go to the lower index.
     """
 
     name = "mustdrop"
     family = "multi-stage"
-    signals = ("cls_attention", TEXT_SIGNAL)
     default_budget = Budget(ratio=192 / 576)
     paper = "Liu et al., arXiv:2411.10803 (MustDrop)"
+    code_families = ("llava",)
     layer: int = 3
     key_ratio: float = 0.08
     window: int = 3
     threshold: float = 0.8
-    vision_factor: float = 2.0
+    vision_factor: float | None = None
+    key_layer: int | str = -1
 
     def __post_init__(self) -> None:
         check_int(self, "layer", 1)
         check_int(self, "window", 2)
         check_number(self, "key_ratio", 0, 1)
         check_number(self, "threshold", -1, 1)
-        check_number(self, "vision_factor", 1)
+        check_number(self, "vision_factor", 1, optional=True)
+        check_vision_layer(self, "key_layer", named=(FEATURE,))
+
+    @property
+    def signals(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (key_signal(self.key_layer), TEXT_SIGNAL)
 
     def parts(self) -> list[Method]:
         return [
-            MustDropVision(self.key_ratio, self.window, self.threshold),
-            MustDropPrefill(self.layer, self.key_ratio),
+            MustDropVision(self.key_ratio, self.window, self.threshold, self.key_layer),
+            MustDropPrefill(self.layer, self.key_ratio, self.key_layer),
         ]
 
     def part_budgets(self, budget: Budget) -> list[Budget]:
-        return [ScaledBudget(final=budget, factor=self.vision_factor), budget]
+        vision = (
+            Budget(ratio=1.0)
+            if self.vision_factor is None
+            else ScaledBudget(final=budget, factor=self.vision_factor)
+        )
+        return [vision, budget]

@@ -7,16 +7,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokprune.core.budget import Budget
+from tokprune.core.budget import AdaptiveBudget
 from tokprune.methods.base import (
     ImageTokens,
     Method,
     Selection,
-    topk_sorted,
+    free_slots,
     trivial_selection,
     vision_signal,
 )
-from tokprune.methods.options import check_choice, check_int, check_number, check_vision_layer
+from tokprune.methods.options import check_bool, check_choice, check_int, check_number, check_vision_layer
 
 _MERGE_MODES = ("mean", "add")
 
@@ -102,152 +102,195 @@ def merge_neighbours(
     return (weights @ x) / weights.sum(1, keepdim=True)
 
 
+_SCORES = ("concat", "heads")
+_SPACES = ("vision", "llm")
+
+
 def _check_options(method: PruMerge) -> None:
     check_int(method, "neighbours", 0)
     check_choice(method, "merge", _MERGE_MODES)
+    check_choice(method, "score", _SCORES)
+    check_choice(method, "merge_space", _SPACES)
+    check_bool(method, "summary_token")
     check_vision_layer(method, "layer", optional=True)
+    check_number(method, "iqr_factor", 0)
+
+
+def code_count(attention: torch.Tensor, factor: float = 1.5) -> int:
+    """The number of patches the authors' code keeps: int(N * ratio) with ratio = outliers / N (the code's
+    `outlier_dectection`, then `int(N * reduction_ratio)`: float arithmetic, so it can be one below the
+    outlier count)."""
+    n = attention.numel()
+    return int(n * (iqr_outliers(attention, factor).numel() / n))
 
 
 @dataclass
 class PruMerge(Method):
     """PruMerge — Shang et al., "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal
-    Models", arXiv:2403.15388 (ICCV 2025).
+    Models", arXiv:2403.15388 (ICCV 2025). Default: the authors' released code,
+    github.com/42Shawn/LLaVA-PruMerge at commit 097c041 (`llava/model/multimodal_encoder/clip_encoder.py:
+    CLIPVisionTower.token_prune_merge_advanced`, `outlier_dectection`), on LLaVA-1.5's features before the
+    projector.
 
-    What the paper specifies (read from the arXiv v1 text, its Sec. 1 and the Sec. 3 overview, and from a
-    detailed public review, velog.io/@euisuk-chung, quoting Secs. 3.1-3.4 and Algorithm 1; the full
-    method text itself was not reachable):
-      * Sec. 3.1: the [CLS] attention a = softmax(q_cls K^T / sqrt(d_k)) over the visual tokens;
-      * Sec. 3.2, Adaptive Important Token Selection (AITS): the kept tokens are the upper outliers of a
-        by the interquartile-range rule, a > Q3 + 1.5 (Q3 - Q1) (only the upper fence is used), so
-        their number adapts to the image: 5.5 % of LLaVA-1.5's 576 tokens on average in the main
-        results, about 32 (the v1 introduction quotes 6.9 %, about 40);
-      * Sec. 3.3, Token Supplement (TS) via similar key clustering: token similarity is the product of
-        ViT keys, Sim(y_i, y_j) = k_i k_j^T, with the final layer's keys; every kept token is the centre
-        of its k nearest neighbours among the other visual tokens and is updated by a weighted average
-        of them, weighted by their [CLS] attention (Sec. 1 and Algorithm 1: "weighted averaging");
-      * Algorithm 1 takes the key and query matrices of the ViT's penultimate layer (the layer whose
-        features LLaVA reads) and returns the m updated tokens (m = the outlier count).
-    Not in the text reached: the number of neighbours, whether the centre itself enters the average, and
-    the exact normalisation. From the authors' code (github.com/42Shawn/LLaVA-PruMerge): 32 neighbours
-    (16 in its training variant), cosine similarity of the keys, and both the [CLS] attention and the keys
-    taken from the q/k projections of the last CLIP block, i.e. computed from the penultimate layer's
-    output (the features LLaVA uses), which is how the paper's "penultimate layer" (Algorithm 1) and
-    "final layer's key" (Sec. 3.3) agree.
+    The code, per image of N patches (x = the features LLaVA feeds the projector, hidden_states[-2]):
+      * score: the [CLS] row of the *last* ViT layer's attention computed as one head over the
+        concatenated heads, a = softmax(q_cls · Kᵀ · C^-1/2) (`score="concat"`, signal
+        "cls_attention_concat@-1"; C the feature width);
+      * count (Adaptive Important Token Selection): m = int(N · r), r = the share of patches above the upper
+        IQR fence Q3 + 1.5 (Q3 − Q1) of a (numpy's linear percentiles) — the default budget is adaptive
+        (`AdaptiveBudget`): every image keeps its own m + 1 tokens; the top m by a are kept;
+      * supplement: every kept patch becomes x_i + Σ_j a_j x_j over its `neighbours` = 32 nearest other
+        patches (kept or not) by cosine similarity of the last layer's full-width keys
+        ("vit_keys_concat@-1") (`merge="add"`);
+      * one extra token (`summary_token`): Σ_j a_j x_j over all patches not kept, placed in the image's first
+        free slot (`Selection.extra`);
+      * emitted: the kept patches by descending a, then the extra token (`Selection.order`).
+    `prumerge_adaptive_count(attention)` gives an image's outlier count.
 
-    Here:
-      * signals at vision layer `layer` (default -1, the last block as in the code; None = the layer
-        whose output feeds the projector, LLaVA's -2; on Qwen2.5-VL -1 is that layer anyway): the
-        head-mean [CLS] attention row and the head-mean keys;
-      * selection under a budget k (below);
-      * supplement: every kept token absorbs its `neighbours` = 32 nearest other tokens (kept or not) by
-        cosine similarity of the keys, weighted by their [CLS] attention:
-        x'_i = (a_i x_i + sum_j a_j x_j) / (a_i + sum_j a_j) (`merge="mean"`, the weighted average of the
-        cluster with its centre, this library's reading of the paper; see `merge_neighbours`).
+    With an explicit budget k (no such path in the code): the top k − 1 patches by a, supplemented, and the
+    extra token (k including it; `summary_token=False`: the top k).
 
-    Budget: the IQR count (AITS) is not applied per image, and no option offers it, because the engine
-    cannot run a method with a count of its own: `tokprune.apply` turns budget=None / keep_ratio=None into
-    the method's `default_budget` (`Budget.from_args`), a rule whose count depends only on the image's token
-    count n (`Budget.kept(n)`); the engine computes k = budget.kept(n) for every image before the method
-    runs (`core.selection.select_pre`) and rejects a selection of any other size (`checked_select`); the
-    stats and the invariant tests derive every stage's count from the same arithmetic. A count read from
-    the [CLS] attention would need the engine to ask the method for its count first (a change to
-    `core/selection.py`, `core/budget.py` and the tests' reference plan), which is not done. So under a budget
-    k the kept set is the outliers ranked by attention, truncated to k or topped up by the next-highest
-    attention tokens; since the outliers are always the highest-attention tokens, that is the top-k by
-    attention (as FasterVLM), and the merge is what differs. The default budget is the paper's average
-    adaptive count, keep_ratio 0.055 (32 of LLaVA-1.5's 576 tokens, 5.5%).
-    `prumerge_adaptive_count(attention)` gives the adaptive count of one image (to pass as `budget=` for
-    that image, or to measure the average ratio on a data set).
+    Options: neighbours (32); merge: "add" (the code) or "mean" (the attention-weighted mean of the cluster
+    with its centre, tokprune's earlier reading of the paper's "weighted averaging"); score: "concat" (the
+    code) or "heads" (the head-mean of per-head softmax rows and head-mean keys, "cls_attention@layer" /
+    "vit_keys@layer", tokprune's earlier reading); layer: the ViT layer of score and keys (-1; None = the
+    feature layer); merge_space: "vision" (the code: the features before the projector) or "llm" (the LLM
+    input); summary_token: the code's extra token; iqr_factor: the fence (1.5).
 
-    Deliberate differences from the paper and the authors' code: (1) the merge averages the LLM input
-    embeddings (after the projector), not the CLIP features before it, so that pruning is one step of the
-    engine (as VisionZip here); (2) the scores and keys are head means of the per-head attention and keys
-    (the code scores the concatenated heads as one head and compares the concatenated keys); (3) cosine
-    similarity as in the code, where the paper writes the plain product of the keys; (4) the code does
-    not average: it adds the attention-weighted neighbour sum to the token, unnormalised
-    (`merge="add"` reproduces that); (5) the code appends one extra token, the attention-weighted sum of
-    all pruned tokens (not in Algorithm 1), so it keeps k + 1; here exactly k tokens are kept; (6) ties go to
-    the lower index.
+    Remaining differences from the code: (1) ties go to the lower index (torch.topk's tie order is
+    unspecified); (2) on towers without [CLS] (SigLIP, Qwen) the score is the attention each patch receives
+    (the code has no such path); (3) the code runs LLaVA-1.5 only; elsewhere the same rule runs on each
+    image's LLM tokens as the family's adapter lays them out.
     """
 
     name = "prumerge"
     family = "[CLS] attention + merge"
     where = "pre"
-    default_budget = Budget(ratio=0.055)
+    default_budget = AdaptiveBudget(rule="IQR outliers of the [CLS] attention, + 1 summary token")
     paper = "Shang et al., arXiv:2403.15388, ICCV 2025 (LLaVA-PruMerge)"
+    code_families = ("llava",)
 
     neighbours: int = 32
-    merge: str = "mean"
+    merge: str = "add"
+    score: str = "concat"
     layer: int | None = -1
+    merge_space: str = "vision"
+    summary_token: bool = True
+    iqr_factor: float = 1.5
 
     def __post_init__(self) -> None:
         _check_options(self)
 
     @property
     def signals(self) -> tuple[str, ...]:  # type: ignore[override]
-        return (vision_signal("cls_attention", self.layer), vision_signal("vit_keys", self.layer))
+        names = (
+            ("cls_attention_concat", "vit_keys_concat")
+            if self.score == "concat"
+            else ("cls_attention", "vit_keys")
+        )
+        return tuple(vision_signal(name, self.layer) for name in names)
+
+    @property
+    def features(self) -> str:  # type: ignore[override]
+        return self.merge_space
 
     def attention(self, image: ImageTokens) -> torch.Tensor:
         """(n,) the [CLS] attention of the tokens at the method's layer, on the embeddings' device."""
         return image.signals[self.signals[0]].reshape(-1).to(image.embeds.device)
 
-    def keep_set(self, image: ImageTokens, k: int) -> torch.Tensor:
-        """(k,) sorted indices of the kept tokens: the top k by attention (the outliers come first)."""
-        return topk_sorted(self.attention(image), k)
+    def code_order(self, image: ImageTokens) -> torch.Tensor:
+        """The patches the code keeps, in its order (PruMerge: the top m by attention, highest first)."""
+        attention = self.attention(image)
+        return _by_attention(attention)[: code_count(attention, self.iqr_factor)]
+
+    def adaptive_count(self, image: ImageTokens) -> int:
+        return self.code_order(image).numel() + int(self.summary_token)
+
+    def ordered_keep(self, image: ImageTokens, k: int) -> torch.Tensor:
+        """(k,) the kept patches in emission order for a count of k patches: the code's own set where k is
+        its adaptive count, else the top k by attention."""
+        code = self.code_order(image)
+        return code if code.numel() == k else _by_attention(self.attention(image))[:k]
 
     def select(self, image: ImageTokens, k: int) -> Selection:
         if (trivial := trivial_selection(image, k)) is not None:
             return trivial
-        keep = self.keep_set(image, k)
-        if self.neighbours == 0:
-            return Selection(keep=keep)
-        keys = image.signals[self.signals[1]].to(image.embeds.device)
-        neighbours = nearest_neighbours(keys, keep, self.neighbours)
-        merged = merge_neighbours(image.embeds, self.attention(image), keep, neighbours, self.merge)
-        return Selection(keep=keep, merged=merged.to(image.embeds.dtype))
+        n_patches = k - int(self.summary_token)
+        ordered = self.ordered_keep(image, n_patches)
+        keep, by_slot = ordered.sort()
+        attention = self.attention(image)
+        values = image.embeds.float()
+        rows = values[keep]
+        if self.neighbours > 0 and keep.numel():
+            keys = image.signals[self.signals[1]].to(image.embeds.device)
+            neighbours = nearest_neighbours(keys, keep, self.neighbours)
+            rows = merge_neighbours(image.embeds, attention, keep, neighbours, self.merge)
+        if not self.summary_token:
+            merged = rows.to(image.embeds.dtype) if self.neighbours > 0 else None
+            return Selection(keep=keep, merged=merged, order=by_slot.argsort())
+        dropped = torch.ones(image.n, dtype=torch.bool, device=keep.device)
+        dropped[keep] = False
+        summary = (attention[dropped, None].float() * values[dropped]).sum(0)
+        slot = free_slots(keep, image.n, 1)
+        slots, by_slot_all = torch.cat([keep, slot]).sort()
+        emitted = torch.cat([ordered, slot])  # the kept patches in the code's order, then the extra token
+        order = torch.searchsorted(slots, emitted)  # slots[order] == emitted
+        merged = torch.cat([rows, summary[None]])[by_slot_all]
+        extra = slots == slot
+        return Selection(keep=slots, merged=merged.to(image.embeds.dtype), order=order, extra=extra)
+
+
+def _by_attention(attention: torch.Tensor) -> torch.Tensor:
+    """All indices by descending attention (ties: lower index)."""
+    return torch.sort(attention.float(), descending=True, stable=True).indices
 
 
 @dataclass
 class PruMergePlus(PruMerge):
-    """PruMerge+ — the same paper's variant that adds spatially uniform samples to the outliers.
+    """PruMerge+ — the same paper's variant that adds spatially sampled patches to the outliers. Default: the
+    authors' released code (`token_prune_merge_advanced_plus`, what the repository's `forward` runs).
 
-    The paper (Sec. 3.4 and Algorithm 1, as quoted by the review above): the IQR outliers alone can leave
-    parts of the image unrepresented, so PruMerge+ adds tokens sampled uniformly over the image, with
-    their count tied to the outlier ratio r = m / n; the union is then supplemented by the key-nearest
-    neighbours exactly as in PruMerge. About 25 % of LLaVA-1.5's tokens are kept (144 of 576).
+    The code, besides PruMerge's rule: with r = m / N and step = int(1 / r), every int(step / 3)-th patch
+    index from 0 below N − 1 (575 on LLaVA-1.5) that is not kept already is added, in ascending order
+    (about 3m samples); the union is supplemented and followed by the extra token exactly as in PruMerge.
+    Default budget adaptive (every image its own count). Where the code fails (no outlier: a division by
+    zero; r > 1/3: a zero step) this keeps no sample / samples every patch.
 
-    Kept set under a budget k: the IQR outliers of the [CLS] attention (`iqr_factor` = 1.5), highest
-    attention first, truncated to k; the remaining k - m slots go to tokens sampled evenly along the
-    raster order of the other tokens (`uniform_samples`: the centre of each of k - m equal runs), so they
-    spread over the whole grid. Every kept token is then supplemented as in `PruMerge`. Default:
-    keep_ratio 0.25.
+    With an explicit budget k (no such path in the code): up to k − 1 IQR outliers (by attention), then
+    patches sampled evenly along the raster order of the others (`uniform_samples`: the centre of each of the
+    remaining equal runs), then the extra token.
 
-    Differences from the authors' code, besides those of `PruMerge`: the code samples every
-    int(int(1 / r) / 3)-th patch index from 0 (about 3m samples, those already outliers skipped), a count
-    not tied to any budget; here the k - m samples fill the budget exactly, evenly spaced over the
-    non-outlier tokens and centred in their runs.
-
-    A separate registry name rather than a `plus=True` option, because the published default budget
-    differs (0.25 vs 0.055) and a method's default budget belongs to its class; the variant also joins the
-    invariant matrix and the catalogue on its own.
+    A separate registry name rather than a `plus=True` option, because the published default differs and a
+    method's default budget belongs to its class; the variant also joins the invariant matrix and the
+    catalogue on its own.
     """
 
     name = "prumerge_plus"
     family = "[CLS] attention + merge"
-    default_budget = Budget(ratio=0.25)
+    default_budget = AdaptiveBudget(
+        rule="IQR outliers + spatial samples of the [CLS] attention, + 1 summary token"
+    )
     paper = "Shang et al., arXiv:2403.15388, ICCV 2025 (LLaVA-PruMerge+)"
 
-    iqr_factor: float = 1.5
+    def code_order(self, image: ImageTokens) -> torch.Tensor:
+        """The code's kept patches: the top m by attention, then its spatial samples in ascending order."""
+        top = super().code_order(image)
+        n = image.n
+        outliers = iqr_outliers(self.attention(image), self.iqr_factor).numel()
+        if outliers == 0:  # r = 0: the code divides by zero; here nothing is sampled
+            return top
+        step = int(int(1 / (outliers / n)) / 3)  # 0 when r > 1/3, where the code's arange fails: 1 here
+        samples = torch.arange(0, n - 1, max(step, 1), device=top.device)
+        samples = samples[~torch.isin(samples, top)]
+        return torch.cat([top, samples])
 
-    def __post_init__(self) -> None:
-        _check_options(self)
-        check_number(self, "iqr_factor", 0)
-
-    def keep_set(self, image: ImageTokens, k: int) -> torch.Tensor:
-        """(k,) sorted indices: up to k IQR outliers (by attention), then evenly spread samples of the rest."""
+    def ordered_keep(self, image: ImageTokens, k: int) -> torch.Tensor:
+        code = self.code_order(image)
+        if code.numel() == k:
+            return code
         device = image.embeds.device
         outliers = iqr_outliers(self.attention(image), self.iqr_factor)[:k].to(device)
         rest = torch.ones(image.n, dtype=torch.bool, device=device)
         rest[outliers] = False
         samples = uniform_samples(rest.nonzero().squeeze(1), k - outliers.numel())
-        return torch.cat([outliers, samples]).sort().values
+        return torch.cat([outliers, samples])

@@ -1,4 +1,4 @@
-"""SparseVLM: text-guided, progressive visual-token sparsification inside the LLM (with optional recycling)."""
+"""SparseVLM: text-guided, progressive visual-token sparsification inside the LLM, with token recycling."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from tokprune.core.budget import Budget
 from tokprune.errors import MethodOptionError
 from tokprune.methods.base import ImageTokens, LLMMethod, Selection, topk_sorted
 from tokprune.methods.options import (
-    check_bool,
     check_choice,
     check_int,
     check_int_tuple,
@@ -24,11 +23,14 @@ from tokprune.methods.options import (
 SIGNAL = "text_query_attention"
 RELEVANCE = "input_text_relevance"
 _RATERS = ("embeddings", "attention")
+RATER_RULES = ("above", "at_least")  # the code's "> mean"; the paper's Eq. 5 ">= mean"
+RECYCLE = ("code", "within", "off")
 RECYCLE_DEFAULTS = {"recycle_ratio": 0.3, "cluster_size": 10}  # tau = 30%, theta = 1/10 (§3.3)
-# Published per-stage kept visual tokens of LLaVA-1.5 (576 per image, 32 layers), pruning after layers
-# 2, 6, 15, for the paper's "64", "128" and "192" settings: the schedule of the authors' public v1 code
-# (Gumpest/SparseVLMs, llava/model/language_model/score.py); the paper's text gives neither the layers
-# nor the counts.
+MERGE_EPS = 1e-6  # the code's cluster weights 1 / (size + 1e-6)
+# Per-stage top-k counts of LLaVA-1.5 (576 per image, 32 layers), pruning the outputs of layers 2, 6, 15,
+# for the "64", "128" and "192" settings: the schedule of the authors' v1.5 code (Gumpest/SparseVLMs,
+# branch v1.5, llava/model/language_model/score.py: sparse_token_dict); the paper's text gives neither the
+# layers nor the counts. The recycled tokens come on top of these counts (`SparseVLM`).
 PUBLISHED_TOKENS = 576
 PUBLISHED_DEPTH = 32
 PUBLISHED_LAYERS = (2, 6, 15)
@@ -54,24 +56,28 @@ def schedule_fractions(final: Fraction) -> list[Fraction]:
     return [Fraction(1)] * 3
 
 
-def rater_scores(attention: torch.Tensor, raters: torch.Tensor | None = None) -> torch.Tensor:
+def rater_scores(
+    attention: torch.Tensor, raters: torch.Tensor | None = None, strict: bool = False
+) -> torch.Tensor:
     """Score of each visual token from the attention the raters among the text tokens pay it.
 
     attention: (m, n) head-mean attention of m text tokens (rows) to the n visual tokens of one image;
     raters: (m,) bool, the rating text tokens, or None to choose them from `attention` itself: the text
     tokens whose attention to the image is at least the mean over the m text tokens (the ">= mean" rule of
-    the paper's Eq. 5 applied to these rows; all of them should rounding leave none). Returns (n,) float32:
-    the mean attention the raters pay each visual token (Eq. 3 over the raters' rows).
+    the paper's Eq. 5 applied to these rows; above it with `strict`; all of them should none qualify).
+    Returns (n,) float32: the mean attention the raters pay each visual token (Eq. 3 over the raters' rows).
     """
     attention = attention.float()
     if raters is None:
-        raters = mean_or_above(attention.sum(1))  # (m,): n times the mean over the image's tokens
+        raters = mean_or_above(attention.sum(1), strict)  # (m,): n times the mean over the image's tokens
     return attention[raters].mean(0)
 
 
-def mean_or_above(relevance: torch.Tensor) -> torch.Tensor:
-    """(m,) bool: the entries at least the mean of `relevance` (m,) (Eq. 5-6); all where rounding leaves none."""
-    raters = relevance >= relevance.mean()
+def mean_or_above(relevance: torch.Tensor, strict: bool = False) -> torch.Tensor:
+    """(m,) bool: the entries at least (strict: above) the mean of `relevance` (m,) (Eq. 5-6; the code's
+    "> mean"); all of them where none qualifies (equal values: the code would have no rater at all)."""
+    mean = relevance.mean()
+    raters = relevance > mean if strict else relevance >= mean
     return raters if bool(raters.any()) else torch.ones_like(raters)
 
 
@@ -118,7 +124,8 @@ def recycle_select(
     ratio: float = 0.3,
     cluster_size: int = 10,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token recycling within a budget of k slots: (keep (k,) sorted indices, their states (k, D) float32).
+    """recycle="within": token recycling within a budget of k slots (tokprune's earlier reading of §3.3):
+    (keep (k,) sorted indices, their states (k, D) float32).
 
     embeds: (n, D); scores: (n,). With N = n - k (the tokens the stage removes), r = ceil(ratio * N)
     tokens are recycled into c = min(r // cluster_size + 1, r, k) reconstructed tokens, which take c of
@@ -145,97 +152,179 @@ def recycle_select(
     return keep, states[perm]
 
 
+def code_recycled(removed: int, ratio: float = 0.3, cluster_size: int = 10) -> tuple[int, int]:
+    """(r, c): of `removed` = N dropped tokens, the code recycles r = int(N * ratio) + 1 into c = int(r /
+    cluster_size) + 1 clusters (Python float arithmetic, as the code; r <= N and c <= r); (0, 0) if N = 0."""
+    if removed <= 0:
+        return 0, 0
+    recycled = min(int(removed * ratio) + 1, removed)
+    return recycled, min(int(recycled / cluster_size) + 1, recycled)
+
+
+def code_split(n: int, count: int, ratio: float = 0.3, cluster_size: int = 10) -> tuple[int, int]:
+    """(k, c) with k + c = count: the stage keeps its k best tokens and adds c recycled ones, c the code's
+    cluster count for the N = n - k tokens it drops. k + c(n - k) grows by 0 or 1 with k, so every count
+    from c(n) to n has such a k; where two do, the larger. Below c(n): k = 0 and c = count clusters."""
+    for k in range(min(count, n - 1), -1, -1):
+        if k + code_recycled(n - k, ratio, cluster_size)[1] <= count:
+            return k, count - k
+    return 0, count
+
+
+def code_clusters(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The code's density-peak clustering and merge of x (r, D), rows in the code's order (best score first).
+
+    Distances ||x_i - x_j|| / sqrt(D); density rho_i = exp(-mean of the squared distances to its `clusters`
+    nearest tokens, itself included); delta_i = the distance to the nearest denser token, the largest
+    distance of all for the densest (ties in rho: the earlier row is denser, where the code adds 1e-6
+    uniform noise); centres = the `clusters` largest rho * delta, in that order (ties: the earlier row);
+    every other token joins its nearest centre (Euclidean; ties: the earlier centre), and a cluster's token
+    is sum_i x_i / (size + 1e-6). Returns (centres (c,) rows of x in the code's cluster order, labels (r,)
+    in [0, c), merged (c, D) float32).
+    """
+    r, width = x.shape
+    x = x.float()
+    dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / width**0.5  # (r, r)
+    nearest = dist.sort(dim=1).values[:, :clusters]  # the token itself first, at distance 0
+    density = torch.exp(-(nearest**2).mean(1))
+    index = torch.arange(r, device=x.device)
+    denser = (density[None, :] > density[:, None]) | (
+        (density[None, :] == density[:, None]) & (index[None, :] < index[:, None])
+    )  # [i, j]: j is denser than i
+    delta = dist.masked_fill(~denser, float(dist.max())).min(1).values
+    centres = torch.sort(delta * density, descending=True, stable=True).indices[:clusters]
+    labels = dist[centres].argmin(0)  # (r,): the first nearest centre
+    labels[centres] = torch.arange(clusters, device=x.device)
+    sizes = torch.bincount(labels, minlength=clusters).to(x.dtype)
+    weights = 1.0 / (sizes + MERGE_EPS)
+    merged = torch.zeros(clusters, width, device=x.device).index_add_(0, labels, x * weights[labels, None])
+    return centres, labels, merged
+
+
+def code_recycle_select(
+    embeds: torch.Tensor, scores: torch.Tensor, count: int, ratio: float = 0.3, cluster_size: int = 10
+) -> Selection:
+    """A stage of the code with recycling: `count` = k + c slots of the n tokens (embeds (n, D), scores (n,)).
+
+    (k, c) = `code_split`; the k best-scored tokens stay as they are; of the others, the r best-scored
+    (`code_recycled`) are clustered (`code_clusters`) into c tokens, each put in its centre's slot (a dropped
+    token's). Ranking ties: the lower index first. The Selection's `order` lists the k tokens in their own
+    order, then the c cluster tokens in the code's cluster order (the code appends them after the kept
+    visual tokens); `extra` marks the cluster slots; `merged` holds every kept slot's state (float32 rows
+    cast back to embeds' dtype).
+    """
+    n = embeds.shape[0]
+    k, clusters = code_split(n, count, ratio, cluster_size)
+    ranked = torch.sort(scores.float(), descending=True, stable=True).indices
+    top = ranked[:k].sort().values
+    recycled = ranked[k : k + code_recycled(n - k, ratio, cluster_size)[0]]
+    centres, _, merged = code_clusters(embeds[recycled], clusters)
+    emitted = torch.cat([top, recycled[centres]])  # the code's order
+    keep, perm = emitted.sort()
+    states = torch.cat([embeds[top].float(), merged])[perm]
+    return Selection(keep=keep, merged=states.to(embeds.dtype), order=perm.argsort(), extra=perm >= k)
+
+
 @dataclass
 class SparseVLM(LLMMethod):
     """SparseVLM — Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Language
     Model Inference", ICML 2025 (arXiv:2410.04417; section and equation numbers of the camera-ready, v4).
 
-    What the paper specifies. §3.2: the priority matrix P (Eq. 2) is the block of a decoder layer's
-    attention map (Eq. 1) with the language-instruction tokens as queries (rows) and the image tokens as
-    keys (columns); a visual token's significance (Eq. 3) is the mean of its column over the rows, i.e. over
-    the raters (App. B: the mean attention of the selected raters). The raters (Eq. 4-6) are chosen once,
-    before the decoder, from the LLM-input embeddings: each instruction token gets the mean over the visual
-    tokens of Softmax(H_v H_q^T), and those at or above the mean of these values rate (Eq. 5 and App. B
-    write >=, the prose says "exceed"). Eq. 7: a layer deletes N = lambda * (L_v - rank(P)) tokens, those
-    with the smallest significance, and is skipped when N = 0 (the flash-attention path of App. B keeps a
-    top-k). §3.3: of the deleted tokens, the top tau (%) by significance are recycled (L_r = tau * N);
-    they are grouped by density peaks with k nearest neighbours (Eq. 8: rho = exp of minus the mean squared
-    L2 distance to the k neighbours; Eq. 9: delta = the distance to the nearest denser token, the largest
-    distance for the densest; centres = the highest rho * delta, C = theta * L_r of them), the others join
-    the centre of highest cosine similarity, and each group becomes one token (Eq. 10: an element-wise sum;
-    App. C: a weighted sum), which goes on into the later layers (§3.4 counts N - C tokens removed). The
-    text gives no value of lambda, tau, theta, k or the rank threshold, nor the layers or the per-layer
-    counts of its "192/128/64" settings.
-
-    From the authors' public v1 code (Gumpest/SparseVLMs, llava/model/language_model/): the three
-    sparsification layers 2, 6, 15 (of LLaVA-1.5's 32), each pruning its own output with its head-mean
-    attention; fixed per-layer counts instead of Eq. 7 (score.py: 66/30/17, 303/110/36, 300/200/110 of
-    576 for "64", "128", "192"); raters strictly above the mean; recycling always on, of floor(0.3 *
-    deleted) + 1 tokens into recycled // 10 + 1 clusters, each the mean of its members (weights 1 / size),
-    inserted as extra tokens after the kept visual ones. The raters are chosen once, before the first
-    decoder layer, from the LLM-input hidden states as the paper says (softmax over the text tokens of the
-    unscaled products of visual and text states, mean over the visual tokens, above the mean).
+    The default follows the authors' v1.5 code, the version their README presents (github.com/Gumpest/
+    SparseVLMs, branch v1.5 at 734d9003879689713a132b83297dfad060a5c9af, code as of tag v1.5 b9619e6 and
+    commit 535f8ba: llava/model/language_model/modelling_sparse_llama.py `LlamaDynamicvitModel.forward`
+    and `LlamaDynamicvitFlashAttention2.forward`, score.py `attn_postprocess_topk`, utils.py
+    `cluster_and_merge`). On LLaVA-1.5 (576 tokens, 32 layers) it does, for one image:
+      * raters, once, on the LLM input: m = (H_v H_t^T).softmax over the text t (every token after the
+        image) .mean over the visual tokens v (unscaled products); the text tokens with m > mean(m) rate;
+      * after decoder layers 2, 6 and 15 (each pruning its own output): that layer's attention
+        softmax(q k^T / sqrt(d)) over all causal keys, head mean, the raters' rows at the current visual
+        tokens, mean over the raters = each visual token's score; torch.topk of sparse_token_dict[budget]
+        = 300/200/110 ("192"), 303/110/36 ("128"), 66/30/17 ("64"), at most v_num - 1;
+      * recycling, always: of the N dropped tokens the int(0.3 N) + 1 best-scored (their hidden states, the
+        layer's output) are clustered into int(r / 10) + 1 (`code_clusters`: k = c nearest neighbours,
+        distances / sqrt(D), Euclidean assignment, mean with weights 1 / (size + 1e-6)); the cluster
+        tokens are inserted after the kept visual tokens and count as visual tokens of the next stage
+        (300 + 9 = 309 -> 200 + 4 = 204 -> 110 + 3 = 113 tokens for "192");
+      * the kept sequence is renumbered 0, 1, ... (position_ids[:, :L']) for the later layers.
+    The authors' v1 code (first commit 91fb6d9857a089a39c660527519c76ab0a259349) chose its counts per image
+    as int(scale * rank(P) + bias) of the raters' attention block P after layers 2, 6, 15 and 19 (README:
+    scale 13.5 / 9 / 0.8, bias 0 / 6 / 0 for 192 / 128 / 64), otherwise as v1.5. The paper (§3.2-3.4):
+    raters r >= mean(r) (Eq. 5), per-layer deletion N = lambda (L_v - rank(P)) (Eq. 7), recycling of the
+    top tau of the deleted tokens by density peaks with k neighbours (Eq. 8-9), cosine assignment, one
+    token per cluster (Eq. 10: a sum; App. C: a weighted sum), going on into the later layers.
 
     Here: stages after LLM layers `layers` (default (2, 6, 15) for a 32-layer LLM, scaled to L/32 and made
-    strictly increasing otherwise). The attention module of such a layer gives, recomputed from its own q/k
-    projections and post-RoPE keys (no eager attention), the head-mean softmax rows of the instruction's
+    strictly increasing otherwise: (0, 1, 2) of 4). The attention module of such a layer gives, recomputed
+    from its own q/k projections (any attention backend), the head-mean softmax rows of the instruction's
     text tokens (the row's text after its last image; the last prompt token if there is none) over all real
-    keys of their causal rows. Raters (`raters="embeddings"`, the default, Eq. 4-6): per image, once, on
-    the LLM input (after any pre-LLM stage), r_t = mean over the image's visual tokens v of softmax over
-    the instruction tokens t of <h_v, h_t> (the "input_text_relevance" signal), and the tokens with r_t >=
-    mean(r) rate at every stage. `raters="attention"` instead re-chooses them at each stage from that
-    layer's rows: the text tokens whose attention to the image's remaining tokens is at least the mean
-    over the text tokens (the same threshold on the attention softmax over keys). A visual token's score
-    = the mean attention the raters pay it at the stage's layer (Eq. 3); the top tokens by score are
-    kept, and layers after the stage's layer see only them.
+    keys of their causal rows. `raters="embeddings"` (default): per image, once, on the LLM input (after
+    any pre-LLM stage), r_t = mean over the image's visual tokens of softmax over the instruction tokens
+    of <h_v, h_t> ("input_text_relevance"); `rater_rule="above"` (default, the code): r_t > mean(r);
+    "at_least": r_t >= mean(r) (the paper's Eq. 5); all instruction tokens where none qualifies.
+    `raters="attention"` (tokprune's variant) re-chooses them at each stage: the text tokens whose attention
+    to the image's present tokens passes the same rule. Score = the raters' mean attention (Eq. 3).
 
-    Stage counts: `budget`/`keep_ratio` = the final count f of an image of n tokens (default keep_ratio
-    110/576, the paper's "192"). The published schedules are the counts above (the names are nominal: with
-    stages after layers 2, 6, 15 the layer-averaged count of 300/200/110 is (3·576 + 4·300 + 9·200 +
-    16·110) / 32 ≈ 203, without recycled tokens). For other f and n, each stage's kept fraction is
-    interpolated piecewise-linearly in f/n through (0, 0, 0), the three schedules and (1, 1, 1), then
-    ceil(fraction * n), so budgets 17/36/110 of 576 give exactly the published counts; e.g. 64 of 576 gives
-    302/145/64.
+    Counts: `budget` / `keep_ratio` = f, the last stage's top-k count of an image of n tokens (default
+    110/576, the code's "192"). Each stage's top-k fraction is interpolated piecewise-linearly in f/n
+    through (0, 0, 0), the three published schedules (as fractions of 576) and (1, 1, 1), then ceil(fraction
+    * n): budgets 17/36/110 of 576 give the code's counts exactly; e.g. 64 of 576 gives 302/145/64.
+    `recycle` selects the recycling:
+      * "code" (default): as the v1.5 code, at every stage, on top of the stage's top-k count k (so an
+        image ends with f + c_3 tokens, 113 for "192"): `stage_counts` gives k + c (`code_split` recovers
+        k from it), `code_recycle_select` makes the cluster tokens; `recycle_ratio` (0.3) and `cluster_size`
+        (10) are the code's 0.3 and 10;
+      * "within": tokprune's earlier reading of §3.3 inside the budget (`recycle_select`): ceil(ratio * N)
+        recycled into min(r // cluster_size + 1, r, k) tokens that take c of the k slots, density peaks as
+        Eq. 8-9 with the 5 nearest other tokens, unscaled distances, cosine assignment, the plain mean;
+      * "off": pure top-k (the counts above; f exactly).
+    `recycle_ratio` / `cluster_size` act only with recycling: another value with recycle="off" is an error.
 
-    `recycle=True` (§3.3): at every stage, of the N = n - k tokens the stage's count k removes, r =
-    ceil(`recycle_ratio` * N) (tau = 30%) are recycled into c = min(r // `cluster_size` + 1, r, k) tokens
-    (theta = 1/10, plus one, as the code); the k - c best-scored tokens are kept as they are, the r
-    best-scored of the rest are clustered by `density_peaks` (Eq. 8-9 with k = 5 neighbours, cosine
-    assignment) of their hidden states, and each cluster becomes one token, the mean of its members, at
-    its centre's position (see `recycle_select`). `recycle_ratio` and `cluster_size` only act with
-    `recycle=True`: setting either to another value without it is an error.
-
-    Deliberate differences: (1) raters are chosen per image (the paper and the code have one image per
-    prompt), with the paper's >= (the code: >); (2) fixed (interpolated) counts as the public code, not Eq. 7's
-    rank-adaptive ones, so the budget is an exact final count; (3) the c reconstructed tokens take c of the
-    stage's k slots (the code adds them on top of its counts), so every stage keeps exactly its count and
-    every token sits at an original position; (4) a cluster's token is the mean of its members (the code's
-    weighting), not Eq. 10's plain sum, which would scale the token's norm with the cluster size; (5)
-    ceil(0.3 * N) tokens are recycled (the code: floor(0.3 * N) + 1); (6) the paper leaves k open and the
-    code takes the c nearest tokens counting the token itself (a constant density when c = 1): here the
-    5 nearest others; the code also scales distances by 1 / sqrt(D) and assigns tokens by Euclidean
-    distance, here Eq. 8-9 and the cosine rule are taken as written; density ties go to the lower index
-    (the code adds random noise); (7) recycling is opt-in (a repository default kept as it was), while
-    the paper's main results use it (Table 4 ablates it) and the code always recycles.
+    Deliberate differences from the v1.5 code (default options):
+    (1) positions and order: a cluster token sits in its centre's slot (a dropped token's), and every kept
+        token keeps its original position; the code appends the cluster tokens after the kept visual ones
+        and renumbers the sequence 0, 1, ... after each stage. The Selection's `order` and `extra` carry
+        the code's layout, which the engine does not apply inside the LLM yet; so the first stage agrees
+        with the code exactly and the later ones score a sequence of other positions;
+    (2) ties: equal scores go to the lower index (torch.topk's order is unspecified), equal densities to the
+        better-scored recycled token (the code adds 1e-6 uniform noise, so it is not deterministic);
+    (3) raters per image from the row's text after its last image (the code handles one image per prompt,
+        batch 1, its text = every token after the image); where no text token is above the mean (all
+        equal), all rate (the code would average over no rater);
+    (4) float32 scoring and clustering (the code runs in float16);
+    (5) budgets other than the three published ones use the interpolated schedule (the code has only
+        those three; its README's 96 is not in score.py), on any LLM depth (the layers scaled);
+    (6) the v1 code's and the paper's rank-adaptive counts (Eq. 7) are not offered: an in-LLM stage's count
+        is fixed before it scores.
     """
 
     name = "sparsevlm"
+    code_families = ("llava",)
+    code_positions = "contiguous"
     family = "text-guided, progressive"
     default_budget = Budget(ratio=110 / 576)
     paper = "Zhang et al., ICML 2025 (SparseVLM)"
     layers: tuple[int, ...] | None = None
     raters: str = "embeddings"
-    recycle: bool = False
+    rater_rule: str = "above"
+    recycle: str = "code"
     recycle_ratio: float = RECYCLE_DEFAULTS["recycle_ratio"]
     cluster_size: int = RECYCLE_DEFAULTS["cluster_size"]
 
     def __post_init__(self) -> None:
         check_int_tuple(self, "layers", len(PUBLISHED_LAYERS))
         check_choice(self, "raters", _RATERS)
-        check_bool(self, "recycle")
+        check_choice(self, "rater_rule", RATER_RULES)
+        check_choice(self, "recycle", RECYCLE)
         check_number(self, "recycle_ratio", 0, 1, low_open=True)
         check_int(self, "cluster_size", 1)
-        check_only_with(self, RECYCLE_DEFAULTS, self.recycle, "recycle=True", "to size the recycled clusters")
+        check_only_with(
+            self,
+            RECYCLE_DEFAULTS,
+            self.recycle != "off",
+            "recycle='code' or 'within'",
+            "to size the clusters",
+        )
 
     @property
     def signals(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -251,12 +340,28 @@ class SparseVLM(LLMMethod):
             )
         return [layer + 1 for layer in layers]
 
-    def stage_counts(self, n: int, budget: Budget) -> list[int]:
+    def topk_counts(self, n: int, budget: Budget) -> list[int]:
+        """The top-k count of each stage for an image of n tokens: the interpolated schedule, last = f."""
         final = budget.kept(n)
         if final >= n:
             return [n] * len(PUBLISHED_LAYERS)
         fractions = schedule_fractions(Fraction(final, n))
         return [min(n, max(final, math.ceil(f * n))) for f in fractions[:-1]] + [final]
+
+    def stage_counts(self, n: int, budget: Budget) -> list[int]:
+        """Tokens of the image after each stage: the top-k counts, plus the code's clusters under "code"
+        (a stage of k < n_before keeps k + c(n_before - k); one with nothing to drop keeps them all).
+        `select` recovers k with `code_split`: on the rare totals two k share (never on the published
+        schedules; k + 1 and one cluster fewer), the larger k."""
+        counts = self.topk_counts(n, budget)
+        if self.recycle != "code":
+            return counts
+        totals, current = [], n
+        for k in counts:
+            if k < current:
+                current = k + code_recycled(current - k, self.recycle_ratio, self.cluster_size)[1]
+            totals.append(current)
+        return totals
 
     def scores(self, image: ImageTokens) -> torch.Tensor:
         """(n,) rater scores of one image's tokens.
@@ -265,19 +370,22 @@ class SparseVLM(LLMMethod):
         token; image.text["text_query_attention"]: (m, T), one row per instruction token, so columns >= m
         are padding (m = 0: column 0 holds the row's last token, the only rater). With raters="embeddings",
         image.signals["input_text_relevance"]: (n, T), every row the image's relevance r (Eq. 4) of the
-        instruction tokens, from the LLM input; raters = r >= mean(r) over the m columns.
+        instruction tokens, from the LLM input; raters by `rater_rule` on r over the m columns.
         """
         attention = image.signals[SIGNAL]
         text = image.text.get(SIGNAL)
         m = max(text.shape[0] if text is not None else attention.shape[1], 1)
+        strict = self.rater_rule == "above"
         raters = None
         if self.raters == "embeddings":
-            raters = mean_or_above(image.signals[RELEVANCE][0, :m].float())
-        return rater_scores(attention[:, :m].T, raters)
+            raters = mean_or_above(image.signals[RELEVANCE][0, :m].float(), strict)
+        return rater_scores(attention[:, :m].T, raters, strict)
 
     def select(self, image: ImageTokens, k: int) -> Selection:
         scores = self.scores(image)
-        if not self.recycle:
+        if self.recycle == "code":
+            return code_recycle_select(image.embeds, scores, k, self.recycle_ratio, self.cluster_size)
+        if self.recycle == "off":
             return Selection(keep=topk_sorted(scores, k))
         keep, merged = recycle_select(image.embeds, scores, k, self.recycle_ratio, self.cluster_size)
         return Selection(keep=keep, merged=merged.to(image.embeds.dtype))

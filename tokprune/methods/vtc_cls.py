@@ -47,6 +47,11 @@ class VTCCLS(Method):
     layer feeding the merger is the last block, so give end_layer = -1 to include it; (2) ties are broken
     towards the lower index (the code uses torch.topk, whose order among ties is unspecified); (3) the
     code sums the layers where the paper averages them; the two rank identically.
+    Code: github.com/THU-MIG/VTC-CLS (commit e41ac9b4c0db235b3f68a84dbd6bd35f24156a7c),
+    llava/model/multimodal_encoder/clip_encoder.py `cls_token_only` and llava/model/llava_arch.py
+    `encode_images` (LLaVA-1.5 only: one 576-token image hard-coded). Agreement
+    (tests/agreement/test_vtc_cls.py): the kept set equals the re-implementation of that selection
+    (start_layer = depth + start_layer of tokprune's) on the tiny LLaVA-1.5.
     Layers must exist in the tower: `tokprune.apply` fails with a MethodOptionError naming the tower's
     depth when a layer of the range lies outside [-depth, depth - 1] (nothing wraps around; on a tower
     with fewer than 4 layers give a shorter range, e.g. start_layer = -2, end_layer = -1).
@@ -57,6 +62,7 @@ class VTCCLS(Method):
     where = "pre"
     default_budget = Budget(tokens=64)
     paper = "Wang et al., arXiv:2412.05819 (VTC-CLS)"
+    code_families = ("llava",)
 
     start_layer: int = -4
     end_layer: int = -2
