@@ -232,7 +232,10 @@ class Adapter:
         for index, wanted in by_layer.items():
             module = getattr(layers[index], attention)
             tap = ProjectionTap(module, projections)
-            handles += [*tap.handles, module.register_forward_hook(make_hook(wanted, tap), with_kwargs=True)]
+            # no_grad: signals only select (a checkpointed layer re-runs its forward in backward, where the hook
+            # does not compute them again: they must save nothing for autograd)
+            hook = torch.no_grad()(make_hook(wanted, tap))
+            handles += [*tap.handles, module.register_forward_hook(hook, with_kwargs=True)]
         return handles
 
 

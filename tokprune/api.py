@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from tokprune.core.budget import Budget, check_video_budget
+from tokprune.core.conversations import conversation_of
 from tokprune.core.engine import Engine
 from tokprune.core.stats import PruneStats
 from tokprune.errors import (
@@ -28,7 +29,9 @@ class Pruner:
     """Handle of one pruning configuration installed on one model instance.
 
     Use as a context manager or call `remove()`; afterwards the model behaves bit-identically to a
-    model that was never patched. `stats` describes the most recent prefill (None before the first).
+    model that was never patched. `stats` describes the most recent prefill (None before the first),
+    `stats_for(cache)` the last one of the conversation held by a cache.
+    Calls through the model are serialised (one forward or generate() at a time; other threads wait).
     """
 
     def __init__(
@@ -52,7 +55,18 @@ class Pruner:
 
     @property
     def stats(self) -> PruneStats | None:
+        """The stats of the most recent prefill or follow-up turn through the model (a text-only prefill
+        included: no visual tokens), whatever conversation it belongs to; None before the first."""
         return self._engine.last_stats if self._engine is not None else self._final_stats
+
+    def stats_for(self, cache) -> PruneStats | None:
+        """The stats of the last prefill or follow-up turn of the conversation held by `cache` (the
+        `past_key_values` it continues; several conversations may interleave on one model). None where this
+        pruner never ran a prefill into that cache (or after `remove()`)."""
+        if self._engine is None:
+            return None
+        conversation = conversation_of(cache, self._engine.key)
+        return conversation.stats if conversation is not None else None
 
     def remove(self) -> None:
         """Take every hook off the model. Idempotent."""

@@ -65,10 +65,11 @@ class Budget:
         return default
 
     def kept(self, n: int) -> int:
-        """Tokens kept out of `n`: `min(tokens, n)` or `ceil(ratio * n)` (never more than `n`)."""
+        """Tokens kept out of `n`: `min(tokens, n)` or `ceil(ratio * n)`, at least 1 and never more than `n`
+        (a ratio however small keeps one token, as a budget of 1 does; an empty image keeps none)."""
         if self.tokens is not None:
             return min(self.tokens, n)
-        return min(n, math.ceil(self.ratio * n - 1e-9))
+        return min(n, max(1, math.ceil(self.ratio * n - 1e-9)))
 
     def fraction(self, n: int) -> float:
         """The kept fraction for an image of `n` tokens."""

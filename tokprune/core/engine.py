@@ -25,6 +25,7 @@ import torch
 from tokprune.core.budget import Budget
 from tokprune.core.compaction import Compaction
 from tokprune.core.compat import cache_in
+from tokprune.core.conversations import CallLock, Conversation, conversation_of, keep_on, new_engine_key
 from tokprune.core.forward import Forward
 from tokprune.core.generation import guard_generate
 from tokprune.core.labels import LabelHooks
@@ -47,7 +48,7 @@ from tokprune.core.selection import (
 )
 from tokprune.core.stages import StageHooks, llm_stages
 from tokprune.core.state import PrefillState, TokenMap, max_position
-from tokprune.core.stats import PruneStats, StageStats, rewritten_visual
+from tokprune.core.stats import PruneStats, StageStats, rewritten_visual, unpruned_stats
 from tokprune.core.timing import timed
 from tokprune.core.turns import FollowUpHooks
 from tokprune.core.wrap import refuse_copies
@@ -80,7 +81,11 @@ class Engine(StageHooks, FollowUpHooks):
         self.llm = llm
         self.order, self.positions = order, positions
         self.store = VisionSignalStore()
-        self.state: PrefillState | None = None
+        # the conversation (cache object) the forward in flight continues; its state lives on the cache
+        self.key = new_engine_key()
+        self.conv = Conversation()
+        self._started = False
+        self.lock = CallLock()
         self.fwd: Forward | None = None
         self.last_stats: PruneStats | None = None
         # (B, L') input position of every slot the last forward's LM output covers; None: not compacted
@@ -89,8 +94,6 @@ class Engine(StageHooks, FollowUpHooks):
         # use_cache=False re-runs the prompt with the tokens generated so far)
         self.prompt_length: int | None = None
         self._decode_tail: torch.Tensor | None = None
-        # M-RoPE families after a renumbered follow-up turn: (B,) what to add to transformers' positions
-        self._position_shift: torch.Tensor | None = None
         self._decode_masks: dict[tuple[int, str], object] = {}
         # the attention_mask the inner model received this forward (2-D or None); {} = unknown. Families
         # whose inner model hands the LM a dict of per-layer-type masks (Gemma 3) build it from this one.
@@ -121,7 +124,8 @@ class Engine(StageHooks, FollowUpHooks):
         self.handles += a.install_vision_hooks(vit_names - feature_names, self.store)
         self.handles += a.install_feature_hooks(feature_names, self.store)
         self.handles += a.install_lm_hooks()
-        self.handles.append(guard_generate(a.model, self._set_prompt_length))
+        self.handles += self.lock.install(a.model)
+        self.handles.append(guard_generate(a.model, self._set_prompt_length, self.lock))
         self.handles.append(LabelHooks(a.model, lambda: self.last_origin))
         self.handles.append(refuse_copies(a.model))
         self.handles.append(a.language_model.register_forward_pre_hook(self._on_lm, with_kwargs=True))
@@ -143,6 +147,34 @@ class Engine(StageHooks, FollowUpHooks):
             return ()
         return (*self.pre.signals, "features") if self.pre.features == "vision" else tuple(self.pre.signals)
 
+    @property
+    def state(self) -> PrefillState | None:
+        """What the current conversation's last pruned prefill left for the steps after it."""
+        return self.conv.state
+
+    @state.setter
+    def state(self, value: PrefillState | None) -> None:
+        self.conv.state = value
+
+    @property
+    def _position_shift(self) -> torch.Tensor | None:
+        """(B,) what to add to transformers' position ids in the current conversation (M-RoPE families after
+        a renumbered follow-up turn, the reproduction mode's contiguous numbering); None: nothing."""
+        return self.conv.position_shift
+
+    @_position_shift.setter
+    def _position_shift(self, value: torch.Tensor | None) -> None:
+        self.conv.position_shift = value
+
+    def _continue_conversation(self, cache) -> None:
+        """Make the conversation kept on `cache` (a forward on a non-empty cache) the current one; a cache
+        without one (never pruned by this engine) starts an empty one."""
+        conv = conversation_of(cache, self.key)
+        if conv is None:
+            conv = Conversation()
+            keep_on(cache, self.key, conv)
+        self.conv = conv
+
     def _set_prompt_length(self, length: int | None) -> None:
         self.prompt_length = length
 
@@ -160,9 +192,10 @@ class Engine(StageHooks, FollowUpHooks):
         _reject_static_cache(past_key_values)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if past == 0:
-            self._position_shift = None
+            self._start_conversation(past_key_values)
             self._new_forward(args, kwargs, self.adapter.image_layout(kwargs), follow_up=False)
             return None
+        self._continue_conversation(past_key_values)
         self.fwd = None
         if brings_images(kwargs):
             self._begin_follow_up(args, kwargs)
@@ -213,10 +246,14 @@ class Engine(StageHooks, FollowUpHooks):
             mask = self._inner_mask_2d(mask)
         self._inner_mask = {}  # used up: a direct call of the LM has no inner mask behind it
         if past > 0:
+            self._continue_conversation(past_key_values)
             if self.fwd is not None and self.fwd.follow_up:
                 return self._on_lm_follow_up(self.fwd, args, kwargs, past, mask)
             return self._on_lm_decode(args, kwargs, past, mask)
-        self.state, self._decode_tail = None, None
+        if not self._started:  # the LM called directly, without the inner model
+            self._start_conversation(past_key_values)
+        self._started = False
+        self._decode_tail = None
         fwd = self.fwd
         embeds = kwargs["inputs_embeds"]
         if (
@@ -226,6 +263,7 @@ class Engine(StageHooks, FollowUpHooks):
             or fwd.input_ids.shape != embeds.shape[:2]
         ):
             self.fwd = None
+            self._record(unpruned_stats(mask, embeds.shape[:2], len(self.adapter.decoder_layers)))
             return None
         return self._on_lm_prefill(fwd, args, kwargs, mask)
 
@@ -391,7 +429,15 @@ class Engine(StageHooks, FollowUpHooks):
             kind: self.adapter.layer_mask(hidden, mask_2d, pkv, i, kind, tokens) for kind, i in first.items()
         }
 
+    def _start_conversation(self, cache) -> None:
+        """A prefill: a new conversation, kept on `cache` if one was given (else on the cache the LM makes,
+        once its forward returns)."""
+        self.conv = Conversation()
+        keep_on(cache, self.key, self.conv)
+        self._started = True  # this forward's conversation: the LM pre-hook must not start another
+
     def _on_lm_done(self, module, args, output):
+        keep_on(getattr(output, "past_key_values", None), self.key, self.conv)
         fwd = self.fwd
         if fwd is None or fwd.tokens is None:
             return None
@@ -399,9 +445,13 @@ class Engine(StageHooks, FollowUpHooks):
         return None
 
     def _finish(self, fwd: Forward) -> None:
-        self.last_stats = fwd.finished_stats(len(self.adapter.decoder_layers))
+        self._record(fwd.finished_stats(len(self.adapter.decoder_layers)))
         self.last_origin = fwd.tokens.origin if fwd.tokens.compacted else None
         self.fwd = None
+
+    def _record(self, stats: PruneStats) -> None:
+        """The stats of the prefill (or follow-up turn) that just ran: the pruner's and its conversation's."""
+        self.last_stats = self.conv.stats = stats
 
 
 def _families_with_features() -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from torch import nn
 
@@ -33,10 +34,13 @@ def is_chunked(model: nn.Module, kwargs: dict) -> bool:
     return (kwargs.get("prefill_chunk_size") or getattr(config, "prefill_chunk_size", None)) is not None
 
 
-def guard_generate(model: nn.Module, set_prompt_length: Callable[[int | None], None]) -> InstanceWrap:
+def guard_generate(
+    model: nn.Module, set_prompt_length: Callable[[int | None], None], lock: AbstractContextManager
+) -> InstanceWrap:
     """Wrap `model.generate` (on the instance): refuse chunked prefill of a prompt with images before
-    anything runs; while generate() runs, report the prompt's length (input_ids columns) through
-    `set_prompt_length`, and None once it returns."""
+    anything runs; hold `lock` (one call at a time through the patched model) for the whole call; while it
+    runs, report the prompt's length (input_ids columns) through `set_prompt_length`, and None once it
+    returns."""
     original = model.generate
 
     @functools.wraps(original)
@@ -47,10 +51,11 @@ def guard_generate(model: nn.Module, set_prompt_length: Callable[[int | None], N
                 "image within the forward that holds all of it: pass prefill_chunk_size=None"
             )
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        set_prompt_length(input_ids.shape[-1] if input_ids is not None else None)
-        try:
-            return original(*args, **kwargs)
-        finally:
-            set_prompt_length(None)
+        with lock:
+            set_prompt_length(input_ids.shape[-1] if input_ids is not None else None)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                set_prompt_length(None)
 
     return InstanceWrap(model, "generate", generate)

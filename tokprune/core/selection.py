@@ -32,6 +32,12 @@ def checked_select(method: Method, image: ImageTokens, k: int) -> Selection | No
     if k == 0:
         return Selection(keep=torch.zeros(0, dtype=torch.long, device=image.embeds.device))
     selection = method.select(image, k)
+    if not isinstance(selection, Selection):
+        raise TypeError(
+            f"method {method.name!r}: select() returned {type(selection).__name__}; it must return a "
+            "tokprune.methods.Selection, e.g. Selection(keep=topk_sorted(scores, k)) (keep: the k kept slot "
+            "indices, sorted; merged / order / extra optional)"
+        )
     keep = selection.keep
     ok = (
         keep.dtype == torch.long

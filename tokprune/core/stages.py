@@ -64,7 +64,9 @@ class StageHooks:
             if fwd is None or fwd.tokens is None:
                 return None
             normed = kwargs.get("hidden_states", args[0] if args else None)
-            with timed(fwd.seconds, normed.device):
+            # no_grad: the signals only select, and under gradient checkpointing this attention forward re-runs
+            # in backward without the hook computing them: they must save nothing for autograd
+            with timed(fwd.seconds, normed.device), torch.no_grad():
                 fwd.llm_signals[boundary] = self._attention_signals(module, normed, kwargs, fwd, boundary)
             return None
 
@@ -140,10 +142,11 @@ class StageHooks:
             if stage == 0 and index > 0:  # a later method counts its budget on the tokens it receives
                 fwd.entry_counts = content_counts(fwd.tokens, fwd.layout, fwd.image_rows)
             if method.score_at == "boundary":
-                normed = layer.input_layernorm(hidden)
-                fwd.llm_signals[boundary] = self._attention_signals(
-                    layer.self_attn, normed, kwargs, fwd, boundary
-                )
+                with torch.no_grad():  # the signals only select
+                    normed = layer.input_layernorm(hidden)
+                    fwd.llm_signals[boundary] = self._attention_signals(
+                        layer.self_attn, normed, kwargs, fwd, boundary
+                    )
             signals = dict(fwd.llm_signals.pop(boundary, {}))
             if "hidden" in method.signals:
                 signals["hidden"] = self.adapter.language_model.norm(hidden)

@@ -107,3 +107,22 @@ class PruneStats:
         """Layer-averaged visual-token count of a row, sum_i (L_{i+1} - L_i) * T_i / L (DESIGN §6)."""
         tokens = self.layer_tokens[row]
         return sum(t - self.text_tokens[row] for t in tokens) / len(tokens)
+
+
+def unpruned_stats(mask: torch.Tensor | None, shape: tuple[int, int], num_layers: int) -> PruneStats:
+    """The stats of a prefill that brought no images to prune (a text-only prompt): no visual tokens, every
+    layer saw every real token. mask: (B, L) 2-D padding mask or None (no padding); shape: (B, L)."""
+    batch, length = shape
+    two_d = isinstance(mask, torch.Tensor) and mask.dim() == 2
+    real = mask.bool().sum(1).tolist() if two_d else [length] * batch
+    return PruneStats(
+        visual_in=[0] * batch,
+        text_tokens=list(real),
+        instruction_tokens=[0] * batch,
+        visual_kept=[0] * batch,
+        kept=[torch.zeros(0, dtype=torch.long) for _ in range(batch)],
+        input_order=[torch.zeros(0, dtype=torch.long) for _ in range(batch)],
+        input_slots=[torch.zeros(0, dtype=torch.long) for _ in range(batch)],
+        layer_tokens=[[n] * num_layers for n in real],
+        layer_lengths=[length] * num_layers,
+    )

@@ -19,24 +19,34 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 BACKENDS = ("auto", "torch", "triton")
-_default = ["auto"]  # what backend="auto" resolves to; changed by default_backend()
+
+
+class _Default(threading.local):
+    """What backend="auto" resolves to, per thread (changed by default_backend())."""
+
+    name = "auto"
+
+
+_default = _Default()
 
 
 @contextmanager
 def default_backend(name: str) -> Iterator[None]:
     """Within the block, signals called with backend="auto" (all of tokprune's own calls) use `name`:
-    "torch" forces the chunked PyTorch path, "triton" the kernels, "auto" the default choice."""
+    "torch" forces the chunked PyTorch path, "triton" the kernels, "auto" the default choice. The setting
+    is the calling thread's: other threads keep theirs."""
     _check(name)
-    saved = _default[0]
-    _default[0] = name
+    saved = _default.name
+    _default.name = name
     try:
         yield
     finally:
-        _default[0] = saved
+        _default.name = saved
 
 
 def _check(backend: str) -> None:
@@ -59,7 +69,7 @@ def use_triton(backend: str, *tensors) -> bool:
     "auto" (the `default_backend` if one is set, else: CUDA tensors and Triton installed)."""
     _check(backend)
     if backend == "auto":
-        backend = _default[0]
+        backend = _default.name
     if backend == "torch":
         return False
     if backend == "triton":

@@ -136,7 +136,11 @@ class PyramidDrop(LLMMethod):
         check_ratio_tuple(self, "ratios")
         check_choice(self, "rounding", PDROP_ROUNDINGS)
         if self.ratios is not None and self.layers is not None and len(self.layers) != len(self.ratios):
-            raise MethodOptionError(f"pdrop: {len(self.layers)} layers but {len(self.ratios)} ratios")
+            raise MethodOptionError(
+                f"pdrop: layers={self.layers} has {len(self.layers)} stage layers but ratios={self.ratios} has "
+                f"{len(self.ratios)} ratios; give one ratio per layer (each stage's fraction of the one "
+                "before it), or leave ratios out and set budget / keep_ratio to derive them"
+            )
 
     @property
     def fixes_budget(self) -> bool:

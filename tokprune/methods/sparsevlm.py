@@ -95,7 +95,7 @@ def density_peaks(x: torch.Tensor, clusters: int, knn: int = 5) -> tuple[torch.T
     index = torch.arange(r, device=x.device)
     if clusters >= r:
         return index, index.clone()
-    x = x.float()
+    x = x.float().detach()  # the clustering only selects
     dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")  # (r, r), exact differences
     eye = torch.eye(r, dtype=torch.bool, device=x.device)
     nearest = dist.masked_fill(eye, float("inf")).sort(dim=1).values[:, : min(knn, r - 1)]
@@ -184,7 +184,8 @@ def code_clusters(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.T
     """
     r, width = x.shape
     x = x.float()
-    dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / width**0.5  # (r, r)
+    plain = x.detach()  # the clustering only selects; the merge below keeps x's gradient
+    dist = torch.cdist(plain, plain, compute_mode="donot_use_mm_for_euclid_dist") / width**0.5  # (r, r)
     nearest = dist.sort(dim=1).values[:, :clusters]  # the token itself first, at distance 0
     density = torch.exp(-(nearest**2).mean(1))
     index = torch.arange(r, device=x.device)
