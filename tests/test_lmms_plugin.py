@@ -26,7 +26,11 @@ else:
 from lmms_eval.api.instance import GenerationResult, Instance  # noqa: E402
 from lmms_eval.evaluator import simple_evaluate  # noqa: E402
 from lmms_eval.models import get_model  # noqa: E402
-from lmms_eval.models.model_utils.gen_metrics import reset_logged_metrics, summarize_logged_metrics  # noqa: E402
+from lmms_eval.models.model_utils.gen_metrics import (  # noqa: E402
+    get_logged_metrics_history,
+    reset_logged_metrics,
+    summarize_logged_metrics,
+)
 from lmms_eval.tasks import TaskManager  # noqa: E402
 
 import tokprune  # noqa: E402
@@ -116,7 +120,12 @@ def test_option_values_are_parsed():
     args = run_args(
         pretrained="toy", method="fastv", budget="64", layer=3, batch_size="auto", max_new_tokens="4"
     )
-    assert (args.budget, args.options, args.batch_size, args.max_new_tokens) == (64, {"layer": 3}, 1, 4)
+    assert (args.prune.budget, args.prune.options, args.batch_size, args.max_new_tokens) == (
+        64,
+        {"layer": 3},
+        1,
+        4,
+    )
 
 
 def test_model_args_string_with_cli_defaults(toy_dir):
@@ -125,7 +134,11 @@ def test_model_args_string_with_cli_defaults(toy_dir):
         f"pretrained={toy_dir},method=random,keep_ratio=0.5,seed=3,batch_size=3,dtype=float32",
         {"batch_size": "1", "max_batch_size": None, "device": "cpu"},
     )
-    assert lm.batch_size == 3 and lm.run_args.options == {"seed": 3} and lm.run_args.keep_ratio == 0.5
+    assert (
+        lm.batch_size == 3
+        and lm.run_args.prune.options == {"seed": 3}
+        and lm.run_args.prune.keep_ratio == 0.5
+    )
     assert lm.session.device.type == "cpu"
     with lm.session.pruning() as pruner:
         assert pruner.methods[0].seed == 3
@@ -136,7 +149,12 @@ def test_model_args_string_with_cli_defaults(toy_dir):
     ("kwargs", "error", "match"),
     [
         ({"method": "nope"}, UnknownMethodError, "available methods: .*divprune"),
-        ({"method": "divprune", "foo": 1}, MethodOptionError, "no option foo"),
+        (
+            {"method": "divprune", "foo": 1},
+            MethodOptionError,
+            "foo: neither a model argument .* nor an option of divprune",
+        ),
+        ({"method": "divprune", "device_mapp": "cpu"}, ModelArgsError, "device_mapp: neither"),
         ({"method": "divprune", "budget": 8, "keep_ratio": 0.5}, BudgetError, "not both"),
         ({"method": "divprune", "keep_ratio": 1.5}, BudgetError, "keep_ratio must be in"),
         ({"keep_ratio": 0.5}, ModelArgsError, "without a method"),
@@ -249,7 +267,7 @@ def test_generate_until_logs_pruning_stats(toy):
     assert all(r.token_counts.output_tokens == 2 and r.token_counts.input_tokens > KEEP for r in results)
     pruned = summarize_logged_metrics()
     assert pruned["avg_visual_tokens_in"] == N_VISUAL and pruned["avg_visual_tokens_kept"] == KEEP
-    assert pruned["avg_ttft_s"] > 0 and pruned["total_gen_tokens"] == 6 and pruned["avg_latency"] > 0
+    assert pruned["avg_batch_ttft_s"] > 0 and pruned["total_gen_tokens"] == 6 and pruned["avg_latency"] > 0
 
     reset_logged_metrics()
     simple_lm(toy).generate_until([generate_request(i) for i in range(3)])
@@ -257,6 +275,37 @@ def test_generate_until_logs_pruning_stats(toy):
     assert full["avg_visual_tokens_kept"] == N_VISUAL
     assert full["avg_llm_input_tokens"] - pruned["avg_llm_input_tokens"] == N_VISUAL - KEEP
     assert pruned["avg_prefill_flops"] < full["avg_prefill_flops"] and full["avg_scoring_flops"] == 0
+
+
+def test_throughput_keys_say_what_they_measure_with_batches(toy):
+    """batch_size=3 over 4 requests (batches of 3 and 1): every request logs its batch's time to first
+    token and scoring time and its latency (its batch's wall time, HF generate() returns the rows
+    together), scoring <= ttft <= latency; wall_share_s splits the wall time so it sums to the run's."""
+    reset_logged_metrics()
+    lm = simple_lm(toy, method="divprune", keep_ratio=0.25, batch_size=3)
+    lm.generate_until([generate_request(i) for i in range(4)])
+    entries = get_logged_metrics_history()
+    assert len(entries) == 4 and all(e["total_requests"] == 1 for e in entries)
+    for entry in entries:
+        assert 0 < entry["batch_scoring_s"] <= entry["batch_ttft_s"] <= entry["total_elapsed_time"]
+    batch, alone = entries[:3], entries[3]
+    assert len({(e["batch_ttft_s"], e["total_elapsed_time"], e["batch_scoring_s"]) for e in batch}) == 1
+    assert batch[0]["wall_share_s"] == pytest.approx(batch[0]["total_elapsed_time"] / 3)
+    assert alone["wall_share_s"] == alone["total_elapsed_time"]
+    summary = summarize_logged_metrics()
+    assert "avg_ttft_s" not in summary and "avg_scoring_s" not in summary
+    assert summary["avg_batch_scoring_s"] <= summary["avg_batch_ttft_s"] <= summary["avg_latency"]
+    assert summary["avg_latency"] == pytest.approx(
+        (3 * batch[0]["total_elapsed_time"] + alone["total_elapsed_time"]) / 4
+    )
+    wall = batch[0]["total_elapsed_time"] + alone["total_elapsed_time"]  # the two generate() calls
+    assert summary["avg_wall_share_s"] * 4 == pytest.approx(wall)
+
+    reset_logged_metrics()
+    doc = build_docs(1)[0]
+    lm.loglikelihood([request("loglikelihood", (doc["question"], " red", doc_to_visual, 0, TASK, "test"))])
+    (scored,) = get_logged_metrics_history()
+    assert scored["batch_scoring_s"] <= scored["batch_ttft_s"] <= scored["total_elapsed_time"]
 
 
 def test_batching_does_not_change_greedy_answers(toy):
@@ -361,7 +410,8 @@ def check_results(results: dict, n: int, kept: int) -> None:
     assert 0 <= results["results"][TASK]["exact_match,none"] <= 1
     assert results["throughput"]["avg_visual_tokens_in"] == N_VISUAL
     assert results["throughput"]["avg_visual_tokens_kept"] == kept
-    assert results["throughput"]["avg_ttft_s"] > 0 and results["throughput"]["avg_prefill_flops"] > 0
+    assert results["throughput"]["avg_batch_ttft_s"] > 0 and results["throughput"]["avg_prefill_flops"] > 0
+    assert results["throughput"]["avg_batch_ttft_s"] <= results["throughput"]["avg_latency"]
     efficiency = results["efficiency"]["by_task"][TASK]
     assert efficiency["docs"] == n and efficiency["docs_with_token_counts"] == n
     assert efficiency["total_output_tokens"] > 0 and efficiency["total_input_tokens"] > n * kept
@@ -396,13 +446,39 @@ def test_simple_evaluate_with_the_registered_model_id(toy_dir, task_manager):
     assert choice["throughput"]["avg_visual_tokens_kept"] == N_VISUAL
 
 
+def lmms_eval_cli(*args: str) -> subprocess.CompletedProcess:
+    """The installed `lmms-eval` command, offline, without --include_path."""
+    cli = Path(sys.executable).with_name("lmms-eval")
+    env = {**os.environ, **OFFLINE}
+    return subprocess.run([str(cli), *args], capture_output=True, text=True, timeout=600, env=env)
+
+
 @pytest.mark.slow
 def test_cli_end_to_end(toy_dir):
-    """The documented command line, offline; DEBUG makes the CLI fail on errors instead of exiting 0."""
-    cli = Path(sys.executable).with_name("lmms-eval")
-    command = [str(cli), "--model", "tokprune", "--model_args", f"pretrained={toy_dir},method=divprune,keep_ratio=0.25",
-               "--tasks", TASK, "--include_path", str(task_dir()), "--limit", "2", "--verbosity", "DEBUG"]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, **OFFLINE})
+    """The documented command line: the task is found without --include_path, the loading keys of
+    lmms-eval's HF models work; DEBUG makes the CLI fail on evaluation errors instead of exiting 0."""
+    model_args = f"pretrained={toy_dir},device_map=cpu,torch_dtype=float32,method=divprune,keep_ratio=0.25"
+    done = lmms_eval_cli("--model", "tokprune", "--model_args", model_args, "--tasks", TASK, "--limit", "2",
+                         "--verbosity", "DEBUG")  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "|tokprune_toyvqa|" in done.stdout and "avg_visual_tokens_kept" in done.stdout
     assert f"avg_visual_tokens_kept     |{KEEP:>14.4f}" in done.stdout
+
+
+@pytest.mark.slow
+def test_cli_fails_on_bad_model_args():
+    """A model argument that is neither a loading key nor a method option fails the run (status 1, the
+    message on stderr), without --verbosity DEBUG."""
+    model_args = "pretrained=toy,method=visionzip,budget=16,device_mapp=cpu"
+    done = lmms_eval_cli("--model", "tokprune", "--model_args", model_args, "--tasks", TASK, "--limit", "1")
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "device_mapp: neither a model argument of tokprune" in done.stderr
+    assert "nor an option of visionzip" in done.stderr and "Metric" not in done.stdout
+
+
+@pytest.mark.slow
+def test_lmms_eval_models_lists_tokprune():
+    done = lmms_eval_cli("models")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split() for line in done.stdout.splitlines()]
+    assert ["tokprune", "chat+simple"] in rows

@@ -1,23 +1,25 @@
 """lmms-eval model classes for `--model tokprune`: any supported HF VLM, pruned by any tokprune method.
 
     lmms-eval --model tokprune \\
-        --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=divprune,keep_ratio=0.25 \\
-        --tasks tokprune_toyvqa --include_path "$(python -c 'import tokprune.eval as e; print(e.task_dir())')"
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,device_map=auto,dtype=bfloat16,method=divprune,keep_ratio=0.25 \\
+        --tasks tokprune_toyvqa
 
 `TokpruneChat` (what `--model tokprune` resolves to) takes lmms-eval's chat requests; `TokpruneSimple`
 (`--force_simple`) takes plain-context requests and is the one that can run loglikelihood and
 multiple-choice tasks. Both accept an already built model: `TokpruneSimple(model=m, processor=p, ...)`
-for `lmms_eval.evaluator.simple_evaluate(model=<instance>)`.
+for `lmms_eval.evaluator.simple_evaluate(model=<instance>)`. What the model_args mean:
+`tokprune.eval.args`; what the throughput numbers mean: `tokprune.eval.measure`.
 
-Per request the throughput section (`results["throughput"]`) gets `avg_ttft_s`, `avg_visual_tokens_in`,
-`avg_visual_tokens_kept`, `avg_visual_tokens_layer_avg`, `avg_llm_input_tokens`, `avg_scoring_s`,
-`avg_prefill_flops`, `avg_scoring_flops`; the efficiency section counts `llm_input_tokens` as input
-tokens and the generated tokens as output tokens.
+Built from a model_args string (the CLI, `simple_evaluate(model="tokprune", model_args=...)`), a model
+that cannot be built raises `ModelSetupExit`, a SystemExit: lmms-eval's CLI catches every Exception of
+an evaluation, logs it and exits 0, so an ordinary exception would let a run with a typo in its
+model_args "succeed". The CLI then exits with status 1 and the message.
 """
 
 from __future__ import annotations
 
 import gc
+import traceback
 from typing import Any
 
 import torch
@@ -28,8 +30,9 @@ from lmms_eval.utils import simple_parse_args_string
 from torch import nn
 from tqdm import tqdm
 
+from tokprune.errors import TokpruneError
 from tokprune.eval.args import ModelArgsError, RunArgs, run_args
-from tokprune.eval.loading import configure, load_pretrained, prepare, resolve_device
+from tokprune.eval.loading import configure, load_model, prepare, resolve_device
 from tokprune.eval.measure import RowReport
 from tokprune.eval.prompting import Turn, turns_from_context, turns_from_messages
 from tokprune.eval.session import Answer, EvalSession, GenSettings
@@ -37,10 +40,24 @@ from tokprune.eval.session import Answer, EvalSession, GenSettings
 MAX_ROUNDS = 100
 
 
+class ModelSetupExit(SystemExit):
+    """The tokprune model could not be built from its model_args string (the cause is chained). A
+    SystemExit, so that lmms-eval's CLI, which catches every Exception, exits non-zero."""
+
+
+def setup_exit(error: Exception) -> ModelSetupExit:
+    """The SystemExit for a construction error; tokprune's own errors are a message, others keep their
+    traceback (printed to stderr)."""
+    if not isinstance(error, TokpruneError):
+        traceback.print_exception(error)
+    return ModelSetupExit(f"tokprune: cannot build the model from --model_args: {error}")
+
+
 def log_report(report: RowReport) -> None:
-    """Record one request in lmms-eval's throughput history (summarised into results["throughput"])."""
-    speed = report.output_tokens / report.elapsed_s if report.elapsed_s > 0 else 0.0
-    log_metrics(report.elapsed_s, report.output_tokens, speed, additional_metrics=report.throughput_entry())
+    """Record one request in lmms-eval's throughput history (summarised into results["throughput"]):
+    its latency as lmms-eval's elapsed time, the rest as additional metrics (`tokprune.eval.measure`)."""
+    speed = report.output_tokens / report.latency_s if report.latency_s > 0 else 0.0
+    log_metrics(report.latency_s, report.output_tokens, speed, additional_metrics=report.throughput_entry())
 
 
 def token_counts(reports: list[RowReport]) -> TokenCounts:
@@ -54,12 +71,14 @@ def token_counts(reports: list[RowReport]) -> TokenCounts:
 class TokpruneSimple(lmms):
     """lmms-eval model `tokprune` (simple requests): a HF VLM, pruned by a tokprune method.
 
-    Keyword arguments are the `--model_args`: pretrained (HF id, folder or "toy"), method (a registered
-    name, "a+b" to compose, omitted/"none" = unpruned), budget or keep_ratio, attn_implementation,
-    dtype, device, batch_size, max_new_tokens (overrides the task's); any other key is a method option.
-    model / processor: an already built model (then `pretrained` must be omitted). It stays on its
-    device, dtype and attention backend unless `device`, `dtype` or `attn_implementation` is given: those
-    are applied to it in place. max_batch_size: passed by the CLI, ignored.
+    Keyword arguments are the `--model_args` (`tokprune.eval.args`): loading keys (pretrained, revision,
+    device, device_map, dtype / torch_dtype, attn_implementation, trust_remote_code, min_pixels,
+    max_pixels), run keys (batch_size, max_new_tokens), pruning keys (method, budget, keep_ratio,
+    video_budget, order, positions); any other key is a method option (`<method>.<option>` for one
+    method of a composition). All are checked before the checkpoint is loaded.
+    model / processor: an already built model (then `pretrained` and the checkpoint-only keys must be
+    omitted). It stays on its device, dtype and attention backend unless `device`, `dtype` or
+    `attn_implementation` is given: those are applied to it in place.
     """
 
     is_simple = True
@@ -70,41 +89,50 @@ class TokpruneSimple(lmms):
         *,
         model: nn.Module | None = None,
         processor: Any = None,
-        max_batch_size: int | None = None,
         **model_args: Any,
     ) -> None:
         super().__init__()
         self.run_args: RunArgs = run_args(pretrained=pretrained, **model_args)
         self._owns_model = model is None
-        model, processor = self._model_and_processor(model, processor)
-        device = resolve_device(self.run_args.device) if self._owns_model or self.run_args.device else None
-        model = prepare(model, processor, device or next(model.parameters()).device)
+        model, processor, device = self._model_and_processor(model, processor)
+        model = prepare(model, processor, device)
         self.session: EvalSession | None = EvalSession(model, processor, self.run_args)
         self.session.validate()
 
-    def _model_and_processor(self, model: nn.Module | None, processor: Any) -> tuple[nn.Module, Any]:
-        args = self.run_args
+    def _model_and_processor(
+        self, model: nn.Module | None, processor: Any
+    ) -> tuple[nn.Module, Any, torch.device | None]:
+        """(model, processor, the device to move it to or None) from the loading arguments."""
+        load = self.run_args.load
         if model is None:
-            if args.pretrained is None:
-                raise ModelArgsError(
-                    "give pretrained=<HF id, local folder or 'toy'>, or pass model= and processor="
-                )
-            return load_pretrained(args.pretrained, args.dtype, args.attn_implementation)
-        if args.pretrained is not None:
+            device = None if load.device_map is not None else resolve_device(load.device)
+            return (*load_model(load), device)
+        if load.pretrained is not None:
             raise ModelArgsError("give either pretrained= or a built model=, not both")
         if processor is None:
             raise ModelArgsError("a built model= needs its processor= as well")
-        return configure(model, args.dtype, args.attn_implementation), processor
+        refused = load.checkpoint_only()
+        if refused:
+            raise ModelArgsError(
+                f"{', '.join(refused)} apply when loading a checkpoint (pretrained=); a built model= is used as "
+                "it is (device, dtype and attn_implementation, when given, are applied to it)"
+            )
+        device = resolve_device(load.device) if load.device is not None else None
+        return configure(model, load.dtype, load.attn_implementation), processor, device
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> TokpruneSimple:
         """Build from `--model_args`; the CLI's own --batch_size/--device apply only where model_args
-        do not set them (lmms-eval's default would pass both and fail on the duplicate)."""
+        do not set them (lmms-eval's default would pass both and fail on the duplicate). Any error is
+        raised as `ModelSetupExit` (see the module docstring)."""
         args = simple_parse_args_string(arg_string)
         for key, value in (additional_config or {}).items():
             if value is not None and key not in args:
                 args[key] = value
-        return cls(**args)
+        try:
+            return cls(**args)
+        except Exception as error:
+            raise setup_exit(error) from error
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -1,8 +1,34 @@
-"""What the plugin reports per request: time to first token, visual tokens in / kept, prefill FLOPs.
+"""What the plugin reports per request: latency, time to first token, visual tokens in / kept, FLOPs.
 
-The numbers go to lmms-eval's `results["throughput"]` (through `gen_metrics.log_metrics`, one entry per
-request, so its `avg_<key>` values are per-request means) and to `results["efficiency"]` (through the
-`TokenCounts` of each `GenerationResult`).
+Every request (a generate_until or loglikelihood request, or one round of a multi-round one) logs one
+entry through `gen_metrics.log_metrics`; lmms-eval sums / averages the entries into
+`results["throughput"]`. HF `generate()` returns all rows of a batch together, so a request's latency is
+its batch's. With `batch_size=B` the keys mean:
+
+    total_gen_tokens      generated tokens, all requests
+    total_elapsed_time    sum of the requests' latencies (lmms-eval: "sum of generation latencies"): a
+                          batch's wall time counts once per request in it, B times
+    avg_latency           mean request latency: start of its batch's generate() (or prefill) until its
+                          answer (or its continuation's last logits) is there
+    avg_speed             total_gen_tokens / total_elapsed_time: generated tokens per second of a
+                          request's latency (the speed one request sees, not the batch's throughput)
+    avg_batch_ttft_s      mean over requests of the time to first token of the batch it ran in (vision
+                          encoder, scoring, LLM prefill of all B rows); <= avg_latency
+    avg_batch_scoring_s   mean over requests of its batch's token scoring and selection time; part of
+                          the batch's time to first token
+    avg_wall_share_s      generation wall time per request (batch wall time / B): throughput is
+                          1 / avg_wall_share_s requests per second, and total_gen_tokens /
+                          (avg_wall_share_s * requests) generated tokens per second
+    avg_visual_tokens_in / _kept / _layer_avg, avg_llm_input_tokens
+                          per request: visual tokens before pruning / after the final stage / averaged
+                          over the LLM's layers, and the prompt tokens the first LLM layer processed
+    avg_prefill_flops / avg_scoring_flops
+                          analytic prefill FLOPs per request (`tokprune.flops`, model + scoring; a batch's
+                          total split evenly over its rows) and their scoring part; absent where the
+                          model family has no FLOPs model
+
+With B = 1 the batch keys are the request's own (latency = its wall share). Token counts also go to
+`results["efficiency"]` (through the `TokenCounts` of each `GenerationResult`).
 """
 
 from __future__ import annotations
@@ -45,18 +71,20 @@ class FirstTokenClock(LogitsProcessor):
 
 @dataclass
 class RowReport:
-    """One request's measurements.
+    """One request's measurements (see the module docstring for what lmms-eval makes of them).
 
-    ttft_s: time to first token of the batch the request ran in. elapsed_s: its share of the batch's
-    wall time (batch time / rows, so sums over requests are exact). visual_in / visual_kept: visual
-    tokens before pruning / after the final stage; visual_layer_avg: Σ (L_{i+1} − L_i)·T_i / L.
-    llm_input_tokens: prompt tokens the first LLM layer processed. prefill_flops / scoring_flops: the
-    request's share of the batch's analytic prefill FLOPs (`tokprune.flops`, model + scoring) and of the
-    scoring part alone; None where the model family has no FLOPs model.
+    batch_ttft_s: time to first token of the batch the request ran in. latency_s: the batch's wall time
+    (start of generate() or of the prefill until the outputs are there). wall_share_s: latency_s / rows.
+    visual_in / visual_kept: visual tokens before pruning / after the final stage; visual_layer_avg:
+    Σ (L_{i+1} − L_i)·T_i / L. llm_input_tokens: prompt tokens the first LLM layer processed.
+    prefill_flops / scoring_flops: the batch's analytic prefill FLOPs (`tokprune.flops`, model + scoring)
+    and their scoring part, divided by its rows; None where the model family has no FLOPs model.
+    batch_scoring_s: the batch's scoring and selection time.
     """
 
-    ttft_s: float
-    elapsed_s: float
+    batch_ttft_s: float
+    latency_s: float
+    wall_share_s: float
     output_tokens: int
     visual_in: int
     visual_kept: int
@@ -64,18 +92,19 @@ class RowReport:
     llm_input_tokens: int
     prefill_flops: float | None
     scoring_flops: float | None
-    scoring_s: float
+    batch_scoring_s: float
 
     def throughput_entry(self) -> dict[str, float]:
         """The additional_metrics for `gen_metrics.log_metrics` (numbers only; None values left out)."""
         entry = {
             "total_requests": 1,
-            "ttft_s": self.ttft_s,
+            "batch_ttft_s": self.batch_ttft_s,
+            "batch_scoring_s": self.batch_scoring_s,
+            "wall_share_s": self.wall_share_s,
             "visual_tokens_in": self.visual_in,
             "visual_tokens_kept": self.visual_kept,
             "visual_tokens_layer_avg": self.visual_layer_avg,
             "llm_input_tokens": self.llm_input_tokens,
-            "scoring_s": self.scoring_s,
         }
         if self.prefill_flops is not None:
             entry.update(prefill_flops=self.prefill_flops, scoring_flops=self.scoring_flops)
@@ -114,7 +143,8 @@ def row_reports(
     elapsed_s: float,
     output_tokens: list[int],
 ) -> list[RowReport]:
-    """One `RowReport` per batch row of a prefill that just ran (with `pruner` active, or None)."""
+    """One `RowReport` per batch row of a prefill that just ran (with `pruner` active, or None):
+    `ttft_s` / `elapsed_s` are the batch's time to first token and wall time."""
     stats = pruner.stats if pruner is not None else None
     rows = inputs["input_ids"].shape[0]
     visual_in = visual_counts(model, inputs)
@@ -124,20 +154,19 @@ def row_reports(
         else [inputs["input_ids"].shape[1]] * rows
     )
     total = prefill_flops(model, inputs, stats, pruner)
-    reports = []
-    for b in range(rows):
-        reports.append(
-            RowReport(
-                ttft_s=ttft_s,
-                elapsed_s=elapsed_s / rows,
-                output_tokens=output_tokens[b],
-                visual_in=stats.visual_in[b] if stats else visual_in[b],
-                visual_kept=stats.visual_kept[b] if stats else visual_in[b],
-                visual_layer_avg=stats.layer_averaged_visual(b) if stats else float(visual_in[b]),
-                llm_input_tokens=stats.layer_tokens[b][0] if stats else int(real[b]),
-                prefill_flops=None if total is None else total[0] / rows,
-                scoring_flops=None if total is None else total[1] / rows,
-                scoring_s=(stats.scoring_seconds / rows) if stats else 0.0,
-            )
+    return [
+        RowReport(
+            batch_ttft_s=ttft_s,
+            latency_s=elapsed_s,
+            wall_share_s=elapsed_s / rows,
+            output_tokens=output_tokens[b],
+            visual_in=stats.visual_in[b] if stats else visual_in[b],
+            visual_kept=stats.visual_kept[b] if stats else visual_in[b],
+            visual_layer_avg=stats.layer_averaged_visual(b) if stats else float(visual_in[b]),
+            llm_input_tokens=stats.layer_tokens[b][0] if stats else int(real[b]),
+            prefill_flops=None if total is None else total[0] / rows,
+            scoring_flops=None if total is None else total[1] / rows,
+            batch_scoring_s=stats.scoring_seconds if stats else 0.0,
         )
-    return reports
+        for b in range(rows)
+    ]

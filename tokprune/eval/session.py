@@ -109,13 +109,11 @@ class EvalSession:
     @contextmanager
     def pruning(self) -> Iterator[tokprune.Pruner | None]:
         """The configured pruner installed on the model for the duration of the block (None = unpruned)."""
-        if not self.args.pruned:
+        prune = self.args.prune
+        if not prune.pruned:
             yield None
             return
-        args = self.args
-        pruner = tokprune.apply(
-            self.model, args.method_arg(), budget=args.budget, keep_ratio=args.keep_ratio, **args.options
-        )
+        pruner = tokprune.apply(self.model, prune.method_arg(), **prune.apply_kwargs())
         try:
             yield pruner
         finally:
