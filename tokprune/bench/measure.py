@@ -41,25 +41,49 @@ def return_freed_memory_to_os() -> None:
 
 
 class PeakMemory:
-    """Peak memory of a block: CUDA peak allocated on GPU; on CPU the process RSS sampled every ms.
+    """Peak memory of a block: CUDA max allocated on GPU; on CPU the process RSS sampled every ms.
 
-    `peak_bytes` is the peak above what was in use when the block started (the cost of the block). On CPU
-    call `return_freed_memory_to_os()` once first, or freed buffers stay counted as in use.
+    Two numbers, in bytes:
+      rise_bytes: the peak above what was in use when the block started (what the block itself cost:
+          activations, the KV cache it built, a score matrix; the weights already loaded are not in it);
+      absolute_bytes: the peak itself (`torch.cuda.max_memory_allocated` on GPU, tensors only, not the
+          allocator's reserve; the process resident set size on CPU, weights, Python and libraries included).
+    `peak_bytes` is the former name of `rise_bytes`. On CPU call `return_freed_memory_to_os()` once first,
+    or freed buffers stay counted as in use.
     """
 
     def __init__(self, device: torch.device, interval_s: float = 0.001) -> None:
         self.device, self.interval_s = device, interval_s
-        self.peak_bytes = 0
+        self.start_bytes = self.absolute_bytes = 0
         self._stop = threading.Event()
+
+    @property
+    def rise_bytes(self) -> int:
+        """Peak above the memory in use when the block started."""
+        return self.absolute_bytes - self.start_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        """The former name of `rise_bytes` (kept for the code that reads it)."""
+        return self.rise_bytes
+
+    def fields(self, name: str) -> dict[str, int]:
+        """The record entries of this block named `name` ("prefill", "e2e"): peak_<name>_rise_bytes,
+        peak_<name>_absolute_bytes, and peak_<name>_bytes, the former name of the rise, for old readers."""
+        return {
+            f"peak_{name}_rise_bytes": self.rise_bytes,
+            f"peak_{name}_absolute_bytes": self.absolute_bytes,
+            f"peak_{name}_bytes": self.rise_bytes,
+        }
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
+            self.start_bytes = torch.cuda.memory_allocated(self.device)
         else:
-            self._start = _rss_bytes()
-            self._peak = self._start
+            self.start_bytes = _rss_bytes()
+            self._peak = self.start_bytes
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
@@ -72,12 +96,11 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+            self.absolute_bytes = torch.cuda.max_memory_allocated(self.device)
         else:
             self._stop.set()
             self._thread.join()
-            self._peak = max(self._peak, _rss_bytes())
-            self.peak_bytes = self._peak - self._start
+            self.absolute_bytes = max(self._peak, _rss_bytes())
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""What `tokprune demo` writes: the table (markdown, JSON), the accuracy plot and the kept-tokens picture."""
+"""What `tokprune demo` writes: the table (markdown, JSON), the accuracy plot (small multiples by method
+family) and the kept-tokens picture (a grid of cells, one per method)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,24 @@ from pathlib import Path
 
 import numpy as np
 
+from tokprune.bench.report import (
+    Series,
+    legend_labels,
+    method_panels,
+    pyplot,
+    save_figure,
+    save_quantised,
+    small_multiples,
+)
 from tokprune.toy.demo import N_PICTURES, DemoRow
 from tokprune.toy.task import Sample
 
 PICTURED_BUDGET = "keep 0.25"  # the budget the picture shows when it was run; else the first one run
+# kept-token picture: pixels of one question's image, questions per mosaic row, cells per picture row,
+# white gap between a mosaic's images, margins, a cell's name line and a header line, text size and the
+# number badge's side in the unpruned cell
+TILE, MOSAIC_COLUMNS, PICTURE_COLUMNS, GAP = 112, 2, 5, 2
+MARGIN, LABEL, LINE, FONT_SIZE, BADGE = 14, 22, 22, 15, 18
 
 
 def table(rows: list[DemoRow]) -> str:
@@ -42,34 +57,64 @@ def write_report(
     paths["markdown"].write_text(f"# tokprune demo\n\n{json.dumps(meta)}\n\n{table(rows)}\n")
     records = [{**asdict(r), "accuracy": r.accuracy} for r in rows]
     paths["json"].write_text(json.dumps({"meta": meta, "rows": records}, indent=1))
-    paths["plot"] = plot_accuracy(rows, out / "accuracy_vs_tokens.png")
-    picture = picture_kept(rows, samples[:N_PICTURES], grids[:N_PICTURES], out / "kept_tokens.png")
+    paths["plot"] = plot_accuracy(rows, out / "accuracy_vs_tokens.png", meta)
+    picture = picture_kept(rows, samples[:N_PICTURES], grids[:N_PICTURES], out / "kept_tokens.png", meta)
     if picture is not None:
         paths["picture"] = picture
     return paths
 
 
-def plot_accuracy(rows: list[DemoRow], path: Path) -> Path:
-    """Accuracy against layer-averaged visual tokens, one line per method, the unpruned model as a line."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+def fraction_text(budget: str) -> str:
+    """'keep 0.125' -> 'keep 1/8' where the ratio is one over a whole number; any other label unchanged."""
+    if not budget.startswith("keep "):
+        return budget
+    ratio = float(budget.split()[1])
+    whole = round(1 / ratio) if ratio > 0 else 0
+    return f"keep 1/{whole}" if whole > 1 and abs(1 / ratio - whole) < 1e-6 else budget
+
+
+def accuracy_title(rows: list[DemoRow], meta: dict) -> str:
+    """'<model>: accuracy against kept visual tokens, <n> held-out questions' over 'budgets keep 1/2,
+    keep 1/4, ...; dashed line and star: unpruned (<accuracy>)'."""
+    budgets = ", ".join(dict.fromkeys(fraction_text(r.budget) for r in rows[1:])) or "none"
+    questions = meta.get("questions", rows[0].total)
+    return (
+        f"{meta.get('model', 'model')}: accuracy against kept visual tokens, {questions} held-out questions\n"
+        f"budgets {budgets}; dashed line and star: unpruned ({100 * rows[0].accuracy:.1f}%)"
+    )
+
+
+def accuracy_figure(rows: list[DemoRow], meta: dict):
+    """The accuracy plot as a matplotlib figure: one small panel per method family
+    (`bench.report.method_panels`), each method a line over its budgets (x = layer-averaged visual tokens
+    per question, y = accuracy in %), the unpruned model (rows[0]) in every panel; axes hold every point."""
     base = rows[0]
-    ax.axhline(100 * base.accuracy, color="black", linestyle="--", label="unpruned")
-    methods = list(dict.fromkeys(r.method for r in rows[1:]))
-    cmap = plt.get_cmap("tab20")
-    for i, method in enumerate(methods):
+    panels = method_panels(list(dict.fromkeys(r.method for r in rows[1:])))
+    lines = {title: accuracy_lines(rows[1:], members) for title, members in panels.items()}
+    reference = (base.visual_layer_avg, 100 * base.accuracy, f"unpruned ({100 * base.accuracy:.1f}%)")
+    labels = (
+        "visual tokens per question (average over LLM layers)",
+        "accuracy (%)",
+        accuracy_title(rows, meta),
+    )
+    return small_multiples(lines, reference, labels)
+
+
+def accuracy_lines(rows: list[DemoRow], methods: list[str]) -> list[Series]:
+    """One panel's lines: (legend label, layer-averaged visual tokens, accuracy in %) per method, by tokens."""
+    labels = legend_labels(methods)
+    lines = []
+    for method in methods:
         mine = sorted((r for r in rows if r.method == method), key=lambda r: r.visual_layer_avg)
-        ax.plot(
-            [r.visual_layer_avg for r in mine], [100 * r.accuracy for r in mine], marker="o", color=cmap(i % 20),
-            label=method,
-        )  # fmt: skip
-    ax.set_xlabel("visual tokens per question (average over LLM layers)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("accuracy against kept visual tokens")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        lines.append((labels[method], [r.visual_layer_avg for r in mine], [100 * r.accuracy for r in mine]))
+    return lines
+
+
+def plot_accuracy(rows: list[DemoRow], path: Path, meta: dict | None = None) -> Path:
+    """Write `accuracy_figure` (rows[0] = the unpruned model) as a PNG to `path`; returns `path`."""
+    plt = pyplot()
+    fig = accuracy_figure(rows, meta or {})
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -85,9 +130,16 @@ def pictured_rows(rows: list[DemoRow], preferred: str = PICTURED_BUDGET) -> list
 
 
 def picture_kept(
-    rows: list[DemoRow], samples: list[Sample], grids: list[tuple[int, int] | None], path: Path
+    rows: list[DemoRow],
+    samples: list[Sample],
+    grids: list[tuple[int, int] | None],
+    path: Path,
+    meta: dict | None = None,
 ) -> Path | None:
-    """Rows = methods at one budget, columns = questions: the image with dropped tokens' cells dimmed.
+    """A grid of cells, PICTURE_COLUMNS wide, one per method at one budget (`pictured_rows`, the unpruned
+    model first), each cell the pictured questions' images as a small mosaic (numbered in the unpruned
+    cell) with dropped tokens' cells dimmed, the method's name above; a header names the budget, the model
+    and the questions. Saved as a palette PNG (`save_quantised`).
 
     Questions whose tokens form no plain grid (grids[j] is None) are left out; None (nothing written)
     when no question has one."""
@@ -95,24 +147,89 @@ def picture_kept(
     if not columns:
         return None
     shown = pictured_rows(rows)
-    plt = _pyplot()
-    fig, axes = plt.subplots(
-        len(shown), len(columns), figsize=(1.9 * len(columns), 1.9 * len(shown)), squeeze=False
-    )
-    for i, row in enumerate(shown):
-        for k, (j, sample, grid) in enumerate(columns):
-            ax = axes[i][k]
-            ax.imshow(dimmed(sample.image, row.kept[j] if j < len(row.kept) else [], grid))
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(f"{sample.question}\n→ {sample.answer}", fontsize=6)
-            if k == 0:
-                ax.set_ylabel(f"{row.method}\n{row.budget}", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    cells = [cell_mosaic(row, columns, numbered=i == 0) for i, row in enumerate(shown)]
+    names = ["unpruned (all tokens)"] + [row.method for row in shown[1:]]
+    budget = fraction_text(shown[-1].budget) if len(shown) > 1 else "all tokens"
+    model = (meta or {}).get("model", "model")
+    title = f"{model}: visual tokens kept at {budget} (dropped ones dimmed), one cell per method"
+    questions = [f"{k + 1}: {s.question} \u2192 {s.answer}" for k, (_, s, _) in enumerate(columns)]
+    save_quantised(compose(cells, names, title, questions), path)
     return path
+
+
+def cell_mosaic(
+    row: DemoRow, columns: list[tuple[int, Sample, tuple[int, int]]], numbered: bool = False
+) -> np.ndarray:
+    """(H, W, 3) uint8: the questions' images (each resized to TILE x TILE) with the row's dropped tokens
+    dimmed, MOSAIC_COLUMNS wide in question order with GAP white pixels between them; `numbered` marks
+    each image's top-left corner with its question's number."""
+    from PIL import Image, ImageDraw
+
+    tiles = []
+    for k, (j, sample, grid) in enumerate(columns):
+        tile = Image.fromarray(dimmed(sample.image, row.kept[j] if j < len(row.kept) else [], grid))
+        if tile.size != (TILE, TILE):
+            tile = tile.resize((TILE, TILE), Image.Resampling.BILINEAR)
+        if numbered:
+            draw = ImageDraw.Draw(tile)
+            draw.rectangle((0, 0, BADGE - 1, BADGE - 1), fill="black")
+            draw.text(
+                (BADGE // 2, BADGE // 2), str(k + 1), fill="white", font=font(BADGE - 4, True), anchor="mm"
+            )
+        tiles.append(np.asarray(tile))
+    return mosaic(tiles, min(MOSAIC_COLUMNS, len(tiles)), GAP)
+
+
+def mosaic(tiles: list[np.ndarray], columns: int, gap: int) -> np.ndarray:
+    """(rows*h + (rows-1)*gap, columns*w + (columns-1)*gap, 3) uint8 of equal (h, w, 3) tiles in raster
+    order on white; places past the last tile stay white."""
+    height, width = tiles[0].shape[:2]
+    rows = -(-len(tiles) // columns)
+    out = np.full((rows * (height + gap) - gap, columns * (width + gap) - gap, 3), 255, dtype=np.uint8)
+    for k, tile in enumerate(tiles):
+        top, left = (k // columns) * (height + gap), (k % columns) * (width + gap)
+        out[top : top + height, left : left + width] = tile
+    return out
+
+
+def compose(cells: list[np.ndarray], names: list[str], title: str, questions: list[str]):
+    """A PIL RGB image: the title (bold), the questions MOSAIC_COLUMNS to a line (as they lie in each
+    cell), then the equal-sized (H, W, 3) cells PICTURE_COLUMNS wide (`cell_box`), each under its name in
+    bold; as wide as the widest of the cells, the title and the question lines."""
+    from PIL import Image, ImageDraw
+
+    shape = cells[0].shape[:2]
+    text, bold = font(FONT_SIZE), font(FONT_SIZE, True)
+    column = max(text.getlength(q) for q in questions) + 2 * MARGIN  # one question's column, px
+    right, bottom = cell_box(len(cells) - 1, len(cells), shape, len(questions))[2:]
+    cols = min(PICTURE_COLUMNS, len(cells))
+    wide = max(
+        MARGIN + cols * (shape[1] + MARGIN),
+        MARGIN + MOSAIC_COLUMNS * column,
+        2 * MARGIN + bold.getlength(title),
+    )
+    canvas = Image.new("RGB", (int(wide), bottom + MARGIN), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((MARGIN, MARGIN), title, fill="black", font=bold)
+    for k, question in enumerate(questions):
+        xy = (MARGIN + (k % MOSAIC_COLUMNS) * column, MARGIN + LINE * (1 + k // MOSAIC_COLUMNS))
+        draw.text(xy, question, fill="black", font=text)
+    for k, (cell, name) in enumerate(zip(cells, names)):
+        left, top = cell_box(k, len(cells), shape, len(questions))[:2]
+        draw.text((left, top - LABEL), name, fill="black", font=bold)
+        canvas.paste(Image.fromarray(cell), (left, top))
+    return canvas
+
+
+def cell_box(index: int, cells: int, shape: tuple[int, int], questions: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) in `compose`'s image of the mosaic of cell `index` of `cells` cells of
+    `shape` = (H, W) pixels each, below a header listing `questions` questions; its name lies LABEL above."""
+    height, width = shape
+    cols = min(PICTURE_COLUMNS, cells)
+    header = MARGIN + LINE * (1 + -(-questions // MOSAIC_COLUMNS)) + MARGIN
+    left = MARGIN + (index % cols) * (width + MARGIN)
+    top = header + (index // cols) * (LABEL + height + MARGIN) + LABEL
+    return left, top, left + width, top + height
 
 
 def dimmed(image: np.ndarray, kept: list[int], grid: tuple[int, int]) -> np.ndarray:
@@ -130,10 +247,15 @@ def dimmed(image: np.ndarray, kept: list[int], grid: tuple[int, int]) -> np.ndar
     return out.astype(np.uint8)
 
 
-def _pyplot():
-    import matplotlib
+def font(size: int, bold: bool = False):
+    """matplotlib's DejaVu Sans at `size` px (Pillow's default font where it cannot be loaded)."""
+    from matplotlib import font_manager
+    from PIL import ImageFont
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    path = font_manager.findfont(
+        font_manager.FontProperties(family="DejaVu Sans", weight="bold" if bold else "normal")
+    )
+    try:
+        return ImageFont.truetype(path, size)
+    except OSError:
+        return ImageFont.load_default(size)
