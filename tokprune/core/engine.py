@@ -24,7 +24,7 @@ import torch
 
 from tokprune.core.budget import Budget
 from tokprune.core.compaction import Compaction
-from tokprune.core.compat import cache_in
+from tokprune.core.compat import cache_in, output_cache
 from tokprune.core.conversations import CallLock, Conversation, conversation_of, keep_on, new_engine_key
 from tokprune.core.forward import Forward
 from tokprune.core.generation import guard_generate
@@ -437,7 +437,7 @@ class Engine(StageHooks, FollowUpHooks):
         self._started = True  # this forward's conversation: the LM pre-hook must not start another
 
     def _on_lm_done(self, module, args, output):
-        keep_on(getattr(output, "past_key_values", None), self.key, self.conv)
+        keep_on(output_cache(output) if hasattr(output, "items") else None, self.key, self.conv)
         fwd = self.fwd
         if fwd is None or fwd.tokens is None:
             return None
