@@ -116,7 +116,9 @@ def test_text_only_prompt_passes_through(tiny):
         with tokprune.apply(model, "fastv", keep_ratio=0.25) as pruner:
             out = model(**inputs).logits
     assert torch.equal(out, ref)
-    assert pruner.stats.visual_in == [0] and pruner.stats.stages == []  # a text-only prefill: nothing to prune
+    assert (
+        pruner.stats.visual_in == [0] and pruner.stats.stages == []
+    )  # a text-only prefill: nothing to prune
 
 
 @pytest.mark.parametrize("method", ["visionzip", "fastv"])

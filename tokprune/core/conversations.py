@@ -105,3 +105,54 @@ class CallLock:
 
     def __exit__(self, *exc) -> None:
         self._lock.release()
+
+
+class ConversationHooks:
+    """The conversation half of the engine (a mixin of `Engine`): which conversation the forward in flight
+    continues, and the state the other hooks read through it (`state`, `_position_shift`)."""
+
+    last_stats: PruneStats | None
+
+    def _init_conversations(self) -> None:
+        self.key = new_engine_key()  # tells this engine's conversations on a cache from another's
+        self.conv = Conversation()  # the conversation of the forward in flight
+        self._started = False  # a prefill's inner-model hook started its conversation
+
+    @property
+    def state(self) -> PrefillState | None:
+        """What the current conversation's last pruned prefill left for the steps after it."""
+        return self.conv.state
+
+    @state.setter
+    def state(self, value: PrefillState | None) -> None:
+        self.conv.state = value
+
+    @property
+    def _position_shift(self) -> torch.Tensor | None:
+        """(B,) what to add to transformers' position ids in the current conversation (M-RoPE families after
+        a renumbered follow-up turn, the reproduction mode's contiguous numbering); None: nothing."""
+        return self.conv.position_shift
+
+    @_position_shift.setter
+    def _position_shift(self, value: torch.Tensor | None) -> None:
+        self.conv.position_shift = value
+
+    def _continue_conversation(self, cache) -> None:
+        """Make the conversation kept on `cache` (a forward on a non-empty cache) the current one; a cache
+        without one (never pruned by this engine) starts an empty one."""
+        conv = conversation_of(cache, self.key)
+        if conv is None:
+            conv = Conversation()
+            keep_on(cache, self.key, conv)
+        self.conv = conv
+
+    def _start_conversation(self, cache) -> None:
+        """A prefill: a new conversation, kept on `cache` if one was given (else on the cache the LM makes,
+        once its forward returns)."""
+        self.conv = Conversation()
+        keep_on(cache, self.key, self.conv)
+        self._started = True  # this forward's conversation: the LM pre-hook must not start another
+
+    def _record(self, stats: PruneStats) -> None:
+        """The stats of the prefill (or follow-up turn) that just ran: the pruner's and its conversation's."""
+        self.last_stats = self.conv.stats = stats

@@ -25,7 +25,7 @@ import torch
 from tokprune.core.budget import Budget
 from tokprune.core.compaction import Compaction
 from tokprune.core.compat import cache_in, output_cache
-from tokprune.core.conversations import CallLock, Conversation, conversation_of, keep_on, new_engine_key
+from tokprune.core.conversations import CallLock, ConversationHooks, keep_on
 from tokprune.core.forward import Forward
 from tokprune.core.generation import guard_generate
 from tokprune.core.labels import LabelHooks
@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from tokprune.patches import Adapter
 
 
-class Engine(StageHooks, FollowUpHooks):
+class Engine(StageHooks, FollowUpHooks, ConversationHooks):
     """Installs and removes every hook of one pruning configuration on one model instance."""
 
     def __init__(
@@ -81,10 +81,7 @@ class Engine(StageHooks, FollowUpHooks):
         self.llm = llm
         self.order, self.positions = order, positions
         self.store = VisionSignalStore()
-        # the conversation (cache object) the forward in flight continues; its state lives on the cache
-        self.key = new_engine_key()
-        self.conv = Conversation()
-        self._started = False
+        self._init_conversations()
         self.lock = CallLock()
         self.fwd: Forward | None = None
         self.last_stats: PruneStats | None = None
@@ -146,34 +143,6 @@ class Engine(StageHooks, FollowUpHooks):
         if self.pre is None:
             return ()
         return (*self.pre.signals, "features") if self.pre.features == "vision" else tuple(self.pre.signals)
-
-    @property
-    def state(self) -> PrefillState | None:
-        """What the current conversation's last pruned prefill left for the steps after it."""
-        return self.conv.state
-
-    @state.setter
-    def state(self, value: PrefillState | None) -> None:
-        self.conv.state = value
-
-    @property
-    def _position_shift(self) -> torch.Tensor | None:
-        """(B,) what to add to transformers' position ids in the current conversation (M-RoPE families after
-        a renumbered follow-up turn, the reproduction mode's contiguous numbering); None: nothing."""
-        return self.conv.position_shift
-
-    @_position_shift.setter
-    def _position_shift(self, value: torch.Tensor | None) -> None:
-        self.conv.position_shift = value
-
-    def _continue_conversation(self, cache) -> None:
-        """Make the conversation kept on `cache` (a forward on a non-empty cache) the current one; a cache
-        without one (never pruned by this engine) starts an empty one."""
-        conv = conversation_of(cache, self.key)
-        if conv is None:
-            conv = Conversation()
-            keep_on(cache, self.key, conv)
-        self.conv = conv
 
     def _set_prompt_length(self, length: int | None) -> None:
         self.prompt_length = length
@@ -429,13 +398,6 @@ class Engine(StageHooks, FollowUpHooks):
             kind: self.adapter.layer_mask(hidden, mask_2d, pkv, i, kind, tokens) for kind, i in first.items()
         }
 
-    def _start_conversation(self, cache) -> None:
-        """A prefill: a new conversation, kept on `cache` if one was given (else on the cache the LM makes,
-        once its forward returns)."""
-        self.conv = Conversation()
-        keep_on(cache, self.key, self.conv)
-        self._started = True  # this forward's conversation: the LM pre-hook must not start another
-
     def _on_lm_done(self, module, args, output):
         keep_on(output_cache(output) if hasattr(output, "items") else None, self.key, self.conv)
         fwd = self.fwd
@@ -448,10 +410,6 @@ class Engine(StageHooks, FollowUpHooks):
         self._record(fwd.finished_stats(len(self.adapter.decoder_layers)))
         self.last_origin = fwd.tokens.origin if fwd.tokens.compacted else None
         self.fwd = None
-
-    def _record(self, stats: PruneStats) -> None:
-        """The stats of the prefill (or follow-up turn) that just ran: the pruner's and its conversation's."""
-        self.last_stats = self.conv.stats = stats
 
 
 def _families_with_features() -> list[str]:
