@@ -38,5 +38,5 @@ overhead: $(VENV)/.installed  ## prefill time of every pre-LLM method vs the ide
 	$(PY) benchmarks/prefill_overhead.py
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff format --check tokprune patches tests benchmarks
-	$(VENV)/bin/ruff check tokprune patches tests benchmarks
+	$(VENV)/bin/ruff format --check tokprune patches tests benchmarks examples
+	$(VENV)/bin/ruff check tokprune patches tests benchmarks examples

@@ -11,27 +11,45 @@ import contextlib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from tokprune.bench.synthetic import (
-    QWEN_SPECIALS,
-    llava_processor,
-    make_tokenizer,
-    qwen_image_processor,
-    rand_image,
-)
+if TYPE_CHECKING:  # torch and the synthetic processors (Pillow) load when a preset is built, not listed
+    import torch
 
 PROMPT_WORDS = "describe the image please " * 8  # ~32 instruction tokens after the image
+VICUNA_7B_LAYERS = 32
+QWEN25_7B_LAYERS = 28
 
 
 @dataclass
 class Preset:
-    """A named model shape: `build(layers, attn, dtype, device)` -> (model, make_inputs(batch_size))."""
+    """A named model shape: `build(layers, attn, dtype, device)` -> (model, make_inputs(batch_size)).
+
+    model_class: the transformers class it builds (its tokprune adapter says what the model has, e.g.
+    AnyRes tiles); llm_layers: the published checkpoint's LLM depth, the most `--layers` may keep. Both
+    let a command check methods against the model before building it; "" / 0 = not stated.
+    """
 
     name: str
     description: str
     build: Callable
+    model_class: str = ""
+    llm_layers: int = 0
+
+    def depth(self, layers: int | None) -> int | None:
+        """LLM layers of the model built with `--layers layers` (None = all of them); None where the preset
+        does not state its depth. A ValueError that says the range where `layers` is outside
+        [1, llm_layers]."""
+        if not self.llm_layers:
+            return layers
+        if layers is None:
+            return self.llm_layers
+        if not 1 <= layers <= self.llm_layers:
+            raise ValueError(
+                f"--layers {layers}: {self.name}'s LLM has {self.llm_layers} layers and --layers keeps the "
+                f"first N of them, N in [1, {self.llm_layers}]"
+            )
+        return layers
 
 
 def _no_init_weights():
@@ -46,6 +64,8 @@ def _no_init_weights():
 
 def instantiate(model_cls, config, dtype: torch.dtype, device: torch.device, std: float = 0.02):
     """Build `model_cls(config)` on `device` in `dtype` without the slow default init, then N(0, std)."""
+    import torch
+
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -71,6 +91,8 @@ def instantiate(model_cls, config, dtype: torch.dtype, device: torch.device, std
 def _inputs_factory(
     processor, text: str, image_size: tuple[int, int], device: torch.device, dtype: torch.dtype
 ):
+    from tokprune.bench.synthetic import rand_image
+
     def make_inputs(batch_size: int = 1) -> dict:
         images = [rand_image(*image_size, seed=i) for i in range(batch_size)]
         batch = processor(text=[text] * batch_size, images=images, return_tensors="pt", padding=True)
@@ -86,7 +108,7 @@ def _llama_text(layers: int, vocab: int, tok) -> dict:
     return dict(
         hidden_size=4096,
         intermediate_size=11008,
-        num_hidden_layers=layers or 32,
+        num_hidden_layers=layers or VICUNA_7B_LAYERS,
         num_attention_heads=32,
         num_key_value_heads=32,
         vocab_size=vocab,
@@ -119,6 +141,8 @@ def build_llava15(layers, attn, dtype, device):
         LlavaForConditionalGeneration,
     )
 
+    from tokprune.bench.synthetic import llava_processor, make_tokenizer
+
     tok = make_tokenizer(["<image>"])
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(**_clip_l336()),
@@ -144,6 +168,8 @@ def build_llava_next(layers, attn, dtype, device):
         LlavaNextImageProcessorPil,
         LlavaNextProcessor,
     )
+
+    from tokprune.bench.synthetic import make_tokenizer
 
     tok = make_tokenizer(["<image>"])
     pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -176,6 +202,8 @@ def build_qwen25vl(layers, attn, dtype, device):
     a 672x672 image = 48x48 patches = 576 LLM tokens."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+    from tokprune.bench.synthetic import QWEN_SPECIALS, make_tokenizer, qwen_image_processor
+
     tok = make_tokenizer(QWEN_SPECIALS)
     ids = {k: tok.convert_tokens_to_ids(k) for k in QWEN_SPECIALS}
     config = Qwen2_5_VLConfig(
@@ -195,7 +223,7 @@ def build_qwen25vl(layers, attn, dtype, device):
         text_config=dict(
             hidden_size=3584,
             intermediate_size=18944,
-            num_hidden_layers=layers or 28,
+            num_hidden_layers=layers or QWEN25_7B_LAYERS,
             num_attention_heads=28,
             num_key_value_heads=4,
             vocab_size=152064,
@@ -223,8 +251,26 @@ def build_qwen25vl(layers, attn, dtype, device):
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("llava-1.5-7b", "LLaVA-1.5-7B shapes: 576 visual tokens per image", build_llava15),
-        Preset("llava-next-7b", "LLaVA-NeXT-7B shapes: AnyRes, 672x672 image", build_llava_next),
-        Preset("qwen2.5-vl-7b", "Qwen2.5-VL-7B shapes: 672x672 image = 576 visual tokens", build_qwen25vl),
+        Preset(
+            "llava-1.5-7b",
+            "LLaVA-1.5-7B shapes: 576 visual tokens per image",
+            build_llava15,
+            "LlavaForConditionalGeneration",
+            VICUNA_7B_LAYERS,
+        ),
+        Preset(
+            "llava-next-7b",
+            "LLaVA-NeXT-7B shapes: AnyRes, 672x672 image",
+            build_llava_next,
+            "LlavaNextForConditionalGeneration",
+            VICUNA_7B_LAYERS,
+        ),
+        Preset(
+            "qwen2.5-vl-7b",
+            "Qwen2.5-VL-7B shapes: 672x672 image = 576 visual tokens",
+            build_qwen25vl,
+            "Qwen2_5_VLForConditionalGeneration",
+            QWEN25_7B_LAYERS,
+        ),
     )
 }

@@ -1,6 +1,9 @@
-"""Command-line values: dtypes and attention backends offered, budgets and options parsed, the user error."""
+"""Command-line values: dtypes and attention backends, budgets, options, --out; the user error."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
 # transformers' attention backends tokprune is tested with (flex_attention: on families whose
@@ -67,3 +70,17 @@ def check_device(device: str) -> None:
         raise CliError(f"--device {device}: MPS is not available here; use --device cpu")
     elif parsed.type not in ("cpu", "cuda", "mps"):
         raise CliError(f"--device {device}: tokprune commands run on cpu, cuda or mps")
+
+
+def check_out_dir(out: str) -> Path:
+    """`--out` as a Path, refused before any work when it cannot become a writable folder: an existing
+    file, a path through a file, or a folder (or its nearest existing parent) this user cannot write."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise CliError(f"--out {out} is a file; give a folder (new or existing) for the results")
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise CliError(f"--out {out}: {existing} is a file, so the folder cannot be made; give another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CliError(f"--out {out}: {existing} is not writable by this user; give another --out")
+    return path

@@ -5,46 +5,57 @@ from __future__ import annotations
 import datetime
 import platform
 import time
-from pathlib import Path
 
 import tokprune
-from tokprune.cli.arguments import CliError, check_device, parse_budget, parse_option, split_list
+from tokprune.cli.arguments import CliError, check_device, check_out_dir, parse_budget, split_list
+from tokprune.cli.extras import install_hint, is_missing
 from tokprune.cli.loading import load_checkpoint, load_model
+from tokprune.cli.options import check_on_preset, make_methods, method_options
 
 
-def settings_from(args) -> list:
+def settings_from(args) -> tuple[list, dict]:
+    """([the unpruned baseline, then every --methods x --budgets (and its eager-scored twin with
+    --eager-baseline)], {name: Method}), each method with its --option values; bad names and options
+    fail here."""
     from tokprune.bench.harness import Setting
-    from tokprune.methods import LLMMethod, make_method
+    from tokprune.methods import LLMMethod
 
-    methods = split_list(args.methods)
+    names = split_list(args.methods)
     budgets = [parse_budget(b) for b in split_list(args.budgets)]
-    options = tuple(parse_option(o) for o in args.option)
-    if methods and not budgets:
+    if names and not budgets:
         raise CliError("give --budgets with --methods (e.g. --budgets 192 128 64, or 0.25)")
+    if args.option and not names:
+        raise CliError("--option sets method options: give --methods (and --budgets) with it")
+    options = method_options(names, args.option)
+    methods = make_methods(options)  # unknown names/options fail here, before any model loads
     settings = [Setting()]
-    for method in methods:
-        instance = make_method(
-            method, dict(options)
-        )  # unknown names/options fail here, before any model loads
+    for name, method in methods.items():
+        given = tuple(options[name].items())
+        eager_scored = isinstance(method, LLMMethod) and "last_query_attention" in method.signals
         for budget in budgets:
-            settings.append(Setting(method=method, options=options, **budget))
-            eager_scored = isinstance(instance, LLMMethod) and "last_query_attention" in instance.signals
+            settings.append(Setting(method=name, options=given, **budget))
             if args.eager_baseline and eager_scored:
-                settings.append(Setting(method=method, options=options, scoring="eager", **budget))
-    return settings
+                settings.append(Setting(method=name, options=given, scoring="eager", **budget))
+    return settings, methods
 
 
 def run_bench(args) -> int:
+    """`tokprune bench`: every check that needs no model first (options, --out, a preset's layers), then
+    the model, every setting installed once, and the interleaved measurements."""
     import torch
     import transformers
 
     from tokprune.bench.harness import run_benchmark
+    from tokprune.bench.presets import PRESETS
     from tokprune.bench.report import markdown_table, target_checks, write_results
 
-    settings = settings_from(args)
+    out = check_out_dir(args.out)
+    settings, methods = settings_from(args)
     for name, value in (("--repeats", args.repeats), ("--batch-size", args.batch_size)):
         if value < 1:
             raise CliError(f"{name} must be >= 1")
+    if args.model in PRESETS:  # before its weights are built
+        check_on_preset(methods, PRESETS[args.model], args.layers)
     model, make_inputs = load_model(args.model, args.layers, args.attn, args.dtype, args.device)
     for setting in settings[1:]:  # every setting installs once before any measuring: bad layers fail now
         tokprune.apply(
@@ -80,12 +91,14 @@ def run_bench(args) -> int:
         "flops_convention": "multiply-add = 2 FLOPs (as torch.utils.flop_counter)",
         "budget_accounting": "vis→LLM = visual tokens entering the LLM; vis avg/layer = sum (L_{i+1}-L_i) T_i / L",
     }
-    paths = write_results(rows, meta, args.out)
+    paths = write_results(rows, meta, out)
     print(markdown_table(rows))
     print("\ntargets (reported, not enforced):")
     for line in target_checks(rows):
         print(f"  {line}")
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    if is_missing("matplotlib"):
+        print(f"no plots: matplotlib is not installed here ({install_hint('bench')})")
     return 0
 
 
@@ -98,6 +111,8 @@ def _device_name(device: str) -> str:
 
 
 def run_demo(args) -> int:
+    """`tokprune demo`: every check that needs no model first (methods, budgets, numbers, device, --out),
+    then the answerer, the settings on it, and the held-out questions."""
     import torch
 
     from tokprune.methods import make_method
@@ -105,6 +120,7 @@ def run_demo(args) -> int:
     from tokprune.toy.task import generate
     from tokprune.toy.train import HELD_OUT_SEED
 
+    out = check_out_dir(args.out)
     methods = split_list(args.methods)
     for method in methods:
         make_method(method, {})
@@ -115,12 +131,6 @@ def run_demo(args) -> int:
         if value < 1:
             raise CliError(f"{name} must be >= 1")
     check_device(args.device)
-    missing = demo.missing_plot_modules()
-    if missing:
-        raise CliError(
-            f"tokprune demo draws its plot and picture with {' and '.join(missing)}, not installed here: "
-            "pip install 'tokprune[demo]'"
-        )
     answerer = _demo_answerer(args)
     skipped: list[str] = []
     if not methods:  # every registered method this model can run (AnyRes-only ones need tiles)
@@ -156,7 +166,7 @@ def run_demo(args) -> int:
     }
     print("\n" + report.table(rows))
     grids = demo.token_grids(answerer, samples[: demo.N_PICTURES])
-    paths = report.write_report(rows, samples, meta, Path(args.out), grids)
+    paths = report.write_report(rows, samples, meta, out, grids)
     if "picture" not in paths:
         print(
             f"\nno kept-tokens picture: {args.model}'s visual tokens are not one plain grid per image "
@@ -181,15 +191,18 @@ def _demo_answerer(args):
 
 
 def run_robustness(args) -> int:
-    from tokprune.methods import make_method
+    """`tokprune robustness`: arguments and method options checked first, then the model and, per method,
+    the mean Jaccard overlap of the kept sets under input noise."""
+    from tokprune.bench.presets import PRESETS
     from tokprune.robustness import check_stability_arguments, kept_set_stability
 
     check_stability_arguments(args.noise_std, args.trials)  # bad numbers fail before any model loads
     budget = parse_budget(args.budget)
-    options = dict(parse_option(o) for o in args.option)
     methods = split_list(args.methods) or tokprune.available_methods()
-    for method in methods:
-        make_method(method, options)  # unknown names / options fail here too
+    options = method_options(methods, args.option)
+    built = make_methods(options)  # unknown names / options fail here too
+    if args.model in PRESETS and split_list(args.methods):  # before its weights are built
+        check_on_preset(built, PRESETS[args.model], args.layers)
     model, make_inputs = load_model(args.model, args.layers, args.attn, args.dtype, args.device)
     runnable = methods if split_list(args.methods) else _runnable(methods, model)  # named ones say why
     inputs = make_inputs(1)
@@ -202,7 +215,7 @@ def run_robustness(args) -> int:
             print(f"  {method:<13} n/a (needs AnyRes tiles; {type(model).__name__} has none)")
             continue
         result = kept_set_stability(
-            model, inputs, method, noise_std=args.noise_std, trials=args.trials, **budget, **options
+            model, inputs, method, noise_std=args.noise_std, trials=args.trials, **budget, **options[method]
         )
         line = f"  {method:<13} mean {result['mean_jaccard']:.3f}  min {result['min_jaccard']:.3f}"
         if result["input_independent"]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from tokprune.cli.arguments import CliError, check_device
@@ -68,18 +68,35 @@ def _load_model(name: str, layers: int | None, attn: str, dtype: str, device: st
 
 def load_checkpoint(name: str, dtype: str, attn: str, also: str = ""):
     """(model, processor) of 'toy' (the packaged weights, in `dtype`), a local folder or an HF id, as
-    `tokprune demo` runs them. A name that is neither, a checkpoint that is not on this machine or an
-    --attn backend the model refuses is a one-line CliError; `also` names what else the command takes."""
+    `tokprune demo` runs them. A name that is neither, a checkpoint that is not on this machine (at once,
+    without the Hub's retries), a processor without an image processor or an --attn backend the model
+    refuses is a one-line CliError; `also` names what else the command takes."""
+    from tokprune.cli.hub import hub_access
     from tokprune.eval.loading import load_pretrained
 
-    if name != "toy" and not Path(name).exists() and name.count("/") != 1:
+    local = name == "toy" or Path(name).exists()
+    if not local and name.count("/") != 1:
         others = f"{also}, " if also else ""
         raise CliError(
             f"unknown model {name!r}: not {others}'toy', an existing local folder or an HF id (organisation/name)"
         )
     try:
-        with attention_backend(attn):
-            return load_pretrained(name, dtype, attn)
+        with attention_backend(attn), nullcontext() if local else hub_access(name):
+            model, processor = load_pretrained(name, dtype, attn)
     except OSError as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CliError(f"cannot load {name!r} (its files must be on this machine): {reason}") from None
+    check_image_processor(name, processor)
+    return model, processor
+
+
+def check_image_processor(name: str, processor) -> None:
+    """A CliError when `name`'s processor cannot turn images into pixels: AutoProcessor falls back to the
+    bare tokenizer where the folder has no image-processor config, and the prompt would then carry one
+    image placeholder and no pixels."""
+    if getattr(processor, "image_processor", None) is None:
+        raise CliError(
+            f"{name!r} has no image processor (AutoProcessor gave a {type(processor).__name__}): the folder "
+            "needs the processor's files next to the weights (preprocessor_config.json or "
+            "processor_config.json; save them with processor.save_pretrained(folder))"
+        )

@@ -26,7 +26,6 @@ from tokprune.toy.task import Sample
 
 KEEP_RATIOS = (0.5, 0.25, 0.125)
 N_PICTURES = 4  # questions shown in the kept-token picture
-PLOT_MODULES = {"matplotlib": "matplotlib", "PIL": "pillow"}  # import name -> package (the `demo` extra)
 
 
 @dataclass
@@ -213,10 +212,3 @@ def token_grids(answerer, samples: list[Sample]) -> list[tuple[int, int] | None]
         plain = layout.units_of(i) is None and layout.separators_of(i) is None
         grids.append(grid if plain and grid is not None and grid[0] * grid[1] == count else None)
     return grids
-
-
-def missing_plot_modules() -> list[str]:
-    """Packages the demo's plot and picture need that are not installed (`pip install 'tokprune[demo]'`)."""
-    from importlib.util import find_spec
-
-    return [package for module, package in PLOT_MODULES.items() if find_spec(module) is None]
