@@ -213,3 +213,27 @@ def test_a_vanishing_keep_ratio_keeps_one_token_per_image(tiny, method):
 def test_pdrop_with_mismatched_layers_and_ratios_says_what_to_give():
     with pytest.raises(MethodOptionError, match="give one ratio per layer.*leave ratios out"):
         tokprune.methods.make_method("pdrop", {"layers": (1, 2), "ratios": (0.5,)})
+
+
+def test_a_text_only_follow_up_turn_has_its_own_stats_and_decode_steps_keep_them(tiny):
+    """A hand-written loop: an image prefill, a text-only turn of several tokens on its cache (stats: that
+    turn's tokens, none visual), then one-token decode steps, which never change the stats."""
+    model, proc = tiny("llava", "sdpa")
+    first = _prompt("llava", proc, 0, "describe the image please")
+    with _apply(model, "fastv") as pruner, torch.no_grad():
+        out = model(**first, use_cache=True)
+        cache, image_stats = output_cache(out), pruner.stats
+        assert image_stats.visual_in[0] > 0
+        turn = proc.tokenizer(
+            [" USER: and the colour? ASSISTANT:"], return_tensors="pt", add_special_tokens=False
+        )
+        mask = torch.cat([first["attention_mask"], turn["attention_mask"]], 1)
+        out = model(input_ids=turn["input_ids"], attention_mask=mask, **{CACHE_KWARG: cache})
+        text_stats = pruner.stats
+        assert text_stats is not image_stats and text_stats.visual_in == [0] and text_stats.stages == []
+        assert text_stats.text_tokens == [turn["input_ids"].shape[1]]
+        step = out.logits[:, -1:].argmax(-1)
+        model(
+            input_ids=step, attention_mask=torch.cat([mask, torch.ones_like(step)], 1), **{CACHE_KWARG: cache}
+        )
+        assert pruner.stats is text_stats and pruner.stats_for(cache) is text_stats

@@ -229,7 +229,10 @@ def test_text_only_follow_up_keeps_the_pruned_cache(tiny, family, method):
         new_ids = torch.cat([gen1[:, -1:], extra["input_ids"]], dim=1)
         mask = torch.cat([first["attention_mask"], torch.ones_like(gen1), extra["attention_mask"]], 1)
         out2 = _generate(model, input_ids=new_ids, attention_mask=mask, past_key_values=output_cache(out1))
-        assert pruner.stats is stats1  # nothing new was pruned
+        turn = pruner.stats  # the text-only turn's own: nothing visual, every layer saw its tokens
+        assert turn is not stats1 and turn.visual_in == [0, 0] and turn.stages == []
+        assert turn.text_tokens == extra["attention_mask"].sum(1).add(1).tolist()
+        assert pruner.stats_for(output_cache(out2)) is turn
     gen2 = out2.sequences[:, -NEW:]
     pixels = {k: v for k, v in first.items() if k not in ("input_ids", "attention_mask", "token_type_ids")}
     whole = {

@@ -90,6 +90,7 @@ class Engine(StageHooks, FollowUpHooks, ConversationHooks):
         # inside generate(): the prompt's length (assisted generation's prefill also holds the first drafts,
         # use_cache=False re-runs the prompt with the tokens generated so far)
         self.prompt_length: int | None = None
+        self._call_starts = False
         self._decode_tail: torch.Tensor | None = None
         self._decode_masks: dict[tuple[int, str], object] = {}
         # the attention_mask the inner model received this forward (2-D or None); {} = unknown. Families
@@ -146,6 +147,7 @@ class Engine(StageHooks, FollowUpHooks, ConversationHooks):
 
     def _set_prompt_length(self, length: int | None) -> None:
         self.prompt_length = length
+        self._call_starts = length is not None  # the next forward is a generate() call's first
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -157,6 +159,7 @@ class Engine(StageHooks, FollowUpHooks, ConversationHooks):
     def _on_inner(self, module, args, kwargs):
         self._inner_mask = kwargs.get("attention_mask")
         self.last_origin = None
+        call_starts, self._call_starts = self._call_starts, False
         past_key_values = cache_in(kwargs)
         _reject_static_cache(past_key_values)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -168,6 +171,8 @@ class Engine(StageHooks, FollowUpHooks, ConversationHooks):
         self.fwd = None
         if brings_images(kwargs):
             self._begin_follow_up(args, kwargs)
+        elif self._starts_text_turn(args, kwargs, call_starts):
+            self._record_text_turn(args, kwargs)
         elif self._position_shift is not None and kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = shifted(kwargs["position_ids"], self._position_shift)
         if self.state is None or not self.state.pruned:
@@ -175,6 +180,21 @@ class Engine(StageHooks, FollowUpHooks, ConversationHooks):
         if past < self.state.cache_len_layer0():  # the cache was cropped into the prompt
             self.state.drop_last(self.state.cache_len_layer0() - past)
         return self._continue_positions(args, kwargs, past)
+
+    def _starts_text_turn(self, args, kwargs, call_starts: bool) -> bool:
+        """Whether a forward without images on a non-empty cache starts a text-only follow-up turn rather
+        than being a decode step: the first forward of a generate() call, or, outside generate(), a forward
+        of more than one new token."""
+        if self.prompt_length is not None:
+            return call_starts
+        return _new_tokens(args, kwargs).shape[1] > 1
+
+    def _record_text_turn(self, args, kwargs) -> None:
+        """Stats of a text-only follow-up turn: its new tokens, none visual, every layer saw them all."""
+        batch, length = _new_tokens(args, kwargs).shape[:2]
+        mask = kwargs.get("attention_mask")
+        new_mask = mask[:, -length:] if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self._record(unpruned_stats(new_mask, (batch, length), len(self.adapter.decoder_layers)))
 
     def _new_forward(self, args, kwargs, layout: ImageLayout | None, follow_up: bool) -> None:
         """Start the bookkeeping of a prefill (or a follow-up turn's new tokens) with images `layout`."""
@@ -193,9 +213,7 @@ class Engine(StageHooks, FollowUpHooks, ConversationHooks):
         """Decode step (layer 0's cache holds `past` slots): track the original numbering; supply it if the
         caller passed no position ids. Counted from the cache length, so a cropped cache renumbers right."""
         state = self.state
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        length = (input_ids if input_ids is not None else embeds).shape[1]
+        length = _new_tokens(args, kwargs).shape[1]
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             steps = torch.arange(length, device=state.next_position.device)
@@ -410,6 +428,12 @@ class Engine(StageHooks, FollowUpHooks, ConversationHooks):
         self._record(fwd.finished_stats(len(self.adapter.decoder_layers)))
         self.last_origin = fwd.tokens.origin if fwd.tokens.compacted else None
         self.fwd = None
+
+
+def _new_tokens(args, kwargs) -> torch.Tensor:
+    """The forward's new tokens: input_ids (B, L), else inputs_embeds (B, L, D)."""
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    return input_ids if input_ids is not None else kwargs["inputs_embeds"]
 
 
 def _families_with_features() -> list[str]:
