@@ -25,10 +25,10 @@ demo: $(VENV)/.installed  ## every method at keep 1/2, 1/4, 1/8 on the trained t
 
 # TOKPRUNE_REQUIRE_EVAL: the lmms-eval plugin's tests fail (instead of skipping) if lmms-eval is missing
 test: $(VENV)/.eval-installed  ## the whole suite (what CI runs)
-	TOKPRUNE_REQUIRE_EVAL=1 $(PY) -m pytest -q
+	TOKPRUNE_REQUIRE_EVAL=1 $(PY) -m pytest -q -n 2
 
 test-fast: $(VENV)/.eval-installed  ## skip the slow end-to-end tests
-	TOKPRUNE_REQUIRE_EVAL=1 $(PY) -m pytest -q -m "not slow"
+	TOKPRUNE_REQUIRE_EVAL=1 $(PY) -m pytest -q -n 2 -m "not slow"
 
 bench: $(VENV)/.installed  ## methods vs unpruned on LLaVA-1.5-7B shapes (LLM truncated to 4 layers for a CPU)
 	$(VENV)/bin/tokprune bench --model llava-1.5-7b --layers 4 --methods visionzip divprune fastv pdrop \

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-torch.set_num_threads(2)
+# under pytest-xdist (`-n 2`, what `make test` runs) each worker takes one of the machine's cores
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 # without a GPU, Triton kernels run in Triton's CPU interpreter; this must be set before anything imports
 # Triton (the transformers model classes do)
 if not torch.cuda.is_available():

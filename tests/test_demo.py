@@ -1,7 +1,7 @@
 """`tokprune demo` and the trained toy VLM it runs on.
 
-The quality bounds are the demo table recorded on 2026-12-02 with the shipped weights
-(`benchmarks/results/demo_toy_cpu_2026-12-02/demo.md`, 200 held-out questions, unpruned 92.0%), each
+The quality bounds are the demo table recorded on 2026-12-07 with the shipped weights
+(`benchmarks/results/demo_toy_cpu_2026-12-07/demo.md`, 200 held-out questions, unpruned 92.0%), each
 lowered by a margin of 5 points of share (about 9 of the 184 questions the unpruned model answers). The
 shipped weights reach 0.926 held-out accuracy on 500 questions (`tokprune/toy/weights/TRAINING.md`;
 issue 4's target is 0.90). The tests need the tracked weights: without them they fail, they do not skip.
@@ -23,8 +23,8 @@ from tokprune.toy.train import HELD_OUT_SEED, accuracy
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 UNPRUNED_MIN = 0.90  # recorded 0.926 on 500 held-out questions (TRAINING.md; issue 4's target)
 MARGIN = 0.05  # share of the unpruned accuracy below the recorded one a method may fall
-# recorded share of the unpruned accuracy at keep 1/4 (demo_toy_cpu_2026-12-02/demo.md)
-RECORDED_SHARE_AT_QUARTER = {"divprune": 0.995, "visionzip": 0.918, "fastervlm": 0.897}
+# recorded share of the unpruned accuracy at keep 1/4 (demo_toy_cpu_2026-12-07/demo.md)
+RECORDED_SHARE_AT_QUARTER = {"divprune": 0.995, "visionzip": 0.908, "fastervlm": 0.897}
 RANDOM_SHARE_AT_EIGHTH = 0.766  # recorded: random pruning to an eighth loses accuracy (70.5% vs 92.0%)
 
 
