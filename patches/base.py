@@ -178,27 +178,12 @@ class Adapter:
 
     def signals_by_layer(self, names: set[str], num_layers: int, default: int) -> dict[int, dict[str, str]]:
         """{vision layer index: {full signal name: base name}} for the requested vision signals."""
-        by_layer: dict[int, dict[str, str]] = {}
-        for name in names:
-            base, _, layer = name.partition("@")
-            if layer == "object":
-                index = self.object_layer(num_layers)
-            elif not layer:
-                index = default
-            elif -num_layers <= int(layer) < num_layers:
-                index = int(layer) % num_layers
-            else:
-                raise MethodOptionError(
-                    f"signal {name!r} asks for vision layer {layer}, but the vision tower has {num_layers} "
-                    f"layers (valid: {-num_layers} .. {num_layers - 1}); choose the method's layers accordingly"
-                )
-            by_layer.setdefault(index, {})[name] = base
-        return by_layer
+        return signals_by_layer(names, num_layers, default, self.object_layer(num_layers))
 
     def object_layer(self, num_layers: int) -> int:
         """Index of the middle vision layer whose attention is most object-centric (HiPrune's analysis):
         the 9th of CLIP-L's 24 layers (3/8 of the depth, counted from 1), i.e. index 8; subclasses override."""
-        return max(0, round(num_layers * 3 / 8) - 1)
+        return default_object_layer(num_layers)
 
     def position_rows(self) -> int:
         """1 for (B, L) position ids, 3 for Qwen's M-RoPE (3, B, L)."""
@@ -237,6 +222,36 @@ class Adapter:
             hook = torch.no_grad()(make_hook(wanted, tap))
             handles += [*tap.handles, module.register_forward_hook(hook, with_kwargs=True)]
         return handles
+
+
+def default_object_layer(num_layers: int) -> int:
+    """HiPrune's object-centric layer of a CLIP-style tower of `num_layers` layers: 3/8 of the depth
+    (counted from 1), as an index (CLIP-L: 8)."""
+    return max(0, round(num_layers * 3 / 8) - 1)
+
+
+def signals_by_layer(
+    names: set[str], num_layers: int, default: int, object_layer: int
+) -> dict[int, dict[str, str]]:
+    """{vision layer index: {full signal name: base name}} for the requested vision signals of a tower of
+    `num_layers` layers: "name" at `default` (the feature layer), "name@i" at layer i (negative from the
+    end), "name@object" at `object_layer`. Raises MethodOptionError for a layer the tower does not have."""
+    by_layer: dict[int, dict[str, str]] = {}
+    for name in names:
+        base, _, layer = name.partition("@")
+        if layer == "object":
+            index = object_layer
+        elif not layer:
+            index = default
+        elif -num_layers <= int(layer) < num_layers:
+            index = int(layer) % num_layers
+        else:
+            raise MethodOptionError(
+                f"signal {name!r} asks for vision layer {layer}, but the vision tower has {num_layers} "
+                f"layers (valid: {-num_layers} .. {num_layers - 1}); choose the method's layers accordingly"
+            )
+        by_layer.setdefault(index, {})[name] = base
+    return by_layer
 
 
 class ProjectionTap:

@@ -33,7 +33,7 @@ from torch import nn
 from tokprune.core.layout import Unit
 from tokprune.core.timing import timed
 from tokprune.errors import UnsupportedInputError, UnsupportedModelError
-from tokprune.signals import LOGIT_SIGNALS, cls_attention, logit_signal, received_attention
+from tokprune.signals import vit_signal
 
 from .base import Adapter, ImageLayout, ProjectionTap, VisionSignalStore
 from .llava import feature_layer_index
@@ -172,21 +172,9 @@ class InternVLAdapter(Adapter):
                 projected = tap.output("k_proj", hidden)  # the layer's own k projection
                 keys = module.k_norm(projected).view(shape).transpose(1, 2)  # (n, H, 1 + P, d)
                 groups = self.merge_groups(round((length - 1) ** 0.5))
+                queries = lambda: module.q_norm(tap.output("q_proj", hidden)).view(shape).transpose(1, 2)  # noqa: E731
                 for name, base in wanted.items():
-                    if base == "cls_attention":
-                        query = module.q_norm(tap.output("q_proj", hidden)[:, :1]).view(shape).transpose(1, 2)
-                        value = cls_attention(query, keys, module.scale)  # (n, 1 + P)
-                    elif base == "received_attention":
-                        queries = module.q_norm(tap.output("q_proj", hidden)).view(shape).transpose(1, 2)
-                        value = torch.stack(
-                            [received_attention(q, k, module.scale) for q, k in zip(queries, keys)]
-                        )
-                    elif base in LOGIT_SIGNALS:  # the logit means run over the patches ([CLS] left out)
-                        queries = module.q_norm(tap.output("q_proj", hidden)).view(shape).transpose(1, 2)
-                        patches = torch.arange(length, device=hidden.device) >= 1
-                        value = logit_signal(base, queries, keys, module.scale, patches)  # (n, 1 + P)
-                    else:  # vit_keys: head mean
-                        value = keys.float().mean(1)  # (n, 1 + P, d)
+                    value = vit_signal(base, queries, keys, module.scale, True)  # (n, 1 + P, ...)
                     store.values[name] = pool_groups(value[:, 1:], groups)
 
         return hook

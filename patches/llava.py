@@ -11,12 +11,11 @@ families).
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from tokprune.core.timing import timed
 from tokprune.errors import UnsupportedInputError, UnsupportedModelError
-from tokprune.signals import LOGIT_SIGNALS, cls_attention, logit_signal, received_attention
+from tokprune.signals import vit_signal
 
 from .base import Adapter, ImageLayout, ProjectionTap, VisionSignalStore
 
@@ -132,21 +131,9 @@ class LlavaAdapter(Adapter):
                 n_img, length, _ = hidden.shape
                 heads = (n_img, length, -1, module.head_dim)
                 keys = tap.output("k_proj", hidden).view(heads).transpose(1, 2)  # (n_img, H, 1 + P, d)
+                queries = lambda: tap.output("q_proj", hidden).view(heads).transpose(1, 2)  # noqa: E731
                 for name, base in wanted.items():
-                    if base == "cls_attention":
-                        queries = tap.output("q_proj", hidden).view(heads).transpose(1, 2)
-                        value = cls_attention(queries[:, :, :1], keys, module.scale)  # (n_img, 1 + P)
-                    elif base == "received_attention":
-                        queries = tap.output("q_proj", hidden).view(heads).transpose(1, 2)
-                        value = torch.stack(
-                            [received_attention(q, k, module.scale) for q, k in zip(queries, keys)]
-                        )
-                    elif base in LOGIT_SIGNALS:
-                        queries = tap.output("q_proj", hidden).view(heads).transpose(1, 2)
-                        patches = torch.arange(length, device=hidden.device) >= int(has_cls)
-                        value = logit_signal(base, queries, keys, module.scale, patches)  # (n_img, 1 + P)
-                    else:  # vit_keys: head mean
-                        value = keys.float().mean(1)
+                    value = vit_signal(base, queries, keys, module.scale, has_cls)  # (n_img, 1 + P, ...)
                     store.values[name] = value[:, first:].flatten(0, 1)
 
         return hook

@@ -29,3 +29,7 @@ def tiny():
         return _CACHE[key]
 
     return get
+
+
+# the vLLM plugin's tests need the environment `make vllm-env` builds (`make test-vllm` runs them)
+collect_ignore = ["vllm"]

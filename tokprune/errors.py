@@ -36,3 +36,8 @@ class UnsupportedInputError(TokpruneError, ValueError):
 class ReproductionError(TokpruneError, ValueError):
     """The reproduction mode (`apply(order=..., positions=...)`) got a value it does not know, or was asked
     for a method or model family whose authors' pipeline it cannot reproduce."""
+
+
+class ServingError(TokpruneError, ValueError):
+    """The vLLM plugin cannot run what was asked (a method that is not a fixed-count pre-LLM method, an
+    untested vLLM release, a setting it cannot reproduce)."""

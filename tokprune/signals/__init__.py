@@ -16,6 +16,7 @@ from tokprune.signals.attention import (
     logit_row_mean,
     logit_signal,
     received_attention,
+    vit_signal,
 )
 from tokprune.signals.llm import last_query_scores, rotated_keys
 
@@ -32,4 +33,5 @@ __all__ = [
     "logit_signal",
     "received_attention",
     "rotated_keys",
+    "vit_signal",
 ]

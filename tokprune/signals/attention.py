@@ -291,3 +291,30 @@ def _received_concat(
         sizes = block_sizes if members is None else None
         out[i, part] = received_attention(q[i][:, part], k[i][:, part], width**-0.5, sizes)
     return out
+
+
+VIT_SIGNALS = ("cls_attention", "received_attention", "vit_keys", *LOGIT_SIGNALS)
+
+
+def vit_signal(base: str, queries, keys: torch.Tensor, scale: float, has_cls: bool) -> torch.Tensor:
+    """One ViT-layer signal for every token of n images, from the layer's own projections.
+
+    base: one of VIT_SIGNALS; queries: (n, H, T, d), or a callable returning them (called only where the
+    signal needs queries); keys: (n, H, T, d); has_cls: token 0 is a [CLS] token (left out of the logit
+    means). Returns (n, T) float32 ("vit_keys": (n, T, d), the head-mean keys):
+      "cls_attention": the head-mean softmax row of the [CLS] query;
+      "received_attention": the head-mean attention each token receives (column mean, streamed);
+      LOGIT_SIGNALS: see `logit_signal`.
+    The HF adapters' hooks and the vLLM plugin's call this, so both compute the same quantity.
+    """
+    if base == "vit_keys":
+        return keys.float().mean(1)
+    q = queries() if callable(queries) else queries
+    if base == "cls_attention":
+        return cls_attention(q[:, :, :1], keys, scale)
+    if base == "received_attention":
+        return torch.stack([received_attention(qi, ki, scale) for qi, ki in zip(q, keys)])
+    if base in LOGIT_SIGNALS:
+        patches = torch.arange(keys.shape[2], device=keys.device) >= int(has_cls)
+        return logit_signal(base, q, keys, scale, patches)
+    raise ValueError(f"unknown ViT signal {base!r} (known: {', '.join(VIT_SIGNALS)})")
