@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-fast test-vllm vllm-env bench bench-vllm overhead lint
+.PHONY: demo test test-fast test-vllm vllm-env bench overhead lint
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,9 +40,6 @@ vllm-env: $(VLLM_VENV)/.installed  ## the environment of the vLLM plugin (vllm-c
 
 test-vllm: $(VLLM_VENV)/.installed  ## the vLLM plugin's tests, in its own environment (what CI runs after `test`)
 	cd tests/vllm && ../../$(VPY) -m pytest -q --confcutdir=. -p no:cacheprovider
-
-bench-vllm: $(VLLM_VENV)/.installed  ## vLLM with and without the plugin on the same requests: TTFT, throughput, KV blocks
-	$(VPY) benchmarks/vllm_serving.py --out bench-vllm-results
 
 demo: $(VENV)/.installed  ## every method at keep 1/2, 1/4, 1/8 on the trained toy VLM (offline, CPU, < 5 min)
 	$(VENV)/bin/tokprune demo --out demo-results
