@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-fast test-vllm vllm-env bench overhead lint
+.PHONY: demo test test-fast test-vllm vllm-env bench bench-vllm overhead lint
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ vllm-env: $(VLLM_VENV)/.installed  ## the environment of the vLLM plugin (vllm-c
 
 test-vllm: $(VLLM_VENV)/.installed  ## the vLLM plugin's tests, in its own environment (CI runs them after make test)
 	cd tests/vllm && ../../$(VPY) -m pytest -q --confcutdir=. -p no:cacheprovider
+
+bench-vllm: $(VLLM_VENV)/.installed  ## vLLM with vs without the plugin: TTFT, throughput, KV blocks (7B shapes, 4 LLM layers)
+	$(VPY) benchmarks/vllm_serving.py --model llava-1.5-7b --layers 4 --budget 64 --requests 4 --repeats 2
 
 demo: $(VENV)/.installed  ## every method at keep 1/2, 1/4, 1/8 on the trained toy VLM (offline, CPU, < 5 min)
 	$(VENV)/bin/tokprune demo --out demo-results

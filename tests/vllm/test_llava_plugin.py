@@ -167,3 +167,29 @@ def test_servable_methods_are_the_fixed_count_pre_llm_ones():
     assert not {"fastv", "pdrop", "sparsevlm", "dart", "cdpruner", "hired", "globalcom2"} & set(names)
     with pytest.raises(UnsupportedModelError, match="does not support Qwen2VLForConditionalGeneration"):
         overrides(None, "visionzip", budget=8, architecture="Qwen2VLForConditionalGeneration")
+
+
+def test_an_untested_vllm_release_is_refused_when_the_model_loads(monkeypatch):
+    import vllm
+
+    from tokprune.serving.vllm.runtime import check_runtime
+
+    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    with pytest.raises(tokprune.errors.ServingError, match="tested with vLLM 0.32"):
+        check_runtime(None)
+
+
+def test_a_tensor_parallel_vision_tower_is_refused_unless_it_runs_whole(monkeypatch):
+    """Under tensor parallelism each rank would score with its own heads; mm_encoder_tp_mode="data" runs the
+    tower whole on every rank, so it passes."""
+    import vllm.distributed
+    import vllm.model_executor.models.vision as vision
+
+    from tokprune.serving.vllm.runtime import check_runtime
+
+    monkeypatch.setattr(vllm.distributed, "get_tensor_model_parallel_world_size", lambda: 2)
+    monkeypatch.setattr(vision, "is_vit_use_data_parallel", lambda: False)
+    with pytest.raises(tokprune.errors.ServingError, match="mm_encoder_tp_mode='data'"):
+        check_runtime(None)
+    monkeypatch.setattr(vision, "is_vit_use_data_parallel", lambda: True)
+    check_runtime(None)

@@ -141,9 +141,8 @@ def build_llava15(layers, attn, dtype, device):
         LlavaForConditionalGeneration,
     )
 
-    from tokprune.bench.synthetic import llava_processor, make_tokenizer
-
-    tok = make_tokenizer(["<image>"])
+    proc = llava15_processor()
+    tok = proc.tokenizer
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(**_clip_l336()),
         text_config=LlamaConfig(**_llama_text(layers, 32064, tok)),
@@ -154,8 +153,17 @@ def build_llava15(layers, attn, dtype, device):
     )
     config._attn_implementation = attn
     model = instantiate(LlavaForConditionalGeneration, config, dtype, device)
-    proc = llava_processor(tok, 336, 14)
-    return model, _inputs_factory(proc, f"USER: <image> {PROMPT_WORDS}ASSISTANT:", (336, 336), device, dtype)
+    return model, _inputs_factory(proc, LLAVA15_PROMPT, (336, 336), device, dtype)
+
+
+LLAVA15_PROMPT = f"USER: <image> {PROMPT_WORDS}ASSISTANT:"
+
+
+def llava15_processor():
+    """The llava-1.5-7b preset's LlavaProcessor (synthetic tokenizer with <image>, 336 px crops, patch 14)."""
+    from tokprune.bench.synthetic import llava_processor, make_tokenizer
+
+    return llava_processor(make_tokenizer(["<image>"]), 336, 14)
 
 
 def build_llava_next(layers, attn, dtype, device):
