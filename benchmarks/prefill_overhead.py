@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import inspect
-import os
 import platform
 import statistics
 import time
@@ -32,7 +31,7 @@ import torch
 import transformers
 
 import tokprune
-from tokprune.bench.measure import synchronize
+from tokprune.bench.measure import cpu_model_name, load_average, synchronize
 from tokprune.bench.presets import PRESETS
 from tokprune.methods import LLMMethod, make_method
 
@@ -126,20 +125,8 @@ def measure(bench: Bench, methods: list[str], repeats: int) -> dict:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    model = cpu_model_name()
     return f"cpu ({model}, {torch.get_num_threads()} threads)"
-
-
-def _load() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except OSError:
-        return "n/a"
 
 
 def report(args, bench: Bench, result: dict, build_seconds: float, wall: float) -> None:
@@ -243,11 +230,11 @@ def main() -> None:
 
     bench = Bench(model, inputs, args.budget, device, dtype)
     start = time.perf_counter()
-    load_before = _load()
+    load_before = load_average()
     with torch.no_grad():
         result = measure(bench, methods, args.repeats)
     result["methods"] = methods
-    result["load"] = (load_before, _load())
+    result["load"] = (load_before, load_average())
     report(args, bench, result, build_seconds, time.perf_counter() - start)
 
 

@@ -25,7 +25,6 @@ import argparse
 import gc
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -198,18 +197,10 @@ def machine(gpu: bool) -> str:
 
     if gpu:
         return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
-    cpu = _cpu_name() or platform.processor() or platform.machine()
+    from tokprune.bench.measure import cpu_model_name
+
+    cpu = cpu_model_name()
     return f"cpu ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads), no GPU"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def render(rows: list[dict], args, described: str, n_visual: int, budget: int, gpu: bool) -> str:
@@ -219,7 +210,8 @@ def render(rows: list[dict], args, described: str, n_visual: int, budget: int, g
     import tokprune
 
     stock = rows[0]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    from tokprune.bench.measure import load_average
+
     lines = [
         f"$ python benchmarks/vllm_serving.py {' '.join(sys.argv[1:])}".rstrip(),
         "tokprune vLLM serving — the plugin vs stock vLLM, same engine settings and requests",
@@ -234,7 +226,7 @@ def render(rows: list[dict], args, described: str, n_visual: int, budget: int, g
         f"  throughput  all {args.requests} at once, {args.max_tokens} output tokens each (ignore_eos), "
         f"median of {args.repeats} batches after a warm-up",
         f"  KV blocks   sum of ceil((prompt + generated) / {stock['block_size']}) at the batch's end",
-        f"  load avg    {load:.2f} (1-min, at the end)",
+        f"  load avg    {load_average()} (1-min, at the end)",
         "",
         "| setting | prompt tokens | TTFT s (min) | TTFT vs stock | out tok/s | req/s | throughput vs stock "
         "| KV blocks | KV vs stock | engine start s |",

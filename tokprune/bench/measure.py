@@ -131,3 +131,24 @@ def cache_lengths(past_key_values) -> list[int]:
         for layer in past_key_values.layers
         if getattr(layer, "keys", None) is not None
     ]
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def load_average() -> str:
+    """The 1-minute load average, "n/a" where the system has none."""
+    import os
+
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except (OSError, AttributeError):
+        return "n/a"
